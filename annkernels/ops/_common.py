@@ -1,0 +1,66 @@
+"""Input validation and kernel lookup shared by the op wrappers."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, tensor, ndim: int, layout: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(tensor.shape)}")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {tensor.dtype}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(tensor.shape)}")
+
+
+def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    first_name, first = names[0], tensors[0]
+    for name, tensor in zip(names[1:], tensors[1:]):
+        if tensor.dtype != first.dtype:
+            raise TypeError(f"{first_name} and {name} must have the same dtype, got {first.dtype} and {tensor.dtype}")
+        if tensor.device != first.device:
+            raise ValueError(
+                f"{first_name} and {name} must be on the same device, got {first.device} and {tensor.device}"
+            )
+
+
+def check_scales(scales) -> list[int]:
+    try:
+        values = list(scales)
+    except TypeError:
+        raise TypeError(f"scales must be a sequence of positive ints, got {scales!r}") from None
+    if not values:
+        raise ValueError("scales must not be empty")
+    for s in values:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"scales must be positive ints, got {scales!r}")
+        if s <= 0:
+            raise ValueError(f"scales must be positive, got {scales!r}")
+    return values
+
+
+def check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a real number, got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r} (it would turn every score into NaN or inf)")
+    return float(scale)
+
+
+def kernel(backend: str, name: str):
+    """`name` (e.g. "short_attention_backward") for a concrete backend: the C++ op or its Triton twin.
+
+    C++ ops dispatch on the tensors' device themselves; Triton kernels live in annkernels/triton/<op>.py.
+    """
+    if backend == "triton":
+        op = name.rsplit("_", 1)[0]
+        return getattr(importlib.import_module(f"annkernels.triton.{op}"), name)
+    return getattr(torch.ops.annkernels, name)

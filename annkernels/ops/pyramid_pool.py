@@ -1,0 +1,70 @@
+"""pyramid_pool: adaptive average pooling at several scales, flattened and concatenated.
+
+The public function validates, resolves the backend and calls the custom op `annkernels::pyramid_pool`,
+whose autograd formula calls `annkernels::pyramid_pool_grad`. Both forward to the backend's kernels
+(csrc/{cpu,cuda}/pyramid_pool.*, annkernels/triton/pyramid_pool.py); "reference" stays in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from annkernels import _backend
+from annkernels.ops import reference
+from annkernels.ops._common import check_scales, check_tensor, kernel
+
+
+def pyramid_pool(x: torch.Tensor, scales: Sequence[int] = (1, 3, 6, 8), backend: str | None = None) -> torch.Tensor:
+    """Pyramid sampling of ANN: adaptive average pooling at every scale, concatenated.
+
+    Args:
+        x: [B, C, H, W] float64/float32/float16/bfloat16, contiguous or channels_last; any H, W >= 1.
+        scales: output sizes s of the square pools; S = sum(s * s) (110 for (1, 3, 6, 8)).
+        backend: "auto", "cpu", "cuda", "triton", "reference", or None for the current default.
+
+    Returns:
+        [B, C, S] in x's dtype, equal to
+        ``torch.cat([F.adaptive_avg_pool2d(x, s).flatten(2) for s in scales], 2)``.
+    """
+    check_tensor("x", x, 4, "[B, C, H, W]")
+    scales = check_scales(scales)
+    name = _backend.resolve(backend, x.device)
+    if name == "reference":
+        return reference.pyramid_pool(x, scales)
+    return torch.ops.annkernels.pyramid_pool(x, scales, name)
+
+
+@torch.library.custom_op("annkernels::pyramid_pool", mutates_args=())
+def _pyramid_pool(x: torch.Tensor, scales: list[int], backend: str) -> torch.Tensor:
+    return kernel(backend, "pyramid_pool_forward")(x, scales)
+
+
+@_pyramid_pool.register_fake
+def _(x, scales, backend):
+    return x.new_empty((x.shape[0], x.shape[1], sum(s * s for s in scales)))
+
+
+@torch.library.custom_op("annkernels::pyramid_pool_grad", mutates_args=())
+def _pyramid_pool_grad(grad_output: torch.Tensor, scales: list[int], height: int, width: int,
+                       backend: str) -> torch.Tensor:
+    return kernel(backend, "pyramid_pool_backward")(grad_output, scales, height, width)
+
+
+@_pyramid_pool_grad.register_fake
+def _(grad_output, scales, height, width, backend):
+    return grad_output.new_empty((grad_output.shape[0], grad_output.shape[1], height, width))
+
+
+def _setup_context(ctx, inputs, output):
+    x, ctx.scales, ctx.backend = inputs
+    ctx.height, ctx.width = x.shape[-2:]
+
+
+def _backward(ctx, grad_output):
+    grad_input = _pyramid_pool_grad(grad_output, ctx.scales, ctx.height, ctx.width, ctx.backend)
+    return grad_input, None, None
+
+
+_pyramid_pool.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,107 @@
+"""short_attention: softmax(Q K^T * scale) V over a short key set (ANN's S = 110 pyramid samples).
+
+The public function validates, resolves the backend and calls the custom op `annkernels::short_attention`,
+which returns the output and the row log-sum-exp that its backward, `annkernels::short_attention_grad`,
+uses to recompute the probabilities. Both forward to the backend's kernels
+(csrc/{cpu,cuda}/short_attention.*, annkernels/triton/short_attention.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from annkernels import _backend
+from annkernels.ops import reference
+from annkernels.ops._common import check_same, check_scale, check_tensor, kernel
+
+
+def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
+                    backend: str | None = None) -> torch.Tensor:
+    """Fused attention of many queries over a few keys.
+
+    Args:
+        query: [B, N, Dk]. The channel-first view ``x.flatten(2).transpose(1, 2)`` of a [B, Dk, H, W]
+            map is taken as it is, without a copy.
+        key: [B, S, Dk].
+        value: [B, S, Dv]. S, Dk and Dv need not be powers of two.
+        scale: multiplies the scores before the softmax; default Dk ** -0.5.
+        backend: "auto", "cpu", "cuda", "triton", "reference", or None for the current default.
+
+    Returns:
+        [B, N, Dv] = softmax(query @ key^T * scale, dim=-1) @ value, in query's dtype. For a
+        channel-first query the result is the channel-first view of a [B, Dv, N] tensor, so
+        ``out.transpose(1, 2).reshape(B, Dv, H, W)`` is free.
+    """
+    check_tensor("query", query, 3, "[B, N, Dk]")
+    check_tensor("key", key, 3, "[B, S, Dk]")
+    check_tensor("value", value, 3, "[B, S, Dv]")
+    check_same(("query", "key", "value"), (query, key, value))
+    batch, _, key_dim = query.shape
+    if key.shape[0] != batch or value.shape[0] != batch:
+        raise ValueError(f"batch sizes differ: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                         f"value {tuple(value.shape)}")
+    if key.shape[2] != key_dim:
+        raise ValueError(f"query and key must share Dk (last dim), got query {tuple(query.shape)} and "
+                         f"key {tuple(key.shape)}")
+    if value.shape[1] != key.shape[1]:
+        raise ValueError(f"key and value must have the same number of keys S (dim 1), got key "
+                         f"{tuple(key.shape)} and value {tuple(value.shape)}")
+    scale = key_dim**-0.5 if scale is None else check_scale(scale)
+    name = _backend.resolve(backend, query.device)
+    if name == "reference":
+        return reference.short_attention(query, key, value, scale)
+    out, _ = torch.ops.annkernels.short_attention(query, key, value, scale, name)
+    return out
+
+
+def empty_like_layout(like: torch.Tensor, rows, cols, dtype=None) -> torch.Tensor:
+    """Mirror of annkernels::empty_like_layout (csrc/include/annkernels/checks.h): outputs and gradients
+    take the layout of the tensor they stand for, channel-first views included."""
+    dtype = like.dtype if dtype is None else dtype
+    if like.shape[1] > 1 and like.shape[2] > 1 and like.stride(1) == 1:
+        return like.new_empty((like.shape[0], cols, rows), dtype=dtype).transpose(1, 2)
+    return like.new_empty((like.shape[0], rows, cols), dtype=dtype)
+
+
+@torch.library.custom_op("annkernels::short_attention", mutates_args=())
+def _short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernel(backend, "short_attention_forward")(query, key, value, scale)
+
+
+@_short_attention.register_fake
+def _(query, key, value, scale, backend):
+    out = empty_like_layout(query, query.shape[1], value.shape[2])
+    logsumexp = query.new_empty(query.shape[:2], dtype=torch.float32)
+    return out, logsumexp
+
+
+@torch.library.custom_op("annkernels::short_attention_grad", mutates_args=())
+def _short_attention_grad(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          out: torch.Tensor, logsumexp: torch.Tensor, scale: float,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernel(backend, "short_attention_backward")(grad_out, query, key, value, out, logsumexp, scale)
+
+
+@_short_attention_grad.register_fake
+def _(grad_out, query, key, value, out, logsumexp, scale, backend):
+    return (empty_like_layout(query, query.shape[1], query.shape[2]),
+            empty_like_layout(key, key.shape[1], key.shape[2]),
+            empty_like_layout(value, value.shape[1], value.shape[2]))
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, ctx.scale, ctx.backend = inputs
+    out, logsumexp = output
+    ctx.save_for_backward(query, key, value, out, logsumexp)
+    ctx.mark_non_differentiable(logsumexp)
+
+
+def _backward(ctx, grad_out, _grad_logsumexp):
+    query, key, value, out, logsumexp = ctx.saved_tensors
+    grad_query, grad_key, grad_value = _short_attention_grad(grad_out, query, key, value, out, logsumexp,
+                                                             ctx.scale, ctx.backend)
+    return grad_query, grad_key, grad_value, None, None
+
+
+_short_attention.register_autograd(_backward, setup_context=_setup_context)

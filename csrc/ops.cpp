@@ -1,0 +1,26 @@
+// Schemas of every annkernels operator. Backend files (csrc/cpu, csrc/cuda) only hold
+// TORCH_LIBRARY_IMPL blocks; Python reaches the kernels through torch.ops.annkernels.*.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing annkernels._C only has to load this library so the registrations below run.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(annkernels, m) {
+  // input [B, C, H, W] (any strides) -> [B, C, S], S = sum(s * s), adaptive-average bins per scale.
+  m.def("pyramid_pool_forward(Tensor input, int[] scales) -> Tensor");
+  // grad_output [B, C, S] -> grad_input [B, C, height, width], contiguous.
+  m.def("pyramid_pool_backward(Tensor grad_output, int[] scales, SymInt height, SymInt width) -> Tensor");
+  // query [B, N, Dk], key [B, S, Dk], value [B, S, Dv] -> (out [B, N, Dv], logsumexp [B, N] float32).
+  // out takes query's layout (see annkernels/layout.h); logsumexp is of the scaled scores.
+  m.def("short_attention_forward(Tensor query, Tensor key, Tensor value, float scale) -> (Tensor, Tensor)");
+  // -> (grad_query, grad_key, grad_value), each in the layout of the matching input.
+  m.def(
+      "short_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor logsumexp, float scale) -> (Tensor, Tensor, Tensor)");
+}

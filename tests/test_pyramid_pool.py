@@ -1,0 +1,131 @@
+"""pyramid_pool on every backend built here, against the reference (adaptive_avg_pool2d per scale + cat)."""
+
+import pytest
+import torch
+from conftest import assert_close, assert_within_reference_error, backend_cases, poisoned_outputs
+
+import annkernels
+from annkernels.ops import reference
+
+SHAPES = [
+    (1, 1, 1, 1),  # one pixel: every bin of every scale is that pixel
+    (2, 3, 7, 13),  # odd and unequal; 7 < 8 so scale-8 bins overlap
+    (1, 4, 5, 3),  # H and W smaller than scales 6 and 8
+    (3, 2, 64, 32),  # scale 8 divides, 3 and 6 overlap
+    (1, 3, 97, 97),  # the 769-crop feature map: every scale but 1 is uneven
+]
+SCALES = [(1,), (1, 2, 3, 6), (1, 3, 6, 8)]
+# The interpreter runs Triton kernels slowly: give it the small shapes only.
+INTERPRETED_SHAPES = SHAPES[:3]
+
+FLOAT32_TOLERANCE = dict(atol=1e-6, rtol=1e-5)
+
+
+def _shapes_for(backend):
+    return INTERPRETED_SHAPES if backend == "triton" and annkernels._backend.TRITON_INTERPRET else SHAPES
+
+
+def _expected(x, scales):
+    return reference.pyramid_pool(x.double(), list(scales))
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+@pytest.mark.parametrize("scales", SCALES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_forward_and_backward_match_reference(device, backend, scales, channels_last):
+    for shape in _shapes_for(backend):
+        x = torch.randn(shape, device=device, dtype=torch.float32)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        with poisoned_outputs():
+            out = annkernels.pyramid_pool(x, scales, backend=backend)
+        assert_close(out, _expected(x, scales), name=f"out {shape}", **FLOAT32_TOLERANCE)
+
+        grad = torch.randn_like(out)
+        with poisoned_outputs():
+            (grad_x,) = torch.autograd.grad(out, x, grad)
+        x64 = x.detach().double().requires_grad_(True)
+        (expected_grad,) = torch.autograd.grad(_expected(x64, scales), x64, grad.double())
+        assert_close(grad_x, expected_grad, name=f"grad_x {shape}", **FLOAT32_TOLERANCE)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_strided_grad_output(device, backend):
+    # Autograd may hand backward a non-contiguous gradient, e.g. from a transpose downstream.
+    x = torch.randn(2, 5, 9, 11, device=device, requires_grad=True)
+    out = annkernels.pyramid_pool(x, backend=backend)
+    grad = torch.randn(2, 110, 5, device=device).transpose(1, 2)
+    (grad_x,) = torch.autograd.grad(out, x, grad)
+    x64 = x.detach().double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(_expected(x64, (1, 3, 6, 8)), x64, grad.double())
+    assert_close(grad_x, expected, name="grad_x", **FLOAT32_TOLERANCE)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_float64_gradcheck(device, backend):
+    x = torch.randn(2, 3, 7, 5, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: annkernels.pyramid_pool(t, (1, 2, 3, 6), backend=backend), (x,))
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_twice_reference_error(device, backend, dtype):
+    scales = (1, 3, 6, 8)
+    x = torch.randn(2, 8, 31, 37, device=device, dtype=dtype, requires_grad=True)
+    out = annkernels.pyramid_pool(x, scales, backend=backend)
+    grad = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, x, grad)
+
+    x_lowp = x.detach().clone().requires_grad_(True)
+    out_lowp = reference.pyramid_pool(x_lowp, list(scales))
+    (grad_lowp,) = torch.autograd.grad(out_lowp, x_lowp, grad)
+    x64 = x.detach().double().requires_grad_(True)
+    out64 = _expected(x64, scales)
+    (grad64,) = torch.autograd.grad(out64, x64, grad.double())
+    assert_within_reference_error(out, out_lowp, out64, "out")
+    assert_within_reference_error(grad_x, grad_lowp, grad64, "grad_x")
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_backward_is_bitwise_deterministic(device, backend):
+    x = torch.randn(2, 16, 33, 47, device=device, requires_grad=True)
+    out = annkernels.pyramid_pool(x, backend=backend)
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, x, grad, retain_graph=True)[0]
+    second = torch.autograd.grad(out, x, grad)[0]
+    assert torch.equal(first, second)
+
+
+def test_pooling_matrix_equals_reference():
+    # The ONNX export path: pooling as one matmul with a constant [H*W, S] matrix.
+    x = torch.randn(2, 3, 13, 7, dtype=torch.float64)
+    matrix = reference.pooling_matrix(13, 7, [1, 3, 6, 8], dtype=torch.float64)
+    assert_close(x.flatten(2) @ matrix, _expected(x, (1, 3, 6, 8)), atol=1e-12, rtol=1e-12, name="matmul pooling")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if "cpu" in annkernels.available_backends() else []))
+@pytest.mark.parametrize(
+    "make_input, scales, error, match",
+    [
+        (lambda: torch.randn(3, 4, 5), (1, 3), ValueError, "x must be 4-D"),
+        (lambda: torch.randn(1, 2, 3, 4, dtype=torch.float64).long(), (1,), TypeError, "x must be float64"),
+        (lambda: torch.randn(1, 2, 0, 4), (1,), ValueError, "x must not be empty"),
+        (lambda: torch.randn(1, 2, 3, 4), (), ValueError, "scales must not be empty"),
+        (lambda: torch.randn(1, 2, 3, 4), (1, 0), ValueError, "scales must be positive"),
+        (lambda: torch.randn(1, 2, 3, 4), (1, -3), ValueError, "scales must be positive"),
+        (lambda: torch.randn(1, 2, 3, 4), (1, 2.5), TypeError, "scales must be positive ints"),
+        (lambda: [[1.0]], (1,), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_raises_clear_error(backend, make_input, scales, error, match):
+    with pytest.raises(error, match=match):
+        annkernels.pyramid_pool(make_input(), scales, backend=backend)
+
+
+def test_unknown_or_unusable_backend_is_named():
+    x = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="unknown annkernels backend 'fast'"):
+        annkernels.pyramid_pool(x, backend="fast")
+    with pytest.raises(RuntimeError, match="backend 'cuda' runs on CUDA tensors"):
+        annkernels.pyramid_pool(x, backend="cuda")

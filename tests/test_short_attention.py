@@ -1,0 +1,182 @@
+"""short_attention on every backend built here, against the reference softmax(Q K^T * scale) V."""
+
+import pytest
+import torch
+from conftest import assert_close, assert_within_reference_error, backend_cases, poisoned_outputs
+
+import annkernels
+from annkernels.ops import reference
+
+# (B, N, S, Dk, Dv)
+CASES = [
+    (1, 1, 1, 8, 8),  # one query, one key: softmax is exactly 1
+    (2, 91, 110, 32, 24),  # 7x13 map, ANN's S, Dk != Dv
+    (3, 50, 50, 16, 40),  # PSPNet scales (1, 2, 3, 6) give S = 50
+    (1, 97, 17, 72, 72),  # odd everything
+    (2, 300, 110, 256, 256),  # ANN's channel counts
+    (1, 20, 1024, 48, 20),  # the largest supported S
+]
+INTERPRETED_CASES = CASES[:4]
+FLOAT32_TOLERANCE = dict(atol=2e-5, rtol=2e-4)
+
+
+def _cases_for(backend):
+    return INTERPRETED_CASES if backend == "triton" and annkernels._backend.TRITON_INTERPRET else CASES
+
+
+def _make(shape, layout, device, dtype=torch.float32):
+    """[B, rows, D] tensor, either contiguous or the channel-first view a conv output gives."""
+    batch, rows, dim = shape
+    if layout == "channel_first":
+        return torch.randn(batch, dim, rows, device=device, dtype=dtype).transpose(1, 2)
+    return torch.randn(batch, rows, dim, device=device, dtype=dtype)
+
+
+def _inputs(case, layout, device, dtype=torch.float32):
+    batch, n, s, dk, dv = case
+    query = _make((batch, n, dk), layout, device, dtype)
+    key = _make((batch, s, dk), layout, device, dtype)
+    value = _make((batch, s, dv), layout, device, dtype)
+    return [t.requires_grad_(True) for t in (query, key, value)]
+
+
+def _oracle(query, key, value, grad, scale=None):
+    leaves = [t.detach().double().requires_grad_(True) for t in (query, key, value)]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    out = reference.short_attention(*leaves, scale)
+    return (out, *torch.autograd.grad(out, leaves, grad.double()))
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+@pytest.mark.parametrize("layout", ["channel_first", "contiguous"])
+def test_forward_and_gradients_match_reference(device, backend, layout):
+    for case in _cases_for(backend):
+        query, key, value = _inputs(case, layout, device)
+        with poisoned_outputs():
+            out = annkernels.short_attention(query, key, value, backend=backend)
+        grad = torch.randn_like(out)
+        with poisoned_outputs():
+            grads = torch.autograd.grad(out, (query, key, value), grad)
+        expected = _oracle(query, key, value, grad)
+        for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected):
+            assert_close(actual, wanted, name=f"{name} {case} {layout}", **FLOAT32_TOLERANCE)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_output_and_gradients_keep_the_input_layout(device, backend):
+    # A channel-first query gives a channel-first output, so the block's reshape back to NCHW is free.
+    query, key, value = _inputs((2, 12, 10, 8, 6), "channel_first", device)
+    out = annkernels.short_attention(query, key, value, backend=backend)
+    assert out.transpose(1, 2).is_contiguous()
+    grads = torch.autograd.grad(out.sum(), (query, key, value))
+    for tensor, grad in zip((query, key, value), grads):
+        assert grad.stride() == tensor.stride()
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_explicit_scale_and_mixed_layouts(device, backend):
+    query = _make((2, 33, 16), "contiguous", device).requires_grad_(True)
+    key = _make((2, 50, 16), "channel_first", device).requires_grad_(True)
+    value = _make((2, 50, 8), "contiguous", device).requires_grad_(True)
+    out = annkernels.short_attention(query, key, value, scale=0.7, backend=backend)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (query, key, value), grad)
+    expected = _oracle(query, key, value, grad, scale=0.7)
+    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected):
+        assert_close(actual, wanted, name=name, **FLOAT32_TOLERANCE)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_large_scores_do_not_overflow(device, backend):
+    # Scores of several hundred: a softmax without max-subtraction would overflow to inf/NaN.
+    query, key, value = _inputs((1, 40, 110, 16, 16), "contiguous", device)
+    with torch.no_grad():
+        query.mul_(30)
+        key.mul_(30)
+    out = annkernels.short_attention(query, key, value, backend=backend)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (query, key, value), grad)
+    expected = _oracle(query, key, value, grad)
+    assert_close(out, expected[0], name="out", **FLOAT32_TOLERANCE)
+    for name, actual, wanted in zip(("grad_query", "grad_key", "grad_value"), grads, expected[1:]):
+        assert torch.isfinite(actual).all(), name
+        assert_close(actual, wanted, name=name, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_float64_gradcheck(device, backend):
+    query, key, value = (t.detach().double().requires_grad_(True)
+                         for t in _inputs((2, 7, 5, 4, 3), "channel_first", device))
+    assert torch.autograd.gradcheck(lambda q, k, v: annkernels.short_attention(q, k, v, backend=backend),
+                                    (query, key, value))
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_twice_reference_error(device, backend, dtype):
+    case = (2, 91, 110, 32, 24)
+    query, key, value = _inputs(case, "channel_first", device, dtype)
+    out = annkernels.short_attention(query, key, value, backend=backend)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (query, key, value), grad)
+
+    lowp_leaves = [t.detach().clone().requires_grad_(True) for t in (query, key, value)]
+    lowp_out = reference.short_attention(*lowp_leaves, case[3] ** -0.5)
+    lowp = (lowp_out, *torch.autograd.grad(lowp_out, lowp_leaves, grad))
+    expected = _oracle(query, key, value, grad)
+    for name, actual, lowp_ref, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), lowp,
+                                              expected):
+        assert actual.dtype == dtype
+        assert_within_reference_error(actual, lowp_ref, wanted, name)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_backward_is_bitwise_deterministic(device, backend):
+    case = (2, 600, 110, 32, 32) if backend != "triton" or not annkernels._backend.TRITON_INTERPRET else CASES[1]
+    query, key, value = _inputs(case, "channel_first", device)
+    out = annkernels.short_attention(query, key, value, backend=backend)
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, (query, key, value), grad, retain_graph=True)
+    second = torch.autograd.grad(out, (query, key, value), grad)
+    for name, a, b in zip(("grad_query", "grad_key", "grad_value"), first, second):
+        assert torch.equal(a, b), name
+
+
+def _good():
+    return torch.randn(2, 10, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 6)
+
+
+def _replace(index, tensor):
+    inputs = list(_good())
+    inputs[index] = tensor
+    return inputs
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if "cpu" in annkernels.available_backends() else []))
+@pytest.mark.parametrize(
+    "inputs, scale, error, match",
+    [
+        (_replace(0, torch.randn(10, 8)), None, ValueError, "query must be 3-D"),
+        (_replace(1, torch.randn(2, 5, 8, 1)), None, ValueError, "key must be 3-D"),
+        (_replace(1, torch.randn(3, 5, 8)), None, ValueError, "batch sizes differ"),
+        (_replace(1, torch.randn(2, 5, 7)), None, ValueError, "share Dk"),
+        (_replace(2, torch.randn(2, 4, 6)), None, ValueError, "same number of keys S"),
+        (_replace(2, torch.randn(2, 5, 6, dtype=torch.float64)), None, TypeError, "same dtype"),
+        (_replace(0, torch.randint(0, 3, (2, 10, 8))), None, TypeError, "query must be float64"),
+        (_replace(0, torch.randn(2, 0, 8)), None, ValueError, "query must not be empty"),
+        (_replace(1, torch.randn(2, 0, 8)), None, ValueError, "key must not be empty"),
+        (list(_good()), float("nan"), ValueError, "scale must be finite"),
+        (list(_good()), float("inf"), ValueError, "scale must be finite"),
+        (list(_good()), "0.5", TypeError, "scale must be a real number"),
+    ],
+)
+def test_bad_input_raises_clear_error(backend, inputs, scale, error, match):
+    with pytest.raises(error, match=match):
+        annkernels.short_attention(*inputs, scale=scale, backend=backend)
+
+
+def test_mixed_devices_are_rejected():
+    # The meta device stands in for a second device on a machine without a GPU.
+    query, key, value = _good()
+    with pytest.raises(ValueError, match="same device"):
+        annkernels.short_attention(query.to("meta"), key, value)
