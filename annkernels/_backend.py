@@ -127,7 +127,8 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 
 
 def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
+    # Dynamo cannot trace warnings.warn; a compiled caller gets the same fallback without the warning.
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         warnings.warn(message, stacklevel=4)
 
