@@ -1,0 +1,208 @@
+"""Triton pyramid pooling: every adaptive-average-pool scale in one pass over the input.
+
+Bin t of the pyramid (scales concatenated, row-major inside a scale) covers rows
+[floor(i*H/s), ceil((i+1)*H/s)) and columns [floor(j*W/s), ceil((j+1)*W/s)), exactly the bins of
+``F.adaptive_avg_pool2d``. Both directions are written as a product with the 0/1 pixel-to-bin
+membership matrix M [H*W, S], built on chip from index arithmetic, so the work runs on tensor cores:
+
+  forward   out[c, t]  = sum_p x[c, p] * M[p, t] / area[t]      (reads x once for all scales)
+  backward  gin[c, p]  = sum_t (g[c, t] / area[t]) * M[p, t]    (a gather: each pixel written once)
+
+M is exact in every dtype. fp32 products use the "tf32x3" split (fp32-accurate on tensor cores),
+fp64 uses plain FMA ("ieee"), fp16/bf16 feed tensor cores directly; accumulation is fp32 (fp64 for
+fp64). Validation happens in annkernels/ops; these launchers only assert internal invariants.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from annkernels.triton import first_config_when_interpreting, interpreting
+
+# The interpreter multiplies bf16 bit patterns in tl.dot, so under it dot operands are upcast.
+_INTERPRET = interpreting()
+
+
+@triton.jit
+def _bin_bounds(t, H, W, SCALES: tl.constexpr):
+    """Row/column ranges [hs, he) x [ws, we) of pyramid bins ``t``; padding bins are empty."""
+    zero = tl.zeros_like(t)
+    hs, he, ws, we = zero, zero, zero, zero
+    offset = 0
+    for k in tl.static_range(len(SCALES)):
+        s = SCALES[k]
+        local = t - offset
+        inside = (local >= 0) & (local < s * s)
+        i = local // s
+        j = local % s
+        hs = tl.where(inside, (i * H) // s, hs)
+        he = tl.where(inside, ((i + 1) * H + s - 1) // s, he)
+        ws = tl.where(inside, (j * W) // s, ws)
+        we = tl.where(inside, ((j + 1) * W + s - 1) // s, we)
+        offset += s * s
+    return hs, he, ws, we
+
+
+@triton.jit
+def _membership_dot(values, member, acc, INTERPRET: tl.constexpr):
+    """acc + values @ member for a boolean ``member``; fp32-accurate for fp32 values."""
+    if INTERPRET and values.dtype != tl.float64:
+        # Also sidesteps the interpreter's wrong bool -> bf16 cast.
+        values = values.to(tl.float32)
+    member = member.to(values.dtype)
+    if values.dtype == tl.float64:
+        return tl.dot(values, member, acc, input_precision="ieee")
+    elif values.dtype == tl.float32:
+        return tl.dot(values, member, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(values, member, acc)
+
+
+_FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_C": 64, "BLOCK_P": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=4, num_stages=2),
+]
+
+
+@triton.autotune(
+    configs=_FORWARD_CONFIGS,
+    key=["C", "H", "W", "BLOCK_S"],
+    prune_configs_by={"early_config_prune": first_config_when_interpreting},
+)
+@triton.jit
+def _pyramid_pool_forward_kernel(
+    x_ptr, out_ptr,  # x [B, C, H, W] any strides; out [B, C, S] contiguous
+    C, H, W, S,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    SCALES: tl.constexpr,  # tuple of pool sizes, S = sum(s*s)
+    BLOCK_S: tl.constexpr,  # >= S, >= 16
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # pixels (flattened h*W + w) per step
+    INTERPRET: tl.constexpr,
+):
+    # Grid: B * cdiv(C, BLOCK_C). Each program owns BLOCK_C channel planes of one image, streams
+    # their pixels once and keeps all S bin sums [BLOCK_C, BLOCK_S] in registers.
+    pid = tl.program_id(0)
+    num_cblocks = tl.cdiv(C, BLOCK_C)
+    b = (pid // num_cblocks).to(tl.int64)
+    c = (pid % num_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = tl.arange(0, BLOCK_S)
+    hs, he, ws, we = _bin_bounds(t, H, W, SCALES)
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_dtype)
+
+    x_rows = x_ptr + b * stride_xb + c[:, None] * stride_xc
+    for p0 in range(0, H * W, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        h = p // W
+        w = p % W
+        x = tl.load(x_rows + h[None, :] * stride_xh + w[None, :] * stride_xw,
+                    mask=(c[:, None] < C) & (p[None, :] < H * W), other=0.0)
+        # Pixels past H*W have h >= H and so belong to no bin.
+        member = (h[:, None] >= hs[None, :]) & (h[:, None] < he[None, :]) \
+            & (w[:, None] >= ws[None, :]) & (w[:, None] < we[None, :])
+        acc = _membership_dot(x, member, acc, INTERPRET)
+
+    area = ((he - hs) * (we - ws)).to(acc_dtype)
+    out = acc / tl.where(t < S, area, 1.0)[None, :]
+    tl.store(out_ptr + b * C * S + c[:, None] * S + t[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(c[:, None] < C) & (t[None, :] < S))
+
+
+_BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_C": 64, "BLOCK_P": 128}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=4, num_stages=1),
+]
+
+
+@triton.autotune(
+    configs=_BACKWARD_CONFIGS,
+    key=["C", "H", "W", "BLOCK_S"],
+    prune_configs_by={"early_config_prune": first_config_when_interpreting},
+)
+@triton.jit
+def _pyramid_pool_backward_kernel(
+    grad_out_ptr, grad_in_ptr,  # grad_out [B, C, S] any strides; grad_in [B, C, H, W] contiguous
+    C, H, W, S,
+    stride_gb, stride_gc, stride_gs,
+    SCALES: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # Grid: (B * cdiv(C, BLOCK_C), cdiv(H*W, BLOCK_P)). Each program gathers the pyramid gradient of
+    # BLOCK_C channels into BLOCK_P pixels and writes them once: no atomics, fixed summation order.
+    pid_bc = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    num_cblocks = tl.cdiv(C, BLOCK_C)
+    b = (pid_bc // num_cblocks).to(tl.int64)
+    c = (pid_bc % num_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = tl.arange(0, BLOCK_S)
+    hs, he, ws, we = _bin_bounds(t, H, W, SCALES)
+    acc_dtype = tl.float64 if grad_out_ptr.dtype.element_ty == tl.float64 else tl.float32
+
+    g = tl.load(grad_out_ptr + b * stride_gb + c[:, None] * stride_gc + t[None, :] * stride_gs,
+                mask=(c[:, None] < C) & (t[None, :] < S), other=0.0).to(acc_dtype)
+    area = ((he - hs) * (we - ws)).to(acc_dtype)
+    g = g / tl.where(t < S, area, 1.0)[None, :]
+
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    h = p // W
+    w = p % W
+    member_t = (hs[:, None] <= h[None, :]) & (h[None, :] < he[:, None]) \
+        & (ws[:, None] <= w[None, :]) & (w[None, :] < we[:, None])
+    grad_in = _membership_dot(g, member_t, tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_dtype), INTERPRET)
+    tl.store(grad_in_ptr + b * C * H * W + c[:, None] * H * W + p[None, :],
+             grad_in.to(grad_in_ptr.dtype.element_ty),
+             mask=(c[:, None] < C) & (p[None, :] < H * W))
+
+
+def _pyramid_block(scales) -> tuple[tuple[int, ...], int, int]:
+    scales = tuple(int(s) for s in scales)
+    size = sum(s * s for s in scales)
+    assert scales and min(scales) > 0, "scales are validated by annkernels.ops"
+    return scales, size, max(16, triton.next_power_of_2(size))
+
+
+def pyramid_pool_forward(input: torch.Tensor, scales: list[int]) -> torch.Tensor:
+    """Pyramid pooling of ``input`` [B, C, H, W] (any strides) -> [B, C, S] contiguous, S = sum(s*s).
+
+    Equals ``torch.cat([F.adaptive_avg_pool2d(input, s).flatten(2) for s in scales], 2)``.
+    """
+    scales, size, block_s = _pyramid_block(scales)
+    batch, channels, height, width = input.shape
+    out = torch.empty((batch, channels, size), dtype=input.dtype, device=input.device)
+    if out.numel() == 0:
+        return out
+
+    def grid(meta):
+        return (batch * triton.cdiv(channels, meta["BLOCK_C"]),)
+
+    _pyramid_pool_forward_kernel[grid](
+        input, out, channels, height, width, size, *input.stride(),
+        SCALES=scales, BLOCK_S=block_s, INTERPRET=_INTERPRET,
+    )
+    return out
+
+
+def pyramid_pool_backward(grad_output: torch.Tensor, scales: list[int], height: int, width: int) -> torch.Tensor:
+    """Gradient of :func:`pyramid_pool_forward`: ``grad_output`` [B, C, S] (any strides) -> [B, C, H, W]
+    contiguous; each pixel sums, over scales, the gradients of the bins that contain it / bin area."""
+    scales, size, block_s = _pyramid_block(scales)
+    batch, channels, grad_size = grad_output.shape
+    assert grad_size == size, "grad_output's last dim must equal sum(s*s)"
+    grad_input = torch.empty((batch, channels, height, width), dtype=grad_output.dtype, device=grad_output.device)
+    if grad_input.numel() == 0:
+        return grad_input
+
+    def grid(meta):
+        return (batch * triton.cdiv(channels, meta["BLOCK_C"]), triton.cdiv(height * width, meta["BLOCK_P"]))
+
+    _pyramid_pool_backward_kernel[grid](
+        grad_output, grad_input, channels, height, width, size, *grad_output.stride(),
+        SCALES=scales, BLOCK_S=block_s, INTERPRET=_INTERPRET,
+    )
+    return grad_input

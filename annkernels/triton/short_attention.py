@@ -1,0 +1,398 @@
+"""Triton short-key attention: softmax(q k^T * scale) v with few keys (S <= 1024, ANN uses 110).
+
+The whole score row [BLOCK_N, BLOCK_S] (BLOCK_S = next_power_of_2(S), padding keys masked with -inf)
+stays on chip, so there is no online softmax and no N x S tensor in memory; the forward saves only
+lse [B, N] (fp32). Head dims Dk, Dv (up to 1024, any value) are walked in BLOCK_D chunks with masks.
+Every operand may be a strided view; the main case is the channel-first view of a [B, D, H, W]
+feature map, stride (D*N, 1, N), whose tiles load coalesced along N.
+
+Precision: softmax statistics are fp32 (fp64 for fp64 inputs). fp16/bf16 products run on tensor
+cores with fp32 accumulation (P and dS are rounded to the input dtype before their products, as in
+FlashAttention). fp32 products use input_precision="ieee", i.e. true fp32 FMA and no TF32, because
+these kernels promise fp32 accuracy; this costs tensor-core speed for fp32 inputs.
+
+Backward: dK and dV are sums over all N queries. Instead of float atomics, program (chunk, b) sums
+its chunk of queries into a private fp32 workspace slice [S, D] (read-modify-write in a fixed tile
+order, the first tile overwrites), and a second kernel adds the chunks in index order. The result
+is bitwise reproducible for a given autotune config, and the chunk count is chosen to fill the GPU
+even at B=1.
+"""
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from annkernels.triton import first_config_when_interpreting, interpreting
+
+# The interpreter multiplies bf16 bit patterns in tl.dot, so under it half dot operands are upcast.
+_INTERPRET = interpreting()
+# Query chunks of the backward are multiples of this; it must be a multiple of every BLOCK_N below.
+_CHUNK_ALIGN = 64
+# Budgets for the early config prune: fp32 values per thread held in registers by the tiles named
+# in each kernel's estimate, and shared memory (the H100 allows 227 KB per block).
+_MAX_VALUES_PER_THREAD = 128
+_MAX_SHARED_BYTES = 200 * 1024
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b: tensor cores for fp16/bf16, exact fp32/fp64 FMA otherwise."""
+    if INTERPRET and a.dtype != tl.float64:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32 or a.dtype == tl.float64:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _scaled(x, scale_hi, scale_lo):
+    """x * scale in x's dtype. Float kernel arguments arrive as fp32, so the launcher splits scale into
+    fp32 hi + lo; lo only matters for fp64, where it keeps the product fp64-accurate."""
+    if x.dtype == tl.float64:
+        return x * tl.cast(scale_hi, tl.float64) + x * tl.cast(scale_lo, tl.float64)
+    else:
+        return x * scale_hi
+
+
+def _split_scale(scale: float) -> tuple[float, float]:
+    hi = struct.unpack("f", struct.pack("f", scale))[0]
+    return hi, scale - hi
+
+
+def _pruner(tensor_core_configs, fma_configs, register_values):
+    """early_config_prune: the config list for the dtype's dot path, minus configs whose
+    ``register_values(BLOCK_N, BLOCK_S, BLOCK_D)`` or pipelined operand tiles exceed the budgets
+    (rough estimates; tests/test_triton_aot.py checks the compiled shared memory)."""
+
+    def fits(config, block_s, elem_bytes):
+        block_n, block_d = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
+        values_per_thread = register_values(block_n, block_s, block_d) / (32 * config.num_warps)
+        # One query-side and one key-side operand tile per stage, plus the [BLOCK_N, BLOCK_S] operand.
+        shared = (max(config.num_stages, 1) * (block_n + block_s) * block_d + block_n * block_s) * elem_bytes
+        return values_per_thread <= _MAX_VALUES_PER_THREAD and shared <= _MAX_SHARED_BYTES
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        block_s, elem_bytes = args["BLOCK_S"], args["q_ptr"].element_size()
+        candidates = fma_configs if elem_bytes >= 4 else tensor_core_configs
+        # The last config of each list is the narrowest; it is kept for very wide S even if it spills.
+        fitting = [c for c in candidates if fits(c, block_s, elem_bytes)] or candidates[-1:]
+        return first_config_when_interpreting(fitting)
+
+    return prune
+
+
+# fp16/bf16 dots run on tensor cores and like wide BLOCK_D; fp32/fp64 dots are unrolled FMA code
+# whose size grows with BLOCK_N * BLOCK_S * BLOCK_D, so their chunks stay narrow.
+_FORWARD_TENSOR_CORE_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 16, "BLOCK_D": 32}, num_warps=8, num_stages=1),
+]
+_FORWARD_FMA_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_D": 16}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=8, num_stages=1),
+]
+# Registers: the score/P tile and one output tile.
+_prune_forward_configs = _pruner(_FORWARD_TENSOR_CORE_CONFIGS, _FORWARD_FMA_CONFIGS,
+                                lambda block_n, block_s, block_d: block_n * (block_s + block_d))
+
+
+@triton.autotune(
+    configs=_FORWARD_TENSOR_CORE_CONFIGS + _FORWARD_FMA_CONFIGS,
+    key=["BLOCK_S", "Dk", "Dv"],
+    prune_configs_by={"early_config_prune": _prune_forward_configs},
+)
+@triton.jit
+def _short_attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,  # q [B,N,Dk], k [B,S,Dk], v [B,S,Dv], out [B,N,Dv], lse [B,N] fp32
+    N, S, Dk, Dv,
+    scale_hi, scale_lo,
+    stride_qb, stride_qn, stride_qd,
+    stride_kb, stride_ks, stride_kd,
+    stride_vb, stride_vs, stride_vd,
+    stride_ob, stride_on, stride_od,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # Grid: (cdiv(N, BLOCK_N), B). One program owns BLOCK_N query rows and all S keys.
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    stat_dtype = tl.float64 if q_ptr.dtype.element_ty == tl.float64 else tl.float32
+    q_base = q_ptr + b * stride_qb
+    k_base = k_ptr + b * stride_kb
+    v_base = v_ptr + b * stride_vb
+
+    scores = tl.zeros([BLOCK_N, BLOCK_S], dtype=stat_dtype)
+    for d0 in range(0, Dk, BLOCK_D):
+        dk = d0 + d
+        q = tl.load(q_base + n[:, None] * stride_qn + dk[None, :] * stride_qd,
+                    mask=(n[:, None] < N) & (dk[None, :] < Dk), other=0.0)
+        k_t = tl.load(k_base + s[None, :] * stride_ks + dk[:, None] * stride_kd,
+                      mask=(s[None, :] < S) & (dk[:, None] < Dk), other=0.0)
+        scores = _dot(q, k_t, scores, INTERPRET)
+
+    scores = tl.where(s[None, :] < S, _scaled(scores, scale_hi, scale_lo), -float("inf"))
+    row_max = tl.max(scores, axis=1)
+    p = tl.exp(scores - row_max[:, None])
+    row_sum = tl.sum(p, axis=1)
+    p = p / row_sum[:, None]
+    lse = row_max + tl.log(row_sum)
+    tl.store(lse_ptr + b * N + n, lse.to(tl.float32), mask=n < N)
+
+    p = p.to(v_ptr.dtype.element_ty)
+    for d0 in range(0, Dv, BLOCK_D):
+        dv = d0 + d
+        v = tl.load(v_base + s[:, None] * stride_vs + dv[None, :] * stride_vd,
+                    mask=(s[:, None] < S) & (dv[None, :] < Dv), other=0.0)
+        out = _dot(p, v, tl.zeros([BLOCK_N, BLOCK_D], dtype=stat_dtype), INTERPRET)
+        tl.store(out_ptr + b * stride_ob + n[:, None] * stride_on + dv[None, :] * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=(n[:, None] < N) & (dv[None, :] < Dv))
+
+
+_BACKWARD_TENSOR_CORE_CONFIGS = [
+    triton.Config({"BLOCK_N": 32, "BLOCK_D": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=8, num_stages=1),
+]
+_BACKWARD_FMA_CONFIGS = [
+    triton.Config({"BLOCK_N": 32, "BLOCK_D": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=8, num_stages=1),
+]
+# Registers: P and dP tiles, a dQ tile and a dK/dV workspace tile.
+_prune_backward_configs = _pruner(
+    _BACKWARD_TENSOR_CORE_CONFIGS, _BACKWARD_FMA_CONFIGS,
+    lambda block_n, block_s, block_d: 2 * block_n * block_s + (block_n + block_s) * block_d)
+
+
+@triton.autotune(
+    configs=_BACKWARD_TENSOR_CORE_CONFIGS + _BACKWARD_FMA_CONFIGS,
+    key=["BLOCK_S", "Dk", "Dv", "CHUNK_N"],
+    prune_configs_by={"early_config_prune": _prune_backward_configs},
+)
+@triton.jit
+def _short_attention_backward_kernel(
+    grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr,  # grad_out [B,N,Dv], q [B,N,Dk], k/v [B,S,D], lse [B,N]
+    grad_q_ptr,  # [B, N, Dk], any strides
+    dk_partial_ptr, dv_partial_ptr,  # fp32 workspaces [B, num_chunks, S, Dk] / [..., Dv], contiguous
+    N, S, Dk, Dv, CHUNK_N,
+    scale_hi, scale_lo,
+    stride_gb, stride_gn, stride_gd,
+    stride_qb, stride_qn, stride_qd,
+    stride_kb, stride_ks, stride_kd,
+    stride_vb, stride_vs, stride_vd,
+    stride_dqb, stride_dqn, stride_dqd,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # Grid: (num_chunks, B). Program (chunk, b) walks query tiles of rows [chunk*CHUNK_N, +CHUNK_N),
+    # writes their dQ rows, and accumulates their dK/dV contributions into its workspace slice.
+    chunk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    num_chunks = tl.num_programs(0)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    stat_dtype = tl.float64 if q_ptr.dtype.element_ty == tl.float64 else tl.float32
+    dtype = q_ptr.dtype.element_ty
+    q_base = q_ptr + b * stride_qb
+    k_base = k_ptr + b * stride_kb
+    v_base = v_ptr + b * stride_vb
+    g_base = grad_out_ptr + b * stride_gb
+    dq_base = grad_q_ptr + b * stride_dqb
+    slice_index = b * num_chunks + chunk
+    dk_slice = dk_partial_ptr + slice_index * S * Dk + s[:, None] * Dk
+    dv_slice = dv_partial_ptr + slice_index * S * Dv + s[:, None] * Dv
+
+    chunk_start = chunk * CHUNK_N
+    chunk_end = tl.minimum(chunk_start + CHUNK_N, N)
+    for n0 in range(chunk_start, chunk_end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        row_ok = n < chunk_end
+        accumulate = n0 > chunk_start
+
+        # Recompute P from the saved lse; padded keys and rows outside the chunk get P = 0.
+        scores = tl.zeros([BLOCK_N, BLOCK_S], dtype=stat_dtype)
+        for d0 in range(0, Dk, BLOCK_D):
+            dk = d0 + d
+            q = tl.load(q_base + n[:, None] * stride_qn + dk[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (dk[None, :] < Dk), other=0.0)
+            k_t = tl.load(k_base + s[None, :] * stride_ks + dk[:, None] * stride_kd,
+                          mask=(s[None, :] < S) & (dk[:, None] < Dk), other=0.0)
+            scores = _dot(q, k_t, scores, INTERPRET)
+        lse = tl.load(lse_ptr + b * N + n, mask=row_ok, other=0.0).to(stat_dtype)
+        p = tl.exp(_scaled(scores, scale_hi, scale_lo) - lse[:, None])
+        p = tl.where(row_ok[:, None] & (s[None, :] < S), p, 0.0)
+
+        # dP = dO V^T, and dV += P^T dO in the same pass over dO.
+        grad_p = tl.zeros([BLOCK_N, BLOCK_S], dtype=stat_dtype)
+        p_t = tl.trans(p.to(dtype))
+        for d0 in range(0, Dv, BLOCK_D):
+            dv = d0 + d
+            g = tl.load(g_base + n[:, None] * stride_gn + dv[None, :] * stride_gd,
+                        mask=row_ok[:, None] & (dv[None, :] < Dv), other=0.0)
+            v_t = tl.load(v_base + s[None, :] * stride_vs + dv[:, None] * stride_vd,
+                          mask=(s[None, :] < S) & (dv[:, None] < Dv), other=0.0)
+            grad_p = _dot(g, v_t, grad_p, INTERPRET)
+            dv_ptrs = dv_slice + dv[None, :]
+            dv_mask = (s[:, None] < S) & (dv[None, :] < Dv)
+            dv_acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=stat_dtype)
+            if accumulate:
+                dv_acc = tl.load(dv_ptrs, mask=dv_mask, other=0.0).to(stat_dtype)
+            dv_acc = _dot(p_t, g, dv_acc, INTERPRET)
+            tl.store(dv_ptrs, dv_acc, mask=dv_mask)
+
+        # rowsum(dO * O) == rowsum(P * dP) since O = P V; the latter needs no pass over O.
+        delta = tl.sum(p * grad_p, axis=1)
+        grad_s = _scaled(p * (grad_p - delta[:, None]), scale_hi, scale_lo).to(dtype)
+        grad_s_t = tl.trans(grad_s)
+
+        # dQ = dS K (rows owned by this program), dK += dS^T Q.
+        for d0 in range(0, Dk, BLOCK_D):
+            dk = d0 + d
+            k = tl.load(k_base + s[:, None] * stride_ks + dk[None, :] * stride_kd,
+                        mask=(s[:, None] < S) & (dk[None, :] < Dk), other=0.0)
+            grad_q = _dot(grad_s, k, tl.zeros([BLOCK_N, BLOCK_D], dtype=stat_dtype), INTERPRET)
+            tl.store(dq_base + n[:, None] * stride_dqn + dk[None, :] * stride_dqd,
+                     grad_q.to(grad_q_ptr.dtype.element_ty), mask=row_ok[:, None] & (dk[None, :] < Dk))
+            q = tl.load(q_base + n[:, None] * stride_qn + dk[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (dk[None, :] < Dk), other=0.0)
+            dk_ptrs = dk_slice + dk[None, :]
+            dk_mask = (s[:, None] < S) & (dk[None, :] < Dk)
+            dk_acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=stat_dtype)
+            if accumulate:
+                dk_acc = tl.load(dk_ptrs, mask=dk_mask, other=0.0).to(stat_dtype)
+            dk_acc = _dot(grad_s_t, q, dk_acc, INTERPRET)
+            tl.store(dk_ptrs, dk_acc, mask=dk_mask)
+
+
+_REDUCE_CONFIGS = [
+    triton.Config({"BLOCK": 256}, num_warps=2),
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+]
+
+
+@triton.autotune(
+    configs=_REDUCE_CONFIGS,
+    key=["size", "num_chunks"],
+    prune_configs_by={"early_config_prune": first_config_when_interpreting},
+)
+@triton.jit
+def _sum_chunks_kernel(
+    partial_ptr,  # [B, num_chunks, size] contiguous (size = S * D)
+    out_ptr,  # [B, S, D], any strides
+    num_chunks, size, D,
+    stride_ob, stride_os, stride_od,
+    BLOCK: tl.constexpr,
+):
+    # Grid: (cdiv(size, BLOCK), B). Adds the chunk partials in index order: deterministic.
+    b = tl.program_id(1).to(tl.int64)
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < size
+    acc = tl.zeros([BLOCK], dtype=partial_ptr.dtype.element_ty)
+    for chunk in range(num_chunks):
+        acc += tl.load(partial_ptr + (b * num_chunks + chunk) * size + idx, mask=mask, other=0.0)
+    tl.store(out_ptr + b * stride_ob + (idx // D) * stride_os + (idx % D) * stride_od,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _empty_like_layout(like: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, rows, cols] in ``like``'s layout: a transposed [B, cols, rows] buffer when ``like`` is a
+    channel-first view (mirrors annkernels::empty_like_layout in checks.h)."""
+    batch = like.size(0)
+    if like.size(1) > 1 and like.size(2) > 1 and like.stride(1) == 1:
+        return torch.empty((batch, cols, rows), dtype=dtype, device=like.device).transpose(1, 2)
+    return torch.empty((batch, rows, cols), dtype=dtype, device=like.device)
+
+
+def _key_block(num_keys: int) -> int:
+    return max(16, triton.next_power_of_2(num_keys))
+
+
+def _target_programs(device: torch.device) -> int:
+    # One program per SM fills the GPU; in the interpreter a few chunks exercise the reduction.
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def short_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(query key^T * scale) value.
+
+    Args:
+        query: [B, N, Dk], key: [B, S, Dk], value: [B, S, Dv]; any strides, one floating dtype.
+        scale: multiplier of the scores.
+    Returns:
+        out [B, N, Dv] in query's layout (see _empty_like_layout), lse [B, N] fp32 contiguous.
+    """
+    batch, num_queries, key_dim = query.shape
+    num_keys, value_dim = value.shape[1], value.shape[2]
+    out = _empty_like_layout(query, num_queries, value_dim, query.dtype)
+    lse = torch.empty((batch, num_queries), dtype=torch.float32, device=query.device)
+    if out.numel() == 0:
+        return out, lse
+
+    def grid(meta):
+        return (triton.cdiv(num_queries, meta["BLOCK_N"]), batch)
+
+    _short_attention_forward_kernel[grid](
+        query, key, value, out, lse,
+        num_queries, num_keys, key_dim, value_dim, *_split_scale(scale),
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+        BLOCK_S=_key_block(num_keys), INTERPRET=_INTERPRET,
+    )
+    return out, lse
+
+
+def short_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`short_attention_forward` from its saved ``lse``.
+
+    ``out`` is part of the op schema but not read: the full score row is on chip, so
+    rowsum(dO * O) is computed as the equal rowsum(P * dP).
+
+    Returns:
+        (grad_query, grad_key, grad_value), each in the layout of its input.
+    """
+    batch, num_queries, key_dim = query.shape
+    num_keys, value_dim = value.shape[1], value.shape[2]
+    assert lse.dtype == torch.float32 and lse.is_contiguous(), "lse comes from short_attention_forward"
+    grad_query = _empty_like_layout(query, num_queries, key_dim, query.dtype)
+    grad_key = _empty_like_layout(key, num_keys, key_dim, key.dtype)
+    grad_value = _empty_like_layout(value, num_keys, value_dim, value.dtype)
+    if num_queries == 0 or num_keys == 0 or batch == 0:
+        return grad_query, grad_key.zero_(), grad_value.zero_()
+
+    per_batch = max(1, _target_programs(query.device) // batch)
+    chunk_n = triton.cdiv(triton.cdiv(num_queries, per_batch), _CHUNK_ALIGN) * _CHUNK_ALIGN
+    num_chunks = triton.cdiv(num_queries, chunk_n)
+    partial_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    dk_partial = torch.empty((batch, num_chunks, num_keys, key_dim), dtype=partial_dtype, device=query.device)
+    dv_partial = torch.empty((batch, num_chunks, num_keys, value_dim), dtype=partial_dtype, device=query.device)
+
+    _short_attention_backward_kernel[(num_chunks, batch)](
+        grad_out, query, key, value, lse, grad_query, dk_partial, dv_partial,
+        num_queries, num_keys, key_dim, value_dim, chunk_n, *_split_scale(scale),
+        *grad_out.stride(), *query.stride(), *key.stride(), *value.stride(), *grad_query.stride(),
+        BLOCK_S=_key_block(num_keys), INTERPRET=_INTERPRET,
+    )
+    for partial, grad in ((dk_partial, grad_key), (dv_partial, grad_value)):
+        size = partial.size(2) * partial.size(3)
+
+        def grid(meta, size=size):
+            return (triton.cdiv(size, meta["BLOCK"]), batch)
+
+        _sum_chunks_kernel[grid](partial, grad, num_chunks, size, partial.size(3), *grad.stride())
+    return grad_query, grad_key, grad_value

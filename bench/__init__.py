@@ -1,0 +1,1 @@
+"""Benchmarks for annkernels: per-op scripts (pytest-benchmark) and the comparison runner (compare.py)."""

@@ -1,0 +1,113 @@
+"""Short-key attention, softmax(Q K^T / 16) V with ANN's Dk = Dv = 256 and S = 110 pooled keys.
+
+Providers: every annkernels backend usable on the device, fed the channel-first views a conv output
+gives (x.flatten(2).transpose(1, 2)), which is what APNB/AFNB pass; "reference" is mmsegmentation's
+path (permute copies, matmul, separate scale, softmax, matmul). Peers: F.scaled_dot_product_attention
+with contiguous [B, 1, N, D] inputs, i.e. as if the projections ran channels_last, so no layout copy is
+charged to it. On GPU each SDPA backend is forced in turn (torch.nn.attention.sdpa_kernel) and a
+backend that rejects the shape/dtype is recorded as skipped; on CPU the default dispatch is used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench import utils
+from bench.utils import OpBench, Provider, Shape, Unsupported, Workload, autograd_passes
+
+KEYS, KEY_DIM, VALUE_DIM = 110, 256, 256
+SCALE = KEY_DIM**-0.5
+
+SHAPES = (
+    # A 256x512 crop (32x64 map): the small end of the time-vs-N plots.
+    Shape("small", dict(B=1, N=2048, S=KEYS, Dk=KEY_DIM, Dv=VALUE_DIM)),
+    # mmseg training, 512x1024 crops, B=2: feature 64x128.
+    Shape("train", dict(B=2, N=8192, S=KEYS, Dk=KEY_DIM, Dv=VALUE_DIM)),
+    # mmseg training, 512x512 crops, B=4: feature 64x64.
+    Shape("train_b4", dict(B=4, N=4096, S=KEYS, Dk=KEY_DIM, Dv=VALUE_DIM)),
+    # The authors' 769x769 crops: N = 97*97, not a multiple of any tile size.
+    Shape("crop769", dict(B=2, N=9409, S=KEYS, Dk=KEY_DIM, Dv=VALUE_DIM)),
+    # Cityscapes inference at 1024x2048: feature 128x256.
+    Shape("infer", dict(B=1, N=32768, S=KEYS, Dk=KEY_DIM, Dv=VALUE_DIM), passes=("fwd",), cpu=False),
+)
+
+
+def cost_model(dims: dict, dtype: torch.dtype) -> tuple:
+    """(FLOPs, minimal bytes) per pass, docs/performance.md section 4.
+
+    Forward: QK^T and PV, 2*B*N*S*(Dk+Dv); traffic Q in, O out (+ K, V, fp32 logsumexp).
+    Backward: recompute S, dP, dV, dQ, dK, 2*B*N*S*(3Dk+2Dv); traffic Q and dO in, dQ out (+ K, V, dK, dV).
+    """
+    b, n, s, dk, dv = dims["B"], dims["N"], dims["S"], dims["Dk"], dims["Dv"]
+    size = torch.finfo(dtype).bits // 8
+    keys = b * s * (dk + dv) * size
+    flops = {"fwd": 2 * b * n * s * (dk + dv), "bwd": 2 * b * n * s * (3 * dk + 2 * dv)}
+    nbytes = {"fwd": b * n * (dk + dv) * size + keys + b * n * 4, "bwd": b * n * (2 * dk + dv) * size + 2 * keys}
+    flops["full"] = flops["fwd"] + flops["bwd"]
+    nbytes["full"] = nbytes["fwd"] + nbytes["bwd"]
+    return flops, nbytes
+
+
+def _backend_provider(name: str) -> Provider:
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        import annkernels
+
+        d = shape.dims
+        query = utils.channel_first_view(d["B"], d["Dk"], d["N"], dtype, device, requires_grad=True)
+        key = utils.channel_first_view(d["B"], d["Dk"], d["S"], dtype, device, requires_grad=True)
+        value = utils.channel_first_view(d["B"], d["Dv"], d["S"], dtype, device, requires_grad=True)
+        flops, nbytes = cost_model(d, dtype)
+        forward = lambda: annkernels.short_attention(query, key, value, SCALE, backend=name)  # noqa: E731
+        return Workload(autograd_passes(forward, [query, key, value]), flops=flops, bytes=nbytes)
+
+    return Provider(name, make)
+
+
+def _sdpa_provider(name: str, sdpa_backend) -> Provider:
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        from torch.nn.attention import sdpa_kernel
+
+        d = shape.dims
+        options = dict(dtype=dtype, device=device, requires_grad=True)
+        query = torch.randn(d["B"], 1, d["N"], d["Dk"], **options)
+        key = torch.randn(d["B"], 1, d["S"], d["Dk"], **options)
+        value = torch.randn(d["B"], 1, d["S"], d["Dv"], **options)
+
+        def forward():
+            if sdpa_backend is None:
+                return F.scaled_dot_product_attention(query, key, value, scale=SCALE)
+            with sdpa_kernel(sdpa_backend):
+                return F.scaled_dot_product_attention(query, key, value, scale=SCALE)
+
+        try:  # a forced backend that does not accept the case raises on the first call
+            with torch.no_grad():
+                forward()
+        except RuntimeError as exc:
+            raise Unsupported(f"{name} rejects this case: {str(exc).splitlines()[0][:120]}") from None
+        flops, nbytes = cost_model(d, dtype)
+        return Workload(autograd_passes(forward, [query, key, value]), flops=flops, bytes=nbytes)
+
+    return Provider(name, make, kind="peer")
+
+
+def providers(device: str) -> list:
+    found = [_backend_provider(name) for name in utils.registered_backends(device)]
+    if device == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        sdpa = [
+            ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+            ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("sdpa_math", SDPBackend.MATH),
+        ]
+        return found + [_sdpa_provider(name, backend) for name, backend in sdpa]
+    return found + [_sdpa_provider("sdpa", None)]
+
+
+BENCH = OpBench("short_attention", SHAPES, dtypes=("float32", "bfloat16"), providers=providers)
+
+
+def test_short_attention(bench_case):
+    bench_case()

@@ -1,0 +1,425 @@
+// CPU short attention: softmax(q k^T * scale) v for a short key axis S (ANN: S = 110), fused over
+// tiles of queries so that a tile's [rows, S] scores never leave cache. GEMMs on tiles are BLAS calls
+// (MKL here), one single-threaded call per tile inside at::parallel_for.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "annkernels/checks.h"
+
+namespace annkernels {
+namespace {
+
+// Query rows per tile: [tile, S] scores plus the packed [tile, D] operands stay in L2.
+constexpr int64_t kQueryTile = 128;
+// Query rows per dK/dV partial sum in the backward. Fixed, independent of the thread count, so the
+// two-stage reduction over N adds the same numbers in the same order on every run.
+constexpr int64_t kReductionChunk = 512;
+
+// A matrix view: element (r, c) is data[r * row_stride + c * col_stride].
+template <typename T>
+struct MatView {
+  T* data;
+  int64_t row_stride;
+  int64_t col_stride;
+
+  MatView<T> transposed() const { return {data, col_stride, row_stride}; }
+  MatView<const T> as_const() const { return {data, row_stride, col_stride}; }
+};
+
+// Whether BLAS can read a [rows, cols] view in place: unit stride along one axis and a leading
+// dimension that covers the other (degenerate 1-wide axes accept any stride).
+template <typename T>
+bool is_column_major(const MatView<T>& v, int64_t rows, int64_t cols) {
+  return v.row_stride == 1 && (cols == 1 || v.col_stride >= std::max<int64_t>(rows, 1));
+}
+template <typename T>
+bool is_row_major(const MatView<T>& v, int64_t rows, int64_t cols) {
+  return v.col_stride == 1 && (rows == 1 || v.row_stride >= std::max<int64_t>(cols, 1));
+}
+
+// The Fortran BLAS that PyTorch links (MKL in the x86 wheels exports sgemm_/dgemm_ from libtorch_cpu).
+// at::native::cpublas::gemm would be the natural call, but its float/double overloads are not exported.
+// Weak, so a torch without these symbols still loads the extension and falls back to at::addmm_out.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+template <typename T>
+constexpr auto blas_gemm() {
+  if constexpr (std::is_same_v<T, float>) {
+    return &sgemm_;
+  } else {
+    return &dgemm_;
+  }
+}
+
+// C[m, n] = alpha * A[m, k] @ B[k, n] + beta * C, for views BLAS can address (see above). Single-threaded
+// inside at::parallel_for regions, as BLAS does not nest its own threads there.
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, T alpha, MatView<const T> a, MatView<const T> b, T beta, MatView<T> c) {
+  if (!is_column_major(c, m, n)) {
+    // BLAS writes column-major C; a row-major C is the column-major C^T = B^T A^T.
+    gemm(n, m, k, alpha, b.transposed(), a.transposed(), beta, c.transposed());
+    return;
+  }
+  const auto blas = blas_gemm<T>();
+  if (blas == nullptr) {
+    auto as_tensor = [](auto view, int64_t rows, int64_t cols) {
+      using value_t = std::remove_const_t<std::remove_pointer_t<decltype(view.data)>>;
+      return at::from_blob(const_cast<value_t*>(view.data), {rows, cols}, {view.row_stride, view.col_stride},
+                           at::TensorOptions().dtype(c10::CppTypeToScalarType<value_t>::value));
+    };
+    at::Tensor out = as_tensor(c, m, n);
+    at::addmm_out(out, out, as_tensor(a, m, k), as_tensor(b, k, n), beta, alpha);
+    return;
+  }
+  // A dimension of extent 1 leaves its stride unused, but BLAS still checks ld >= rows.
+  const bool a_plain = is_column_major(a, m, k);
+  const bool b_plain = is_column_major(b, k, n);
+  const int64_t lda64 = std::max(a_plain ? a.col_stride : a.row_stride, a_plain ? m : k);
+  const int64_t ldb64 = std::max(b_plain ? b.col_stride : b.row_stride, b_plain ? k : n);
+  const int64_t ldc64 = std::max(c.col_stride, m);
+  TORCH_CHECK(std::max({lda64, ldb64, ldc64, m, n, k}) <= std::numeric_limits<int>::max(),
+              "short_attention: a stride or size exceeds the 32-bit BLAS interface");
+  const int lda = static_cast<int>(lda64), ldb = static_cast<int>(ldb64), ldc = static_cast<int>(ldc64);
+  const int m32 = static_cast<int>(m), n32 = static_cast<int>(n), k32 = static_cast<int>(k);
+  const char transa = a_plain ? 'N' : 'T', transb = b_plain ? 'N' : 'T';
+  if (std::getenv("ANNK_DEBUG")) fprintf(stderr, "gemm %c%c m=%d n=%d k=%d lda=%d ldb=%d ldc=%d size=%zu a=(%ld,%ld) b=(%ld,%ld) c=(%ld,%ld)\n", transa, transb, m32, n32, k32, lda, ldb, ldc, sizeof(T), a.row_stride, a.col_stride, b.row_stride, b.col_stride, c.row_stride, c.col_stride);
+  blas(&transa, &transb, &m32, &n32, &k32, &alpha, a.data, &lda, b.data, &ldb, &beta, c.data, &ldc);
+}
+
+// Returns a [rows, cols] view of `src` in acc_t that BLAS can read: `src` itself when it already is one,
+// else a copy in `buffer` whose major axis follows the source's smaller stride, so reads stay sequential.
+template <typename acc_t, typename scalar_t>
+MatView<const acc_t> pack(MatView<const scalar_t> src, int64_t rows, int64_t cols, acc_t* buffer) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (is_column_major(src, rows, cols) || is_row_major(src, rows, cols)) return src;
+  }
+  if (std::abs(src.row_stride) < std::abs(src.col_stride)) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const scalar_t* in = src.data + c * src.col_stride;
+      acc_t* out = buffer + c * rows;
+      for (int64_t r = 0; r < rows; ++r) out[r] = static_cast<acc_t>(in[r * src.row_stride]);
+    }
+    return {buffer, 1, rows};
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* in = src.data + r * src.row_stride;
+    acc_t* out = buffer + r * cols;
+    for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<acc_t>(in[c * src.col_stride]);
+  }
+  return {buffer, cols, 1};
+}
+
+// Where a tile result of type acc_t goes: straight into `dst` when dst holds acc_t (our outputs are
+// always BLAS-addressable), else into a row-major `buffer` that store() converts into `dst` afterwards.
+template <typename acc_t, typename scalar_t>
+MatView<acc_t> result_view(MatView<scalar_t> dst, int64_t cols, acc_t* buffer) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return dst;
+  } else {
+    return {buffer, cols, 1};
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+void store(MatView<scalar_t> dst, MatView<const acc_t> src, int64_t rows, int64_t cols) {
+  if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+    if (dst.row_stride == 1) {
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t r = 0; r < rows; ++r)
+          dst.data[r + c * dst.col_stride] = static_cast<scalar_t>(src.data[r * src.row_stride + c * src.col_stride]);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+          dst.data[r * dst.row_stride + c] = static_cast<scalar_t>(src.data[r * src.row_stride + c * src.col_stride]);
+    }
+  }
+}
+
+// x[i] = exp(x[i]) in place. fp32: Cephes-style exp (range reduction by ln 2, degree-6 polynomial,
+// within 2 ulp) written so that it vectorises; cloned for AVX2 because the extension is built for
+// baseline x86-64. fp64 keeps std::exp, so gradcheck sees the exact function.
+__attribute__((target_clones("avx2", "default"))) void exp_in_place(float* x, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = std::min(std::max(x[i], -87.3f), 88.7f);
+    // Adding and removing 1.5 * 2^23 rounds to the nearest integer without a libm call.
+    const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = (v - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float two_to_n;
+    std::memcpy(&two_to_n, &bits, sizeof(float));
+    x[i] = (x[i] == x[i]) ? p * two_to_n : x[i];  // NaN stays NaN
+  }
+}
+void exp_in_place(double* x, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) x[i] = std::exp(x[i]);
+}
+
+// Packs key [S, Dk] and value [S, Dv] of every batch into row-major acc_t buffers, once per call.
+template <typename acc_t, typename scalar_t>
+void pack_batches(const at::Tensor& t, std::vector<acc_t>& packed) {
+  const int64_t batch = t.size(0), rows = t.size(1), cols = t.size(2);
+  packed.resize(batch * rows * cols);
+  const scalar_t* data = t.const_data_ptr<scalar_t>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      acc_t* out = packed.data() + b * rows * cols;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = static_cast<acc_t>(data[b * t.stride(0) + r * t.stride(1) + c * t.stride(2)]);
+    }
+  });
+}
+
+template <typename T>
+MatView<T> batch_view(const at::Tensor& t, int64_t b, int64_t row0) {
+  T* base = const_cast<T*>(t.const_data_ptr<std::remove_const_t<T>>());
+  return {base + b * t.stride(0) + row0 * t.stride(1), t.stride(1), t.stride(2)};
+}
+
+
+// A per-thread acc_t scratch buffer. Tensors come from PyTorch's allocator, 64-byte aligned, so MKL takes
+// the same code path on every run (its results may depend on operand alignment).
+template <typename acc_t>
+at::Tensor scratch(int64_t size) {
+  return at::empty({size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// Row softmax of the [rows, S] scaled scores, in place, in acc_t (fp32, fp64 for fp64). The forward and
+// the backward both call this, so the backward's recomputed P is bitwise the forward's P. Writes each
+// row's logsumexp to lse when given.
+template <typename acc_t>
+void softmax_rows(acc_t* scores, int64_t rows, int64_t keys, acc_t* row_max, float* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* row = scores + r * keys;
+    row_max[r] = *std::max_element(row, row + keys);
+    for (int64_t j = 0; j < keys; ++j) row[j] -= row_max[r];
+  }
+  exp_in_place(scores, rows * keys);
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* row = scores + r * keys;
+    acc_t sum = 0;
+    for (int64_t j = 0; j < keys; ++j) sum += row[j];
+    const acc_t inv_sum = acc_t(1) / sum;
+    for (int64_t j = 0; j < keys; ++j) row[j] *= inv_sum;
+    if (lse != nullptr) lse[r] = static_cast<float>(row_max[r] + std::log(sum));
+  }
+}
+
+// Forward. Parallel over (batch, tile of kQueryTile queries). Per tile: pack Q (unless BLAS can read it
+// in place), scores = scale * Q K^T into a [rows, S] acc_t buffer, row softmax in acc_t (fp32; fp64 for
+// fp64) giving lse, then out = P V, written by the GEMM straight into `out` for fp32/fp64 or through a
+// buffer for fp16/bf16. K and V are packed once per call into row-major acc_t. out has query's layout.
+template <typename scalar_t>
+void short_attention_forward_kernel(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                    double scale, at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = query.size(0), queries = query.size(1), dk = query.size(2);
+  const int64_t keys = key.size(1), dv = value.size(2);
+  std::vector<acc_t> key_packed, value_packed;
+  pack_batches<acc_t, scalar_t>(key, key_packed);
+  pack_batches<acc_t, scalar_t>(value, value_packed);
+  const int64_t tiles_per_batch = (queries + kQueryTile - 1) / kQueryTile;
+  float* lse_data = lse.mutable_data_ptr<float>();
+
+  at::parallel_for(0, batch * tiles_per_batch, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffers = scratch<acc_t>(kQueryTile * (dk + keys + dv + 1));
+    acc_t* query_buffer = buffers.mutable_data_ptr<acc_t>();
+    acc_t* scores = query_buffer + kQueryTile * dk;
+    acc_t* out_buffer = scores + kQueryTile * keys;
+    acc_t* row_max = out_buffer + kQueryTile * dv;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tiles_per_batch;
+      const int64_t n0 = (task % tiles_per_batch) * kQueryTile;
+      const int64_t rows = std::min(kQueryTile, queries - n0);
+      const MatView<const acc_t> key_t{key_packed.data() + b * keys * dk, 1, dk};  // K^T [Dk, S]
+      const MatView<const acc_t> v{value_packed.data() + b * keys * dv, dv, 1};
+      const MatView<acc_t> probs{scores, keys, 1};
+
+      const auto q = pack<acc_t>(batch_view<const scalar_t>(query, b, n0), rows, dk, query_buffer);
+      gemm<acc_t>(rows, keys, dk, static_cast<acc_t>(scale), q, key_t, acc_t(0), probs);
+      softmax_rows(scores, rows, keys, row_max, lse_data + b * queries + n0);
+      const auto out_tile = batch_view<scalar_t>(out, b, n0);
+      const auto o = result_view<acc_t>(out_tile, dv, out_buffer);
+      gemm<acc_t>(rows, dv, keys, acc_t(1), probs.as_const(), v, acc_t(0), o);
+      store<acc_t>(out_tile, o.as_const(), rows, dv);
+    }
+  });
+}
+
+// Backward. Stage 1, parallel over (batch, chunk of kReductionChunk queries); a chunk walks its
+// kQueryTile tiles in order: recompute P (softmax_rows), dP = dO V^T, D = rowsum(P * dP) (equal to
+// rowsum(dO * O)), dS = P * (dP - D), dQ = scale * dS K (written once per tile), and accumulates the
+// chunk's partial dK += scale * dS^T Q and dV += P^T dO in acc_t. Stage 2, parallel over (batch, key
+// row): adds the chunk partials in chunk order and writes dK, dV. Chunks do not depend on the thread
+// count, so the result is bitwise reproducible; no atomics. Grads take their inputs' layouts.
+template <typename scalar_t>
+void short_attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                                     const at::Tensor& value, double scale, at::Tensor& grad_query,
+                                     at::Tensor& grad_key, at::Tensor& grad_value) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = query.size(0), queries = query.size(1), dk = query.size(2);
+  const int64_t keys = key.size(1), dv = value.size(2);
+  std::vector<acc_t> key_packed, value_packed;
+  pack_batches<acc_t, scalar_t>(key, key_packed);
+  pack_batches<acc_t, scalar_t>(value, value_packed);
+  const int64_t chunks_per_batch = (queries + kReductionChunk - 1) / kReductionChunk;
+  const int64_t partial_size = keys * (dk + dv);
+  at::Tensor partials = scratch<acc_t>(batch * chunks_per_batch * partial_size);
+  acc_t* partial_data = partials.mutable_data_ptr<acc_t>();
+
+  at::parallel_for(0, batch * chunks_per_batch, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffers = scratch<acc_t>(kQueryTile * (2 * dk + dv + 2 * keys + 1));
+    acc_t* query_buffer = buffers.mutable_data_ptr<acc_t>();
+    acc_t* grad_out_buffer = query_buffer + kQueryTile * dk;
+    acc_t* grad_query_buffer = grad_out_buffer + kQueryTile * dv;
+    acc_t* probs = grad_query_buffer + kQueryTile * dk;
+    acc_t* grad_scores = probs + kQueryTile * keys;
+    acc_t* row_max = grad_scores + kQueryTile * keys;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks_per_batch;
+      const int64_t chunk_start = (task % chunks_per_batch) * kReductionChunk;
+      const int64_t chunk_end = std::min(queries, chunk_start + kReductionChunk);
+      const MatView<const acc_t> k{key_packed.data() + b * keys * dk, dk, 1};
+      const MatView<const acc_t> v{value_packed.data() + b * keys * dv, dv, 1};
+      const MatView<acc_t> grad_key_partial{partial_data + task * partial_size, dk, 1};
+      const MatView<acc_t> grad_value_partial{partial_data + task * partial_size + keys * dk, dv, 1};
+      const MatView<acc_t> p{probs, keys, 1};
+      const MatView<acc_t> ds{grad_scores, keys, 1};
+
+      for (int64_t n0 = chunk_start; n0 < chunk_end; n0 += kQueryTile) {
+        const int64_t rows = std::min(kQueryTile, chunk_end - n0);
+        const auto q = pack<acc_t>(batch_view<const scalar_t>(query, b, n0), rows, dk, query_buffer);
+        const auto dout = pack<acc_t>(batch_view<const scalar_t>(grad_out, b, n0), rows, dv, grad_out_buffer);
+        gemm<acc_t>(rows, keys, dk, static_cast<acc_t>(scale), q, k.transposed(), acc_t(0), p);
+        softmax_rows<acc_t>(probs, rows, keys, row_max, nullptr);
+        gemm<acc_t>(rows, keys, dv, acc_t(1), dout, v.transposed(), acc_t(0), ds);
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t* p_row = probs + r * keys;
+          acc_t* ds_row = grad_scores + r * keys;
+          acc_t dot = 0;
+          for (int64_t j = 0; j < keys; ++j) dot += p_row[j] * ds_row[j];
+          for (int64_t j = 0; j < keys; ++j) ds_row[j] = p_row[j] * (ds_row[j] - dot);
+        }
+        const auto grad_query_tile = batch_view<scalar_t>(grad_query, b, n0);
+        const auto dq = result_view<acc_t>(grad_query_tile, dk, grad_query_buffer);
+        gemm<acc_t>(rows, dk, keys, static_cast<acc_t>(scale), ds.as_const(), k, acc_t(0), dq);
+        store<acc_t>(grad_query_tile, dq.as_const(), rows, dk);
+        const acc_t beta = n0 == chunk_start ? acc_t(0) : acc_t(1);
+        gemm<acc_t>(keys, dk, rows, static_cast<acc_t>(scale), ds.as_const().transposed(), q, beta, grad_key_partial);
+        gemm<acc_t>(keys, dv, rows, acc_t(1), p.as_const().transposed(), dout, beta, grad_value_partial);
+      }
+    }
+  });
+
+  const int64_t width = dk + dv;
+  at::parallel_for(0, batch * keys, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(width);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / keys, j = task % keys;
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t chunk = 0; chunk < chunks_per_batch; ++chunk) {
+        const acc_t* partial = partial_data + (b * chunks_per_batch + chunk) * partial_size;
+        for (int64_t c = 0; c < dk; ++c) sum[c] += partial[j * dk + c];
+        for (int64_t c = 0; c < dv; ++c) sum[dk + c] += partial[keys * dk + j * dv + c];
+      }
+      scalar_t* gk = grad_key.mutable_data_ptr<scalar_t>() + b * grad_key.stride(0) + j * grad_key.stride(1);
+      scalar_t* gv = grad_value.mutable_data_ptr<scalar_t>() + b * grad_value.stride(0) + j * grad_value.stride(1);
+      for (int64_t c = 0; c < dk; ++c) gk[c * grad_key.stride(2)] = static_cast<scalar_t>(sum[c]);
+      for (int64_t c = 0; c < dv; ++c) gv[c * grad_value.stride(2)] = static_cast<scalar_t>(sum[dk + c]);
+    }
+  });
+}
+
+void check_attention_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
+  ANNK_CHECK_DIM(query, 3);
+  ANNK_CHECK_DIM(key, 3);
+  ANNK_CHECK_DIM(value, 3);
+  ANNK_CHECK_FLOATING(query);
+  ANNK_CHECK_SAME_DTYPE(query, key);
+  ANNK_CHECK_SAME_DTYPE(query, value);
+  ANNK_CHECK_DEVICE(query, at::Device(at::kCPU));
+  ANNK_CHECK_DEVICE(key, at::Device(at::kCPU));
+  ANNK_CHECK_DEVICE(value, at::Device(at::kCPU));
+  ANNK_CHECK_NONEMPTY(query);
+  ANNK_CHECK_NONEMPTY(key);
+  ANNK_CHECK_NONEMPTY(value);
+  TORCH_CHECK(key.size(0) == query.size(0) && key.size(2) == query.size(2), "key must have shape [B, S, Dk] = [",
+              query.size(0), ", S, ", query.size(2), "] to match query ", query.sizes(), ", got ", key.sizes());
+  TORCH_CHECK(value.size(0) == key.size(0) && value.size(1) == key.size(1), "value must have shape [B, S, Dv] = [",
+              key.size(0), ", ", key.size(1), ", Dv] to match key ", key.sizes(), ", got ", value.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> short_attention_forward_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                               const at::Tensor& value, double scale) {
+  check_attention_inputs(query, key, value);
+  const int64_t batch = query.size(0), queries = query.size(1);
+  at::Tensor out = empty_like_layout(query, batch, queries, value.size(2), query.scalar_type());
+  at::Tensor lse = at::empty({batch, queries}, query.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "short_attention_forward_cpu", [&] {
+    short_attention_forward_kernel<scalar_t>(query, key, value, scale, out, lse);
+  });
+  return {out, lse};
+}
+
+// `out` and `logsumexp` are validated but not read: with the whole key axis in one tile, recomputing the
+// row softmax costs two cheap passes and reproduces the forward's P exactly (an fp32 lse would cap fp64
+// gradients at fp32 accuracy), and rowsum(P * dP) replaces rowsum(dO * O).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& logsumexp, double scale) {
+  check_attention_inputs(query, key, value);
+  ANNK_CHECK_DIM(grad_out, 3);
+  ANNK_CHECK_SAME_DTYPE(query, grad_out);
+  ANNK_CHECK_DEVICE(grad_out, at::Device(at::kCPU));
+  const int64_t batch = query.size(0), queries = query.size(1), keys = key.size(1);
+  const int64_t dk = query.size(2), dv = value.size(2);
+  TORCH_CHECK(grad_out.size(0) == batch && grad_out.size(1) == queries && grad_out.size(2) == dv,
+              "grad_out must have shape [B, N, Dv] = [", batch, ", ", queries, ", ", dv, "], got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == grad_out.sizes(), "out must have shape ", grad_out.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == batch && logsumexp.size(1) == queries,
+              "logsumexp must have shape [", batch, ", ", queries, "], got ", logsumexp.sizes());
+  TORCH_CHECK(logsumexp.scalar_type() == at::kFloat, "logsumexp must be float32, got ", logsumexp.scalar_type());
+  at::Tensor grad_query = empty_like_layout(query, batch, queries, dk, query.scalar_type());
+  at::Tensor grad_key = empty_like_layout(key, batch, keys, dk, query.scalar_type());
+  at::Tensor grad_value = empty_like_layout(value, batch, keys, dv, query.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "short_attention_backward_cpu", [&] {
+    short_attention_backward_kernel<scalar_t>(grad_out, query, key, value, scale, grad_query, grad_key, grad_value);
+  });
+  return {grad_query, grad_key, grad_value};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(annkernels, CPU, m) {
+  m.impl("short_attention_forward", &short_attention_forward_cpu);
+  m.impl("short_attention_backward", &short_attention_backward_cpu);
+}
+
+}  // namespace annkernels

@@ -1,0 +1,36 @@
+// Raw-pointer launchers for the pyramid pooling kernels (torch-free; see pyramid_pool.cu).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "launch_types.h"
+
+namespace annkernels {
+namespace cuda_kernels {
+
+constexpr int kMaxPyramidScales = 16;
+// Bins per plane (S = sum of s * s) the kernels keep in shared memory.
+constexpr int64_t kMaxPyramidBins = 4096;
+
+struct PyramidScales {
+  int count;
+  int sizes[kMaxPyramidScales];
+};
+
+// input [batch, channels, height, width] with element strides input_strides (any layout);
+// output [batch, channels, S] contiguous, bins in scale order, each bin row-major (i * s + j).
+// Supports kFloat32, kFloat16, kBFloat16 (fp32 sums) and kFloat64 (fp64 sums).
+cudaError_t pyramid_pool_forward(DType dtype, const void* input, int64_t batch, int64_t channels, int64_t height,
+                                 int64_t width, const int64_t input_strides[4], const PyramidScales& scales,
+                                 void* output, cudaStream_t stream);
+
+// grad_output [batch, channels, S] (any strides) -> grad_input [batch, channels, height, width] contiguous.
+// Each pixel gathers grad / area over every bin containing it; written once, no atomics.
+cudaError_t pyramid_pool_backward(DType dtype, ConstView3 grad_output, int64_t batch, int64_t channels,
+                                  const PyramidScales& scales, int64_t height, int64_t width, void* grad_input,
+                                  cudaStream_t stream);
+
+}  // namespace cuda_kernels
+}  // namespace annkernels

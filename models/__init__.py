@@ -1,0 +1,27 @@
+"""ANN segmentation models with mmsegmentation-compatible structure and checkpoints."""
+
+from models.ann import ARCHITECTURES, VARIANTS, ANNHead, ANNSegmentor, FCNHead, build_segmentor, segmentation_loss
+from models.checkpoint import (
+    CheckpointError,
+    LoadResult,
+    load_checkpoint,
+    load_pretrained_backbone,
+    read_checkpoint,
+)
+from models.resnet import ResNetV1c
+
+__all__ = [
+    "ARCHITECTURES",
+    "VARIANTS",
+    "ANNHead",
+    "ANNSegmentor",
+    "CheckpointError",
+    "FCNHead",
+    "LoadResult",
+    "ResNetV1c",
+    "build_segmentor",
+    "load_checkpoint",
+    "load_pretrained_backbone",
+    "read_checkpoint",
+    "segmentation_loss",
+]

@@ -1,0 +1,246 @@
+"""Loading our own, mmsegmentation's and ImageNet backbone checkpoints into an ANN segmentor.
+
+Accepted sources (a path or an already loaded object):
+- our training checkpoints: ``{"model": state_dict, ...}``, keys possibly prefixed ``module.`` (DDP) or
+  ``_orig_mod.`` (torch.compile);
+- mmseg 0.x/1.x ANN checkpoints: ``{"state_dict": ..., "meta": ...}`` with ``backbone.`` / ``decode_head.`` /
+  ``auxiliary_head.`` keys, which equal ours (APNB's shared key/query projection is stored under both names);
+- mmseg ImageNet ResNet-V1c checkpoints (keys without ``backbone.``, plus ``fc.*``), through
+  ``load_pretrained_backbone``.
+
+Files are read with ``torch.load(weights_only=True)``: nothing in the file is executed. Checkpoints whose
+metadata pickles other objects (numpy scalars, mmengine message hubs, ...) are still readable: those objects
+are replaced by inert ``UnloadedObject`` placeholders (with a warning) and the tensors load as usual.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from models.ann import _init_classifier
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+CLASSIFIER_SUFFIXES = ("conv_seg.weight", "conv_seg.bias")
+NUM_CLASSES_MISMATCH_MODES = ("error", "reinit")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_MAX_PLACEHOLDERS = 64
+_LISTED_KEYS = 12  # keys shown per category in error messages
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class LoadResult(NamedTuple):
+    missing_keys: list[str]  # left at their current values (non-strict loads only)
+    unexpected_keys: list[str]  # in the checkpoint, not in the model (ignored)
+    reinitialized: list[str]  # classifier modules re-initialised for a different class count
+
+
+class UnloadedObject:
+    """Stand-in for a non-tensor object pickled in checkpoint metadata; keeps the raw arguments only."""
+
+    source = "?"
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<UnloadedObject {self.source}>"
+
+
+def read_checkpoint(path: str | os.PathLike) -> object:
+    """torch.load on CPU with weights_only=True; unknown metadata globals become UnloadedObject placeholders."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    placeholders: dict[str, tuple[type, str]] = {}
+    while True:
+        try:
+            with torch.serialization.safe_globals(list(placeholders.values())):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        except pickle.UnpicklingError as error:
+            match = _UNSUPPORTED_GLOBAL.search(str(error))
+            if match is None or match.group(1) in placeholders or len(placeholders) >= _MAX_PLACEHOLDERS:
+                raise CheckpointError(f"cannot read checkpoint file {path}: {_first_line(error)}") from error
+            name = match.group(1)
+            placeholders[name] = (type("UnloadedObject", (UnloadedObject,), {"source": name}), name)
+        except Exception as error:
+            raise CheckpointError(f"cannot read checkpoint file {path} (corrupt or not a torch.save file): "
+                                  f"{type(error).__name__}: {_first_line(error)}") from error
+    if placeholders:
+        warnings.warn(f"{path}: metadata objects of type {', '.join(placeholders)} were not unpickled "
+                      "(weights_only loading runs no code from the file); they are UnloadedObject placeholders. "
+                      "The tensors are unaffected.", stacklevel=3)
+    return checkpoint
+
+
+def extract_state_dict(checkpoint: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint (``state_dict``, ``model`` or the object itself), wrapper prefixes
+    (``module.``, ``_orig_mod.``) removed."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{source}: expected a dict of tensors or a dict with 'state_dict'/'model', "
+                              f"got {type(checkpoint).__name__}")
+    for container in ("state_dict", "model"):
+        if isinstance(checkpoint.get(container), Mapping):
+            checkpoint = checkpoint[container]
+            break
+    non_tensors = [key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
+    if non_tensors or not checkpoint:
+        raise CheckpointError(f"{source}: no state_dict found (top-level keys {_listing(list(checkpoint))}; "
+                              f"expected tensors, or a 'state_dict' / 'model' entry)")
+    state_dict = dict(checkpoint)
+    for prefix in WRAPPER_PREFIXES:
+        if all(key.startswith(prefix) for key in state_dict):
+            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
+                    num_classes_mismatch: str = "error") -> LoadResult:
+    """Load a whole-model checkpoint (ours or mmseg's) into ``model``.
+
+    Args:
+        model: an ANNSegmentor (possibly wrapped by DDP or torch.compile).
+        path_or_state_dict: a file path, a loaded checkpoint dict or a state_dict.
+        strict: raise on missing or unexpected keys; otherwise load what matches and warn.
+        num_classes_mismatch: "error" raises when the conv_seg shapes differ (another class count);
+            "reinit" keeps the model's class count and re-initialises both conv_seg layers, with a warning.
+
+    Returns:
+        LoadResult. Raises CheckpointError (listing the offending keys) before touching the model when the
+        checkpoint does not fit.
+    """
+    if num_classes_mismatch not in NUM_CLASSES_MISMATCH_MODES:
+        raise ValueError(f"num_classes_mismatch must be one of {NUM_CLASSES_MISMATCH_MODES}, "
+                         f"got {num_classes_mismatch!r}")
+    model = _unwrap(model)
+    source, state_dict = _load_source(path_or_state_dict)
+    expected = model.state_dict()
+    _fill_aliases(state_dict, expected, source)
+
+    mismatched = [key for key in state_dict if key in expected and state_dict[key].shape != expected[key].shape]
+    reinitialized: list[str] = []
+    if mismatched:
+        classifier_only = all(key.endswith(CLASSIFIER_SUFFIXES) for key in mismatched)
+        if not (classifier_only and num_classes_mismatch == "reinit"):
+            hint = (" The checkpoint was trained for another class count: pass num_classes_mismatch='reinit' to "
+                    "fine-tune from it." if classifier_only else "")
+            raise CheckpointError(f"{source} does not fit the model: shape mismatch for "
+                                  f"{_shape_listing(mismatched, state_dict, expected)}.{hint}")
+        reinitialized = sorted({key.rsplit(".", 1)[0] for key in mismatched})
+        for key in mismatched:
+            del state_dict[key]
+
+    # Absent num_batches_tracked (pre-1.0 checkpoints) is filled in by BatchNorm itself.
+    missing = [key for key in expected if key not in state_dict and key not in mismatched
+               and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing or unexpected:
+        message = f"{source}: {len(missing)} missing keys {_listing(missing)}, " \
+                  f"{len(unexpected)} unexpected keys {_listing(unexpected)}"
+        if "stem.0.weight" in unexpected:
+            message += ". This looks like a backbone-only (ImageNet) checkpoint: use load_pretrained_backbone"
+        if strict:
+            raise CheckpointError(message)
+        warnings.warn(f"non-strict load, {message}", stacklevel=2)
+
+    model.load_state_dict({key: value for key, value in state_dict.items() if key in expected}, strict=False)
+    for name in reinitialized:
+        _init_classifier(model.get_submodule(name))
+    if reinitialized:
+        warnings.warn(f"{source}: class count differs from the model's; re-initialised {', '.join(reinitialized)}",
+                      stacklevel=2)
+    return LoadResult(missing, unexpected, reinitialized)
+
+
+def load_pretrained_backbone(model: nn.Module, path_or_state_dict) -> LoadResult:
+    """Load ImageNet ResNet-V1c weights (mmseg's ``open-mmlab://resnet{18,50,101}_v1c``) into model.backbone.
+
+    Keys may be bare (``stem.0.weight``) or carry ``backbone.`` (a whole segmentor checkpoint, whose heads are
+    then ignored). The ImageNet classifier ``fc.*`` is expected and ignored. Every backbone tensor must be
+    present with the right shape, else CheckpointError.
+    """
+    backbone = _unwrap(model).backbone
+    source, state_dict = _load_source(path_or_state_dict)
+    if any(key.startswith("backbone.") for key in state_dict):
+        state_dict = {key[len("backbone."):]: value for key, value in state_dict.items()
+                      if key.startswith("backbone.")}
+    ignored = [key for key in state_dict if key.startswith("fc.")]
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
+    expected = backbone.state_dict()
+    mismatched = [key for key in state_dict if key in expected and state_dict[key].shape != expected[key].shape]
+    missing = [key for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in state_dict if key not in expected]
+    if mismatched or missing or unexpected:
+        raise CheckpointError(f"{source} does not fit the backbone ({type(backbone).__name__}): "
+                              f"{len(missing)} missing keys {_listing(missing)}, {len(unexpected)} unexpected keys "
+                              f"{_listing(unexpected)}, shape mismatch for "
+                              f"{_shape_listing(mismatched, state_dict, expected) if mismatched else 'none'}")
+    backbone.load_state_dict(state_dict, strict=False)
+    return LoadResult([], ignored, [])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _load_source(path_or_state_dict) -> tuple[str, dict[str, torch.Tensor]]:
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        source = f"checkpoint {os.fspath(path_or_state_dict)}"
+        return source, extract_state_dict(read_checkpoint(path_or_state_dict), source)
+    return "checkpoint", extract_state_dict(path_or_state_dict)
+
+
+def _fill_aliases(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
+    """Model keys naming the same tensor (APNB's key_project is its query_project): supply absent names from
+    a present one, and refuse a checkpoint that stores different values under them."""
+    groups: dict[tuple, list[str]] = {}
+    for key, tensor in expected.items():
+        if tensor.numel() > 0:
+            groups.setdefault((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)), []).append(key)
+    for keys in groups.values():
+        present = [key for key in keys if key in state_dict]
+        if len(keys) < 2 or not present:
+            continue
+        first = state_dict[present[0]]
+        for key in present[1:]:
+            if state_dict[key].shape != first.shape or not torch.equal(state_dict[key], first):
+                raise CheckpointError(f"{source}: {present[0]} and {key} are one shared tensor in the model "
+                                      "but differ in the checkpoint")
+        for key in keys:
+            state_dict.setdefault(key, first)
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_LISTED_KEYS])
+    return f"[{shown}{f', ... ({len(keys) - _LISTED_KEYS} more)' if len(keys) > _LISTED_KEYS else ''}]"
+
+
+def _shape_listing(keys: list[str], state_dict: Mapping, expected: Mapping) -> str:
+    return _listing([f"{key} (checkpoint {tuple(state_dict[key].shape)}, model {tuple(expected[key].shape)})"
+                     for key in keys])
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    unpickler = [line.strip() for line in lines if "WeightsUnpickler error" in line]
+    return (unpickler or lines or [""])[0][:500]
