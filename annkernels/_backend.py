@@ -136,6 +136,9 @@ def _warn_once(key: str, message: str) -> None:
 def resolve(backend: str | None, device: torch.device) -> str:
     """Turn a requested backend (None meaning the current default) into a concrete one, or raise."""
     name = _check_name(backend if backend is not None else get_backend())
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no node for our custom ops; the reference path exports (pyramid pooling as a MatMul).
+        return "reference"
     if name != "auto":
         reason = _why_unusable(name, device)
         if reason is not None:

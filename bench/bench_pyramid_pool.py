@@ -25,7 +25,7 @@ SHAPES = (
     # mmseg training at B=4 with 512x512 crops (ADE20K), K and V together.
     Shape("train_b4_kv", dict(B=4, C=512, H=64, W=64)),
     # Odd map: 769x769 crops of the authors' Cityscapes recipe; every scale but 1 has uneven bins.
-    Shape("crop769_kv", dict(B=2, C=512, H=97, W=97)),
+    Shape("crop769_kv", dict(B=2, C=512, H=97, W=97), cpu=False),
     # Cityscapes inference at 1024x2048, N = 32768.
     Shape("infer_kv", dict(B=1, C=512, H=128, W=256), passes=("fwd",), cpu=False),
 )

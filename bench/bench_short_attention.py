@@ -27,7 +27,7 @@ SHAPES = (
     # mmseg training, 512x512 crops, B=4: feature 64x64.
     Shape("train_b4", dict(B=4, N=4096, S=KEYS, Dk=KEY_DIM, Dv=VALUE_DIM)),
     # The authors' 769x769 crops: N = 97*97, not a multiple of any tile size.
-    Shape("crop769", dict(B=2, N=9409, S=KEYS, Dk=KEY_DIM, Dv=VALUE_DIM)),
+    Shape("crop769", dict(B=2, N=9409, S=KEYS, Dk=KEY_DIM, Dv=VALUE_DIM), cpu=False),
     # Cityscapes inference at 1024x2048: feature 128x256.
     Shape("infer", dict(B=1, N=32768, S=KEYS, Dk=KEY_DIM, Dv=VALUE_DIM), passes=("fwd",), cpu=False),
 )

@@ -102,7 +102,7 @@ def bench_case(request, benchmark):
 
         def flush():
             if device.type == "cuda":
-                utils._flush_l2(device)
+                utils.flush_l2(device)
                 torch.cuda.synchronize(device)
 
         benchmark.group = f"{op}-{shape.name}-{dtype}-{pass_}-{device_type}"

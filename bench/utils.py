@@ -227,7 +227,8 @@ def _synchronize(device: torch.device) -> None:
 _L2_FLUSH = {}
 
 
-def _flush_l2(device: torch.device) -> None:
+def flush_l2(device: torch.device) -> None:
+    """Evict the GPU's L2 by writing a buffer much larger than it (the buffer is allocated once)."""
     buffer = _L2_FLUSH.get(device)
     if buffer is None:
         buffer = _L2_FLUSH[device] = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
@@ -240,10 +241,12 @@ def time_callable(fn: Callable[[], Any], device: torch.device, budget: Budget, c
     On CPU, ``cpu_times`` (if given) receives the process CPU time of each call: unlike wall time it
     excludes time the OS gave to other jobs, but it sums all threads (~threads x wall when parallel).
     """
-    # The first call pays one-time costs (Triton compile/autotune, cuBLAS/oneDNN setup); the second one
-    # estimates the steady-state time. Both count as warm-up.
-    fn()
-    _synchronize(device)
+    # On GPU the first call pays one-time costs (Triton compile and autotune, cuBLAS handles) and the
+    # second one estimates the steady state; on CPU one call does both (its one-time costs are small,
+    # and a CPU call can take seconds). These calls count as warm-up.
+    if device.type == "cuda":
+        fn()
+        _synchronize(device)
     start = time.perf_counter()
     fn()
     _synchronize(device)
@@ -255,7 +258,7 @@ def time_callable(fn: Callable[[], Any], device: torch.device, budget: Budget, c
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for begin, end in zip(starts, ends, strict=True):
-            _flush_l2(device)
+            flush_l2(device)
             begin.record()
             fn()
             end.record()
@@ -303,7 +306,8 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> tuple:
         fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
-        return peak - before, peak
+        flush_buffer = _L2_FLUSH.get(device)  # the harness's own allocation, not the workload's
+        return peak - before, peak - (flush_buffer.numel() if flush_buffer is not None else 0)
     return _cpu_peak_bytes(fn), None
 
 
@@ -385,9 +389,10 @@ def measure_case(
         if workload_cache is not None and key in workload_cache:
             workload = workload_cache[key]
         else:
+            if workload_cache is not None:
+                workload_cache.clear()  # one workload alive at a time: big GPU cases need the room
             workload = provider.make(shape, DTYPES[dtype], device)
             if workload_cache is not None:
-                workload_cache.clear()  # one workload alive at a time keeps peak memory honest
                 workload_cache[key] = workload
         if pass_ not in workload.passes:
             raise Unsupported(f"no {pass_} pass")

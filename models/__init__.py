@@ -7,6 +7,7 @@ from models.checkpoint import (
     load_checkpoint,
     load_pretrained_backbone,
     read_checkpoint,
+    unwrap_model,
 )
 from models.resnet import ResNetV1c
 
@@ -24,4 +25,5 @@ __all__ = [
     "load_pretrained_backbone",
     "read_checkpoint",
     "segmentation_loss",
+    "unwrap_model",
 ]

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
@@ -22,7 +21,6 @@ from models.resnet import ResNetV1c
 
 NormLayer = Callable[[int], nn.Module]
 
-OUTPUT_STRIDE = 8
 POOL_SCALES = (1, 3, 6, 8)
 
 # Per-name sizes. R-50/R-101 are mmseg's ann_r{50,101}-d8 configs. R-18 is our small CPU-friendly variant
@@ -52,7 +50,7 @@ def _dropout(ratio: float) -> nn.Module:
     return nn.Dropout2d(ratio) if ratio > 0 else nn.Identity()
 
 
-def _init_classifier(conv: nn.Conv2d) -> None:
+def init_classifier(conv: nn.Conv2d) -> None:
     # mmseg's BaseDecodeHead init_cfg: Normal(0, 0.01) on conv_seg, bias 0.
     nn.init.normal_(conv.weight, 0.0, 0.01)
     nn.init.zeros_(conv.bias)
@@ -70,7 +68,7 @@ class ANNHead(nn.Module):
         super().__init__()
         # conv_seg first: mmseg's BaseDecodeHead registers it before the subclass modules (state_dict order).
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
-        _init_classifier(self.conv_seg)
+        init_classifier(self.conv_seg)
         block_dropout = 0.0 if head_dropout else dropout
         self.fusion = AFNB(low_in_channels, high_in_channels, high_in_channels, key_channels=project_channels,
                            value_channels=project_channels, pool_scales=pool_scales, norm_layer=norm_layer,
@@ -95,7 +93,7 @@ class FCNHead(nn.Module):
     def __init__(self, in_channels: int, channels: int, num_classes: int, norm_layer: NormLayer, dropout: float):
         super().__init__()
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
-        _init_classifier(self.conv_seg)
+        init_classifier(self.conv_seg)
         self.dropout = _dropout(dropout)
         self.convs = nn.Sequential(ConvModule(in_channels, channels, 3, padding=1, norm_layer=norm_layer))
 
@@ -130,7 +128,8 @@ class ANNSegmentor(nn.Module):
         return {"out": out, "aux": self.auxiliary_head(c3)}
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Main-head logits at the input resolution, [B, K, H, W], in either mode (no aux head)."""
+        """Main-head logits bilinearly resized to the input, [B, K, H, W]; no aux head. Runs in the current mode
+        (BatchNorm uses batch statistics in train mode): call ``model.eval()`` for inference."""
         _check_images(images)
         _, _, c3, c4 = self.backbone(images)
         logits = self.decode_head(c3, c4)
@@ -189,7 +188,7 @@ def build_segmentor(name: str, num_classes: int, norm_layer: str | NormLayer = n
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     arch, options = ARCHITECTURES[name], VARIANTS[variant]
     dropout = options["dropout"] if dropout is None else float(dropout)
-    if not 0.0 <= dropout < 1.0 or math.isnan(dropout):
+    if not 0.0 <= dropout < 1.0:  # also rejects NaN
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     align_corners = options["align_corners"] if align_corners is None else bool(align_corners)
     norm = _resolve_norm_layer(norm_layer)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from models.ann import _init_classifier
+from models.ann import init_classifier
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 CLASSIFIER_SUFFIXES = ("conv_seg.weight", "conv_seg.bias")
@@ -126,7 +126,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
     if num_classes_mismatch not in NUM_CLASSES_MISMATCH_MODES:
         raise ValueError(f"num_classes_mismatch must be one of {NUM_CLASSES_MISMATCH_MODES}, "
                          f"got {num_classes_mismatch!r}")
-    model = _unwrap(model)
+    model = unwrap_model(model)
     source, state_dict = _load_source(path_or_state_dict)
     expected = model.state_dict()
     _fill_aliases(state_dict, expected, source)
@@ -159,7 +159,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
 
     model.load_state_dict({key: value for key, value in state_dict.items() if key in expected}, strict=False)
     for name in reinitialized:
-        _init_classifier(model.get_submodule(name))
+        init_classifier(model.get_submodule(name))
     if reinitialized:
         warnings.warn(f"{source}: class count differs from the model's; re-initialised {', '.join(reinitialized)}",
                       stacklevel=2)
@@ -173,7 +173,7 @@ def load_pretrained_backbone(model: nn.Module, path_or_state_dict) -> LoadResult
     then ignored). The ImageNet classifier ``fc.*`` is expected and ignored. Every backbone tensor must be
     present with the right shape, else CheckpointError.
     """
-    backbone = _unwrap(model).backbone
+    backbone = unwrap_model(model).backbone
     source, state_dict = _load_source(path_or_state_dict)
     if any(key.startswith("backbone.") for key in state_dict):
         state_dict = {key[len("backbone."):]: value for key, value in state_dict.items()
@@ -193,7 +193,8 @@ def load_pretrained_backbone(model: nn.Module, path_or_state_dict) -> LoadResult
     return LoadResult([], ignored, [])
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The segmentor inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
@@ -215,7 +216,7 @@ def _fill_aliases(state_dict: dict[str, torch.Tensor], expected: dict[str, torch
     a present one, and refuse a checkpoint that stores different values under them."""
     groups: dict[tuple, list[str]] = {}
     for key, tensor in expected.items():
-        if tensor.numel() > 0:
+        if tensor.numel() > 0 and not tensor.is_meta:
             groups.setdefault((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)), []).append(key)
     for keys in groups.values():
         present = [key for key in keys if key in state_dict]

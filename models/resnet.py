@@ -106,7 +106,7 @@ class ResNetV1c(nn.Module):
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=maxpool_ceil_mode)
         self.out_channels: list[int] = []
         in_channels = stem_channels
-        for stage, (blocks, stride, dilation) in enumerate(zip(num_blocks, strides, dilations)):
+        for stage, (blocks, stride, dilation) in enumerate(zip(num_blocks, strides, dilations, strict=True)):
             planes = 64 * 2**stage
             layer = self._make_layer(block, in_channels, planes, blocks, stride, dilation, contract_dilation,
                                      norm_layer)

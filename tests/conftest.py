@@ -60,6 +60,19 @@ def assert_close(actual, expected, atol, rtol, name):
                              f"(max abs error {error.max():.3g}, atol {atol}, rtol {rtol})\n" + "\n".join(lines))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (minutes each on 2 cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def seed_everything():
     random.seed(0)

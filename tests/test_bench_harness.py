@@ -175,3 +175,33 @@ def test_from_json_redraws_report(toy_result, tmp_path):
     compare.main(["--from-json", str(copy)])
     assert (tmp_path / "copy.md").read_text() == open(stem + ".md").read()
     assert not glob.glob(str(tmp_path / "*.png"))  # the toy op has nothing to plot
+
+
+def test_gpu_report_paths_render(tmp_path):
+    """Rows shaped like a GPU run (floors, paper comparison, model memory) render into all three plots."""
+    env = utils.environment(torch.device("cpu"))
+    env.update(device="NVIDIA H100 80GB HBM3", device_type="cuda")
+    rows = []
+    providers = (("reference", "backend", 1.0), ("triton", "backend", 0.5), ("sdpa_flash", "peer", 0.7))
+    for backend, kind, scale in providers:
+        for n in (8192, 32768):
+            shape = utils.Shape(f"n{n}", dict(B=1, N=n, S=110, Dk=256, Dv=256))
+            row = utils.empty_row("short_attention", shape, "bfloat16", utils.Provider(backend, None, kind), "fwd")
+            row.update(status="ok", median_ms=scale * n / 1e3, p20_ms=0.0, p80_ms=1.0, peak_mem_mb=n / 1e3)
+            utils.add_roofline(row, 2 * n * 110 * 512, 2 * n * 512, env["device"])
+            rows.append(row)
+    for backend, kind, ms, mib in (("triton", "backend", 10.0, 100.0), ("nonlocal_matmul", "peer", 60.0, 2800.0)):
+        shape = utils.Shape("paper", dict(B=1, C=2048, H=128, W=256, mode="eval"))
+        row = utils.empty_row("apnb", shape, "float32", utils.Provider(backend, None, kind), "fwd")
+        row.update(status="ok", median_ms=ms, p20_ms=ms, p80_ms=ms, peak_mem_mb=mib)
+        rows.append(row)
+    utils.attach_reference_ratios(rows)
+    assert rows[2]["fraction_of_floor"] is not None  # H100 floors apply
+    stem = str(tmp_path / "gpu")
+    written = compare.report(utils.result_document(rows, env, {}), stem)
+    assert [os.path.basename(path) for path in written] == ["gpu.md", "gpu-scaling.png", "gpu-paper.png",
+                                                            "gpu-floor.png"]
+    markdown = open(stem + ".md").read()
+    paper_row = "| paper | B=1 C=2048 H=128 W=256 mode=eval | float32 | triton | nonlocal_matmul | 10 | 60 | 6x |"
+    assert paper_row in markdown
+    assert "Noise" not in markdown

@@ -117,7 +117,7 @@ def _backbone_r50(sd, images):
         x = F.relu(_bn(x, sd, f"backbone.stem.{index + 1}"))
     x = F.max_pool2d(x, 3, stride=2, padding=1)
     features = []
-    for layer, (blocks, stride, dilation) in enumerate(zip((3, 4, 6, 3), (1, 2, 1, 1), (1, 1, 2, 4)), 1):
+    for layer, (blocks, stride, dilation) in enumerate(zip((3, 4, 6, 3), (1, 2, 1, 1), (1, 1, 2, 4), strict=True), 1):
         for block in range(blocks):
             p = f"backbone.layer{layer}.{block}"
             block_stride = stride if block == 0 else 1

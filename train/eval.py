@@ -89,12 +89,10 @@ def main(args) -> int:
         loader = DataLoader(val_set, batch_size=1, sampler=ShardSampler(len(val_set), context),
                             num_workers=config["workers"], pin_memory=device.type == "cuda")
         model = build_model(dict(config, sync_bn=False), context)
-        result = models.load_checkpoint(model, args.checkpoint)
+        models.load_checkpoint(model, args.checkpoint)  # strict: every key must fit
         model.to(device)
         if config["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
-        if context.is_main and (result.missing or result.unexpected):
-            print(f"note: {len(result.missing)} missing / {len(result.unexpected)} unexpected keys")
         metrics = evaluate(model, loader, config, context, class_names_for(config),
                            progress=args.progress is not False, aug_test=args.aug_test)
         if context.is_main:

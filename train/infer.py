@@ -83,7 +83,7 @@ def main(args) -> int:
         names = CLASSES[dataset]
         for path in args.images:
             image = read_image(path)
-            tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)
+            tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(device)
             scores = predict_probabilities(model, tensor, config["scale"], config["num_classes"], mode=args.mode,
                                            crop_size=crop_size, stride=stride, aug_test=args.aug_test,
                                            align_corners=config["align_corners"])

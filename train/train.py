@@ -322,7 +322,14 @@ def train_interval(model, batches, optimizer, lr_scheduler, scaler, config, cont
 
 @torch.no_grad()
 def evaluate(model, loader, config, context, class_names, progress=True, aug_test=False):
-    """mIoU/aAcc/per-class IoU over the loader's dataset (sharded over processes; confusion matrix all-reduced)."""
+    """mIoU/aAcc/per-class IoU over the loader's dataset (sharded over processes; confusion matrix all-reduced).
+
+    Every process first takes rank 0's buffers: with per-process BatchNorm (CPU) the running statistics differ
+    after the last step, and the result must be the one rank 0's checkpoint gives.
+    """
+    if context.enabled:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
     was_training = model.training
     model.eval()
     device = context.device

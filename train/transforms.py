@@ -218,9 +218,9 @@ class ToTensor:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, image, label):
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        tensor = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)
         tensor = (tensor - self.mean) / self.std
-        return tensor, torch.from_numpy(np.ascontiguousarray(label)).long()
+        return tensor, torch.from_numpy(label.astype(np.int64))
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -250,8 +250,8 @@ class ToUint8Tensor:
     multi-scale testing can reuse it) and the label at its original size as int64 [H,W]."""
 
     def __call__(self, image, label):
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
-        return tensor, torch.from_numpy(np.ascontiguousarray(label)).long()
+        tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return tensor, torch.from_numpy(label.astype(np.int64))
 
     def __repr__(self):
         return f"{type(self).__name__}()"

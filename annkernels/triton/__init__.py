@@ -32,3 +32,13 @@ def first_config_when_interpreting(configs, named_args=None, **kwargs):
     """``early_config_prune`` for triton.autotune: in the interpreter every config gives the same
     result, so benchmarking more than one only costs time."""
     return configs[:1] if interpreting() else configs
+
+
+def target_programs(device) -> int:
+    """Programs that fill ``device``: one per SM on a GPU; in the interpreter a few, so that the
+    split-and-reduce paths run in tests."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

@@ -8,6 +8,8 @@ membership matrix M [H*W, S], built on chip from index arithmetic, so the work r
   forward   out[c, t]  = sum_p x[c, p] * M[p, t] / area[t]      (reads x once for all scales)
   backward  gin[c, p]  = sum_t (g[c, t] / area[t]) * M[p, t]    (a gather: each pixel written once)
 
+When B * C channel blocks cannot fill the GPU, the forward also splits each plane's pixels over
+programs, which write fp32 partial averages that a second kernel adds in split order (deterministic).
 M is exact in every dtype. fp32 products use the "tf32x3" split (fp32-accurate on tensor cores),
 fp64 uses plain FMA ("ieee"), fp16/bf16 feed tensor cores directly; accumulation is fp32 (fp64 for
 fp64). Validation happens in annkernels/ops; these launchers only assert internal invariants.
@@ -17,10 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from annkernels.triton import first_config_when_interpreting, interpreting
+from annkernels.triton import first_config_when_interpreting, interpreting, target_programs
+from annkernels.triton.short_attention import sum_chunks
 
 # The interpreter multiplies bf16 bit patterns in tl.dot, so under it dot operands are upcast.
 _INTERPRET = interpreting()
+# The forward splits the pixels of a plane over several programs when B * C alone cannot fill the GPU;
+# splits are multiples of every BLOCK_P and hold at least this many pixels.
+_SPLIT_ALIGN = 128
+_MIN_PIXELS_PER_SPLIT = 1024
 
 
 @triton.jit
@@ -60,8 +67,7 @@ def _membership_dot(values, member, acc, INTERPRET: tl.constexpr):
 
 _FORWARD_CONFIGS = [
     triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_C": 64, "BLOCK_P": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_C": 64, "BLOCK_P": 64}, num_warps=8, num_stages=2),
 ]
 
 
@@ -72,8 +78,8 @@ _FORWARD_CONFIGS = [
 )
 @triton.jit
 def _pyramid_pool_forward_kernel(
-    x_ptr, out_ptr,  # x [B, C, H, W] any strides; out [B, C, S] contiguous
-    C, H, W, S,
+    x_ptr, out_ptr,  # x [B, C, H, W] any strides; out [B, num_splits, C, S] contiguous
+    C, H, W, S, PIXELS_PER_SPLIT,
     stride_xb, stride_xc, stride_xh, stride_xw,
     SCALES: tl.constexpr,  # tuple of pool sizes, S = sum(s*s)
     BLOCK_S: tl.constexpr,  # >= S, >= 16
@@ -81,9 +87,12 @@ def _pyramid_pool_forward_kernel(
     BLOCK_P: tl.constexpr,  # pixels (flattened h*W + w) per step
     INTERPRET: tl.constexpr,
 ):
-    # Grid: B * cdiv(C, BLOCK_C). Each program owns BLOCK_C channel planes of one image, streams
-    # their pixels once and keeps all S bin sums [BLOCK_C, BLOCK_S] in registers.
+    # Grid: (B * cdiv(C, BLOCK_C), num_splits). Program (bc, split) owns BLOCK_C channel planes of one
+    # image, streams pixels [split * PIXELS_PER_SPLIT, +PIXELS_PER_SPLIT) once and keeps the bin
+    # averages over them, all S bins, [BLOCK_C, BLOCK_S] in registers.
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     num_cblocks = tl.cdiv(C, BLOCK_C)
     b = (pid // num_cblocks).to(tl.int64)
     c = (pid % num_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -93,26 +102,27 @@ def _pyramid_pool_forward_kernel(
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_dtype)
 
     x_rows = x_ptr + b * stride_xb + c[:, None] * stride_xc
-    for p0 in range(0, H * W, BLOCK_P):
+    p_start = split * PIXELS_PER_SPLIT
+    p_end = tl.minimum(p_start + PIXELS_PER_SPLIT, H * W)
+    for p0 in range(p_start, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         h = p // W
         w = p % W
         x = tl.load(x_rows + h[None, :] * stride_xh + w[None, :] * stride_xw,
-                    mask=(c[:, None] < C) & (p[None, :] < H * W), other=0.0)
-        # Pixels past H*W have h >= H and so belong to no bin.
+                    mask=(c[:, None] < C) & (p[None, :] < p_end), other=0.0)
+        # Masked pixels load as 0, so their (possibly real) bins gain nothing.
         member = (h[:, None] >= hs[None, :]) & (h[:, None] < he[None, :]) \
             & (w[:, None] >= ws[None, :]) & (w[:, None] < we[None, :])
         acc = _membership_dot(x, member, acc, INTERPRET)
 
     area = ((he - hs) * (we - ws)).to(acc_dtype)
     out = acc / tl.where(t < S, area, 1.0)[None, :]
-    tl.store(out_ptr + b * C * S + c[:, None] * S + t[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(c[:, None] < C) & (t[None, :] < S))
+    tl.store(out_ptr + ((b * num_splits + split) * C + c[:, None]) * S + t[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(c[:, None] < C) & (t[None, :] < S))
 
 
 _BACKWARD_CONFIGS = [
     triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_C": 64, "BLOCK_P": 128}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=4, num_stages=1),
 ]
 
@@ -177,15 +187,27 @@ def pyramid_pool_forward(input: torch.Tensor, scales: list[int]) -> torch.Tensor
     out = torch.empty((batch, channels, size), dtype=input.dtype, device=input.device)
     if out.numel() == 0:
         return out
+    pixels = height * width
+    # Programs from (image, channel block) alone, counted with the widest BLOCK_C.
+    programs = batch * triton.cdiv(channels, max(c.kwargs["BLOCK_C"] for c in _FORWARD_CONFIGS))
+    num_splits = max(1, min(triton.cdiv(target_programs(input.device), programs), pixels // _MIN_PIXELS_PER_SPLIT))
+    pixels_per_split = triton.cdiv(triton.cdiv(pixels, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    num_splits = triton.cdiv(pixels, pixels_per_split)
+    if num_splits == 1:
+        partial = out
+    else:
+        partial_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        partial = torch.empty((batch, num_splits, channels, size), dtype=partial_dtype, device=input.device)
 
     def grid(meta):
-        return (batch * triton.cdiv(channels, meta["BLOCK_C"]),)
+        return (batch * triton.cdiv(channels, meta["BLOCK_C"]), num_splits)
 
     _pyramid_pool_forward_kernel[grid](
-        input, out, channels, height, width, size, *input.stride(),
+        input, partial, channels, height, width, size, pixels_per_split, *input.stride(),
         SCALES=scales, BLOCK_S=block_s, INTERPRET=_INTERPRET,
     )
-    return out
+    # Each split already divided by the bin area; adding them in split order stays deterministic.
+    return out if num_splits == 1 else sum_chunks(partial, out)
 
 
 def pyramid_pool_backward(grad_output: torch.Tensor, scales: list[int], height: int, width: int) -> torch.Tensor:

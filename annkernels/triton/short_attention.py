@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from annkernels.triton import first_config_when_interpreting, interpreting
+from annkernels.triton import first_config_when_interpreting, interpreting, target_programs
 
 # The interpreter multiplies bf16 bit patterns in tl.dot, so under it half dot operands are upcast.
 _INTERPRET = interpreting()
@@ -94,7 +94,7 @@ _FORWARD_TENSOR_CORE_CONFIGS = [
     triton.Config({"BLOCK_N": 16, "BLOCK_D": 32}, num_warps=8, num_stages=1),
 ]
 _FORWARD_FMA_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_D": 16}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=8, num_stages=1),
 ]
 # Registers: the score/P tile and one output tile.
@@ -176,7 +176,7 @@ _prune_backward_configs = _pruner(
 
 @triton.autotune(
     configs=_BACKWARD_TENSOR_CORE_CONFIGS + _BACKWARD_FMA_CONFIGS,
-    key=["BLOCK_S", "Dk", "Dv", "CHUNK_N"],
+    key=["BLOCK_S", "Dk", "Dv"],
     prune_configs_by={"early_config_prune": _prune_backward_configs},
 )
 @triton.jit
@@ -220,6 +220,9 @@ def _short_attention_backward_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         row_ok = n < chunk_end
         accumulate = n0 > chunk_start
+        # The previous tile's workspace stores may come from other threads than this tile's loads of
+        # the same addresses; a CTA barrier orders them.
+        tl.debug_barrier()
 
         # Recompute P from the saved lse; padded keys and rows outside the chunk get P = 0.
         scores = tl.zeros([BLOCK_N, BLOCK_S], dtype=stat_dtype)
@@ -289,10 +292,10 @@ _REDUCE_CONFIGS = [
 )
 @triton.jit
 def _sum_chunks_kernel(
-    partial_ptr,  # [B, num_chunks, size] contiguous (size = S * D)
-    out_ptr,  # [B, S, D], any strides
+    partial_ptr,  # [B, num_chunks, size] contiguous (size = R * D)
+    out_ptr,  # [B, R, D], any strides
     num_chunks, size, D,
-    stride_ob, stride_os, stride_od,
+    stride_ob, stride_or, stride_od,
     BLOCK: tl.constexpr,
 ):
     # Grid: (cdiv(size, BLOCK), B). Adds the chunk partials in index order: deterministic.
@@ -302,8 +305,24 @@ def _sum_chunks_kernel(
     acc = tl.zeros([BLOCK], dtype=partial_ptr.dtype.element_ty)
     for chunk in range(num_chunks):
         acc += tl.load(partial_ptr + (b * num_chunks + chunk) * size + idx, mask=mask, other=0.0)
-    tl.store(out_ptr + b * stride_ob + (idx // D) * stride_os + (idx % D) * stride_od,
+    tl.store(out_ptr + b * stride_ob + (idx // D) * stride_or + (idx % D) * stride_od,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_chunks(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[b] = sum over c of partial[b, c], in index order (bitwise reproducible, no atomics).
+
+    partial: [B, num_chunks, R, D] contiguous; out: [B, R, D], any strides (written, and returned).
+    """
+    batch, num_chunks, rows, cols = partial.shape
+    assert partial.is_contiguous() and out.shape == (batch, rows, cols)
+    size = rows * cols
+
+    def grid(meta):
+        return (triton.cdiv(size, meta["BLOCK"]), batch)
+
+    _sum_chunks_kernel[grid](partial, out, num_chunks, size, cols, *out.stride())
+    return out
 
 
 def _empty_like_layout(like: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -317,13 +336,6 @@ def _empty_like_layout(like: torch.Tensor, rows: int, cols: int, dtype: torch.dt
 
 def _key_block(num_keys: int) -> int:
     return max(16, triton.next_power_of_2(num_keys))
-
-
-def _target_programs(device: torch.device) -> int:
-    # One program per SM fills the GPU; in the interpreter a few chunks exercise the reduction.
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def short_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -375,7 +387,7 @@ def short_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: t
     if num_queries == 0 or num_keys == 0 or batch == 0:
         return grad_query, grad_key.zero_(), grad_value.zero_()
 
-    per_batch = max(1, _target_programs(query.device) // batch)
+    per_batch = max(1, target_programs(query.device) // batch)
     chunk_n = triton.cdiv(triton.cdiv(num_queries, per_batch), _CHUNK_ALIGN) * _CHUNK_ALIGN
     num_chunks = triton.cdiv(num_queries, chunk_n)
     partial_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -388,11 +400,6 @@ def short_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: t
         *grad_out.stride(), *query.stride(), *key.stride(), *value.stride(), *grad_query.stride(),
         BLOCK_S=_key_block(num_keys), INTERPRET=_INTERPRET,
     )
-    for partial, grad in ((dk_partial, grad_key), (dv_partial, grad_value)):
-        size = partial.size(2) * partial.size(3)
-
-        def grid(meta, size=size):
-            return (triton.cdiv(size, meta["BLOCK"]), batch)
-
-        _sum_chunks_kernel[grid](partial, grad, num_chunks, size, partial.size(3), *grad.stride())
+    sum_chunks(dk_partial, grad_key)
+    sum_chunks(dv_partial, grad_value)
     return grad_query, grad_key, grad_value

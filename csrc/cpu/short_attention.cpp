@@ -24,7 +24,7 @@ namespace annkernels {
 namespace {
 
 // Query rows per tile: [tile, S] scores plus the packed [tile, D] operands stay in L2.
-constexpr int64_t kQueryTile = 128;
+constexpr int64_t kQueryTile = 256;
 // Query rows per dK/dV partial sum in the backward. Fixed, independent of the thread count, so the
 // two-stage reduction over N adds the same numbers in the same order on every run.
 constexpr int64_t kReductionChunk = 512;
@@ -78,8 +78,11 @@ template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, T alpha, MatView<const T> a, MatView<const T> b, T beta, MatView<T> c) {
   if (!is_column_major(c, m, n)) {
     // BLAS writes column-major C; a row-major C is the column-major C^T = B^T A^T.
-    gemm(n, m, k, alpha, b.transposed(), a.transposed(), beta, c.transposed());
-    return;
+    const MatView<const T> a_t = a.transposed();
+    a = b.transposed();
+    b = a_t;
+    c = c.transposed();
+    std::swap(m, n);
   }
   const auto blas = blas_gemm<T>();
   if (blas == nullptr) {
@@ -103,7 +106,6 @@ void gemm(int64_t m, int64_t n, int64_t k, T alpha, MatView<const T> a, MatView<
   const int lda = static_cast<int>(lda64), ldb = static_cast<int>(ldb64), ldc = static_cast<int>(ldc64);
   const int m32 = static_cast<int>(m), n32 = static_cast<int>(n), k32 = static_cast<int>(k);
   const char transa = a_plain ? 'N' : 'T', transb = b_plain ? 'N' : 'T';
-  if (std::getenv("ANNK_DEBUG")) fprintf(stderr, "gemm %c%c m=%d n=%d k=%d lda=%d ldb=%d ldc=%d size=%zu a=(%ld,%ld) b=(%ld,%ld) c=(%ld,%ld)\n", transa, transb, m32, n32, k32, lda, ldb, ldc, sizeof(T), a.row_stride, a.col_stride, b.row_stride, b.col_stride, c.row_stride, c.col_stride);
   blas(&transa, &transb, &m32, &n32, &k32, &alpha, a.data, &lda, b.data, &ldb, &beta, c.data, &ldc);
 }
 
@@ -157,11 +159,15 @@ void store(MatView<scalar_t> dst, MatView<const acc_t> src, int64_t rows, int64_
 }
 
 // x[i] = exp(x[i]) in place. fp32: Cephes-style exp (range reduction by ln 2, degree-6 polynomial,
-// within 2 ulp) written so that it vectorises; cloned for AVX2 because the extension is built for
-// baseline x86-64. fp64 keeps std::exp, so gradcheck sees the exact function.
-__attribute__((target_clones("avx2", "default"))) void exp_in_place(float* x, int64_t count) {
+// about 1.2 ulp), written so that it vectorises: cloned for AVX2 because the extension is built for
+// baseline x86-64, and without trapping math, which would keep the clamps as branches. NaN propagates;
+// inputs below -87.3 give ~1e-38 instead of 0, harmless next to a row maximum of exp(0) = 1.
+// fp64 keeps std::exp, so gradcheck sees the exact function.
+__attribute__((target_clones("avx2", "default"), optimize("no-trapping-math"))) void exp_in_place(float* x,
+                                                                                                   int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
-    const float v = std::min(std::max(x[i], -87.3f), 88.7f);
+    float v = x[i] < -87.3f ? -87.3f : x[i];
+    v = v > 88.7f ? 88.7f : v;
     // Adding and removing 1.5 * 2^23 rounds to the nearest integer without a libm call.
     const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const float r = (v - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -172,10 +178,10 @@ __attribute__((target_clones("avx2", "default"))) void exp_in_place(float* x, in
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) * (1 << 23);
     float two_to_n;
     std::memcpy(&two_to_n, &bits, sizeof(float));
-    x[i] = (x[i] == x[i]) ? p * two_to_n : x[i];  // NaN stays NaN
+    x[i] = p * two_to_n;
   }
 }
 void exp_in_place(double* x, int64_t count) {
@@ -218,13 +224,17 @@ template <typename acc_t>
 void softmax_rows(acc_t* scores, int64_t rows, int64_t keys, acc_t* row_max, float* lse) {
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = scores + r * keys;
-    row_max[r] = *std::max_element(row, row + keys);
-    for (int64_t j = 0; j < keys; ++j) row[j] -= row_max[r];
+    acc_t max = row[0];
+#pragma omp simd reduction(max : max)
+    for (int64_t j = 0; j < keys; ++j) max = row[j] > max ? row[j] : max;
+    for (int64_t j = 0; j < keys; ++j) row[j] -= max;
+    row_max[r] = max;
   }
   exp_in_place(scores, rows * keys);
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = scores + r * keys;
     acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < keys; ++j) sum += row[j];
     const acc_t inv_sum = acc_t(1) / sum;
     for (int64_t j = 0; j < keys; ++j) row[j] *= inv_sum;
@@ -324,6 +334,7 @@ void short_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
           const acc_t* p_row = probs + r * keys;
           acc_t* ds_row = grad_scores + r * keys;
           acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
           for (int64_t j = 0; j < keys; ++j) dot += p_row[j] * ds_row[j];
           for (int64_t j = 0; j < keys; ++j) ds_row[j] = p_row[j] * (ds_row[j] - dot);
         }

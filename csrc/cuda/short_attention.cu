@@ -611,9 +611,12 @@ cudaError_t plan_backward(const AttentionShape& shape, AttentionBackwardPlan* pl
   if (smem > static_cast<size_t>(max_smem)) {
     return cudaErrorInvalidValue;
   }
-  // About two blocks per SM in all: fewer chunks mean a smaller workspace to write and reduce.
+  // Blocks (= workspace slots) in all: enough to occupy every SM, few enough that the fp32 partials
+  // (slots x S_pad x (Dk + Dv) floats, written and read once) stay small. Untuned: measure on a GPU.
+  constexpr int kBackwardBlocksPerSm = 2;
   const int64_t tiles = ceil_div(shape.queries, block_m);
-  const int64_t chunks = std::min<int64_t>(tiles, std::max<int64_t>(1, ceil_div(2 * sm_count, shape.batch)));
+  const int64_t chunks =
+      std::min<int64_t>(tiles, std::max<int64_t>(1, ceil_div(kBackwardBlocksPerSm * sm_count, shape.batch)));
   plan->block_m = block_m;
   plan->chunks_per_batch = chunks;
   plan->keys_padded = keys_padded;
