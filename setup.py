@@ -51,7 +51,8 @@ def get_extensions():
     debug = _env_flag("DEBUG")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-fopenmp", "-std=c++17"]
+    # No -std flag: BuildExtension passes the standard the installed torch's headers need (C++20 from 2.14).
+    cxx_flags += ["-fopenmp"]
     extra_compile_args = {"cxx": cxx_flags}
     define_macros = []
     extension = CppExtension
@@ -61,7 +62,7 @@ def get_extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
-        extra_compile_args["nvcc"] += ["-std=c++17", "--expt-relaxed-constexpr"]
+        extra_compile_args["nvcc"] += ["--expt-relaxed-constexpr"]
     return [
         extension(
             "annkernels._C",

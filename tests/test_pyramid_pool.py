@@ -64,7 +64,9 @@ def test_strided_grad_output(device, backend):
 
 @pytest.mark.parametrize("device, backend", backend_cases())
 def test_float64_gradcheck(device, backend):
-    x = torch.randn(2, 3, 7, 5, device=device, dtype=torch.float64, requires_grad=True)
+    # gradcheck differentiates numerically per input element: keep it small for the Triton interpreter.
+    shape = (1, 2, 5, 3) if backend == "triton" and annkernels._backend.TRITON_INTERPRET else (2, 3, 7, 5)
+    x = torch.randn(shape, device=device, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: annkernels.pyramid_pool(t, (1, 2, 3, 6), backend=backend), (x,))
 
 

@@ -24,9 +24,9 @@ RECIPES = {
     # Small enough to train ann_r18_d8 to a clearly better-than-chance mIoU in a few CPU minutes.
     "synthetic": dict(
         data_root=None, train_split="train", val_split="val", num_classes=len(CLASSES["synthetic"]),
-        scale=(64, 64), crop_size=(64, 64), ratio_range=(0.75, 1.5), iterations=300, batch_size=8, workers=1,
-        model="ann_r18_d8", lr=0.02, eval_at_start=True, eval_interval=100, ckpt_interval=300, synthetic_size=64, synthetic_train_length=4000,
-        synthetic_val_length=48,
+        scale=(64, 64), crop_size=(64, 64), ratio_range=(0.75, 1.5), iterations=200, batch_size=8, workers=1,
+        model="ann_r18_d8", lr=0.04, eval_at_start=True, eval_interval=100, ckpt_interval=200, synthetic_size=64,
+        synthetic_train_length=4000, synthetic_val_length=48,
     ),
 }
 

@@ -61,7 +61,7 @@ def mean_over_processes(values: dict, context: DistributedContext) -> dict:
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=context.device)
     dist.all_reduce(tensor)
     tensor /= context.world_size
-    return dict(zip(keys, tensor.tolist()))
+    return dict(zip(keys, tensor.tolist(), strict=True))
 
 
 class ShardSampler(torch.utils.data.Sampler):

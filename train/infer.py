@@ -92,7 +92,7 @@ def main(args) -> int:
             palette_image(prediction, palette).save(out_dir / f"{stem}_mask.png")
             Image.fromarray(overlay(image, prediction, palette, args.opacity)).save(out_dir / f"{stem}_overlay.png")
             ids, counts = np.unique(prediction, return_counts=True)
-            top = sorted(zip(counts, ids), reverse=True)[:5]
+            top = sorted(zip(counts, ids, strict=True), reverse=True)[:5]
             listing = ", ".join(
                 f"{names[i] if i < len(names) else i} {100 * c / prediction.size:.0f}%" for c, i in top
             )

@@ -54,7 +54,8 @@ class ConfusionMatrix:
         aacc = intersection.sum().item() / total * 100 if total > 0 else math.nan
         names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
         per_class = {
-            name: (round(value * 100, 2) if not math.isnan(value) else None) for name, value in zip(names, iou.tolist())
+            name: (round(value * 100, 2) if not math.isnan(value) else None)
+            for name, value in zip(names, iou.tolist(), strict=True)
         }
         return {
             "mIoU": round(miou, 2) if not math.isnan(miou) else None,

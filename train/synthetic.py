@@ -93,7 +93,7 @@ def make_scene(seed: int, split: str, index: int, size: int = 64):
             occupied |= _dilate(mask, 1)
             break
 
-    side = max(4, int(round(6 * scale)))
+    side = max(4, int(round(9 * scale)))
     near_blob = _dilate(blobs, 2) & ~_dilate(blobs, 1)
     for _ in range(rng.integers(1, 4)):
         want_flag = bool(blobs.any()) and rng.random() < 0.5

@@ -32,22 +32,19 @@ _MIN_PIXELS_PER_SPLIT = 1024
 
 @triton.jit
 def _bin_bounds(t, H, W, SCALES: tl.constexpr):
-    """Row/column ranges [hs, he) x [ws, we) of pyramid bins ``t``; padding bins are empty."""
-    zero = tl.zeros_like(t)
-    hs, he, ws, we = zero, zero, zero, zero
+    """Row/column ranges [hs, he) x [ws, we) of pyramid bins ``t``; bins t >= S get rows past H."""
+    # Scale and first bin index of the scale each t falls in (scales are laid out in order).
+    scale = tl.full(t.shape, SCALES[0], tl.int32)
+    first = tl.zeros_like(t)
     offset = 0
-    for k in tl.static_range(len(SCALES)):
-        s = SCALES[k]
-        local = t - offset
-        inside = (local >= 0) & (local < s * s)
-        i = local // s
-        j = local % s
-        hs = tl.where(inside, (i * H) // s, hs)
-        he = tl.where(inside, ((i + 1) * H + s - 1) // s, he)
-        ws = tl.where(inside, (j * W) // s, ws)
-        we = tl.where(inside, ((j + 1) * W + s - 1) // s, we)
-        offset += s * s
-    return hs, he, ws, we
+    for k in tl.static_range(1, len(SCALES)):
+        offset += SCALES[k - 1] * SCALES[k - 1]
+        later = t >= offset
+        scale = tl.where(later, SCALES[k], scale)
+        first = tl.where(later, offset, first)
+    i = (t - first) // scale
+    j = (t - first) % scale
+    return (i * H) // scale, ((i + 1) * H + scale - 1) // scale, (j * W) // scale, ((j + 1) * W + scale - 1) // scale
 
 
 @triton.jit

@@ -1,10 +1,11 @@
 """Triton short-key attention: softmax(q k^T * scale) v with few keys (S <= 1024, ANN uses 110).
 
 The whole score row [BLOCK_N, BLOCK_S] (BLOCK_S = next_power_of_2(S), padding keys masked with -inf)
-stays on chip, so there is no online softmax and no N x S tensor in memory; the forward saves only
-lse [B, N] (fp32). Head dims Dk, Dv (up to 1024, any value) are walked in BLOCK_D chunks with masks.
-Every operand may be a strided view; the main case is the channel-first view of a [B, D, H, W]
-feature map, stride (D*N, 1, N), whose tiles load coalesced along N.
+stays on chip, so there is no online softmax and no N x S tensor in memory; the forward writes only
+out and lse [B, N] (fp32), and the backward recomputes P from the scores. Head dims Dk, Dv (up to
+1024, any value) are walked in BLOCK_D chunks with masks. Every operand may be a strided view; the
+main case is the channel-first view of a [B, D, H, W] feature map, stride (D*N, 1, N), whose tiles
+load coalesced along N.
 
 Precision: softmax statistics are fp32 (fp64 for fp64 inputs). fp16/bf16 products run on tensor
 cores with fp32 accumulation (P and dS are rounded to the input dtype before their products, as in
@@ -58,6 +59,16 @@ def _scaled(x, scale_hi, scale_lo):
         return x * scale_hi
 
 
+@triton.jit
+def _softmax_rows(scores, key_ok, scale_hi, scale_lo):
+    """Row softmax of scores * scale over the keys where ``key_ok``, and its logsumexp."""
+    scores = tl.where(key_ok[None, :], _scaled(scores, scale_hi, scale_lo), -float("inf"))
+    row_max = tl.max(scores, axis=1)
+    p = tl.exp(scores - row_max[:, None])
+    row_sum = tl.sum(p, axis=1)
+    return p / row_sum[:, None], row_max + tl.log(row_sum)
+
+
 def _split_scale(scale: float) -> tuple[float, float]:
     hi = struct.unpack("f", struct.pack("f", scale))[0]
     return hi, scale - hi
@@ -78,7 +89,8 @@ def _pruner(tensor_core_configs, fma_configs, register_values):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         block_s, elem_bytes = args["BLOCK_S"], args["q_ptr"].element_size()
-        candidates = fma_configs if elem_bytes >= 4 else tensor_core_configs
+        # The interpreter computes exactly either way and runs fewer, larger steps with the wide tiles.
+        candidates = fma_configs if elem_bytes >= 4 and not interpreting() else tensor_core_configs
         # The last config of each list is the narrowest; it is kept for very wide S even if it spills.
         fitting = [c for c in candidates if fits(c, block_s, elem_bytes)] or candidates[-1:]
         return first_config_when_interpreting(fitting)
@@ -141,12 +153,7 @@ def _short_attention_forward_kernel(
                       mask=(s[None, :] < S) & (dk[:, None] < Dk), other=0.0)
         scores = _dot(q, k_t, scores, INTERPRET)
 
-    scores = tl.where(s[None, :] < S, _scaled(scores, scale_hi, scale_lo), -float("inf"))
-    row_max = tl.max(scores, axis=1)
-    p = tl.exp(scores - row_max[:, None])
-    row_sum = tl.sum(p, axis=1)
-    p = p / row_sum[:, None]
-    lse = row_max + tl.log(row_sum)
+    p, lse = _softmax_rows(scores, s < S, scale_hi, scale_lo)
     tl.store(lse_ptr + b * N + n, lse.to(tl.float32), mask=n < N)
 
     p = p.to(v_ptr.dtype.element_ty)
@@ -181,7 +188,7 @@ _prune_backward_configs = _pruner(
 )
 @triton.jit
 def _short_attention_backward_kernel(
-    grad_out_ptr, q_ptr, k_ptr, v_ptr, lse_ptr,  # grad_out [B,N,Dv], q [B,N,Dk], k/v [B,S,D], lse [B,N]
+    grad_out_ptr, q_ptr, k_ptr, v_ptr,  # grad_out [B,N,Dv], q [B,N,Dk], k/v [B,S,D]
     grad_q_ptr,  # [B, N, Dk], any strides
     dk_partial_ptr, dv_partial_ptr,  # fp32 workspaces [B, num_chunks, S, Dk] / [..., Dv], contiguous
     N, S, Dk, Dv, CHUNK_N,
@@ -224,7 +231,10 @@ def _short_attention_backward_kernel(
         # the same addresses; a CTA barrier orders them.
         tl.debug_barrier()
 
-        # Recompute P from the saved lse; padded keys and rows outside the chunk get P = 0.
+        # Recompute P with its own row max and sum rather than from the forward's lse: the whole row is
+        # on chip, and a P consistent with this kernel's scores keeps dS exactly 0 on saturated rows
+        # (|scores| in the hundreds), where exp(s - lse) would amplify rounding differences between the
+        # two kernels' score sums. Padded keys and rows outside the chunk get P = 0.
         scores = tl.zeros([BLOCK_N, BLOCK_S], dtype=stat_dtype)
         for d0 in range(0, Dk, BLOCK_D):
             dk = d0 + d
@@ -233,9 +243,8 @@ def _short_attention_backward_kernel(
             k_t = tl.load(k_base + s[None, :] * stride_ks + dk[:, None] * stride_kd,
                           mask=(s[None, :] < S) & (dk[:, None] < Dk), other=0.0)
             scores = _dot(q, k_t, scores, INTERPRET)
-        lse = tl.load(lse_ptr + b * N + n, mask=row_ok, other=0.0).to(stat_dtype)
-        p = tl.exp(_scaled(scores, scale_hi, scale_lo) - lse[:, None])
-        p = tl.where(row_ok[:, None] & (s[None, :] < S), p, 0.0)
+        p, _ = _softmax_rows(scores, s < S, scale_hi, scale_lo)
+        p = tl.where(row_ok[:, None], p, 0.0)
 
         # dP = dO V^T, and dV += P^T dO in the same pass over dO.
         grad_p = tl.zeros([BLOCK_N, BLOCK_S], dtype=stat_dtype)
@@ -370,17 +379,16 @@ def short_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch
 def short_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              out: torch.Tensor, lse: torch.Tensor,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`short_attention_forward` from its saved ``lse``.
+    """Gradients of :func:`short_attention_forward`.
 
-    ``out`` is part of the op schema but not read: the full score row is on chip, so
-    rowsum(dO * O) is computed as the equal rowsum(P * dP).
+    ``out`` and ``lse`` are part of the op schema but not read: the whole score row is on chip, so P
+    is recomputed with its own normalisation and rowsum(dO * O) as the equal rowsum(P * dP).
 
     Returns:
         (grad_query, grad_key, grad_value), each in the layout of its input.
     """
     batch, num_queries, key_dim = query.shape
     num_keys, value_dim = value.shape[1], value.shape[2]
-    assert lse.dtype == torch.float32 and lse.is_contiguous(), "lse comes from short_attention_forward"
     grad_query = _empty_like_layout(query, num_queries, key_dim, query.dtype)
     grad_key = _empty_like_layout(key, num_keys, key_dim, key.dtype)
     grad_value = _empty_like_layout(value, num_keys, value_dim, value.dtype)
@@ -395,7 +403,7 @@ def short_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: t
     dv_partial = torch.empty((batch, num_chunks, num_keys, value_dim), dtype=partial_dtype, device=query.device)
 
     _short_attention_backward_kernel[(num_chunks, batch)](
-        grad_out, query, key, value, lse, grad_query, dk_partial, dv_partial,
+        grad_out, query, key, value, grad_query, dk_partial, dv_partial,
         num_queries, num_keys, key_dim, value_dim, chunk_n, *_split_scale(scale),
         *grad_out.stride(), *query.stride(), *key.stride(), *value.stride(), *grad_query.stride(),
         BLOCK_S=_key_block(num_keys), INTERPRET=_INTERPRET,

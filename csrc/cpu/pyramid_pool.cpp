@@ -80,8 +80,8 @@ inline void accumulate_strided(acc_t* dst, const scalar_t* src, int64_t count, i
 //    each row segment the rows are added into `column_sums` [W] (vectorised along W), which is then
 //    reduced over each column segment. cells is stored [B, C, cells].
 //  - channel-inner layouts (C stride < W stride, e.g. channels_last): parallel over (batch, row
-//    segment). Each pixel's C channels are added into its column segment's cell (vectorised along C).
-//    cells is stored [B, cells, C].
+//    segment). Each row is summed per column segment, all C channels at once (vectorised along C),
+//    and the row sums are added into the cells. cells is stored [B, cells, C].
 // Phase 2, parallel over (batch, group of channels): a 2-D prefix sum of the cells in fp64 (so that
 // differences of prefix sums lose nothing), then every bin is four prefix lookups / area.
 // Accumulation over pixels: acc_t (fp32; fp64 for fp64). Output [B, C, S] contiguous, input dtype.
@@ -95,26 +95,32 @@ void pyramid_pool_forward_kernel(const at::Tensor& input, c10::IntArrayRef scale
   const int64_t num_rows = rows.num_segments(), num_cols = cols.num_segments();
   const int64_t num_cells = num_rows * num_cols;
   const scalar_t* input_data = input.const_data_ptr<scalar_t>();
-  at::Tensor cells = at::empty({batch, channels, num_cells}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor cells =
+      at::empty({batch, channels, num_cells}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* cell_data = cells.mutable_data_ptr<acc_t>();
   const bool channel_inner = stride_c < stride_w && channels > 1;
   const int64_t cell_stride_c = channel_inner ? 1 : num_cells;
   const int64_t cell_stride_cell = channel_inner ? channels : 1;
 
   if (channel_inner) {
-    std::vector<int64_t> column_segment(width);
-    for (int64_t j = 0; j < num_cols; ++j)
-      std::fill(column_segment.begin() + cols.edges[j], column_segment.begin() + cols.edges[j + 1], j);
     at::parallel_for(0, batch * num_rows, 1, [&](int64_t begin, int64_t end) {
+      // Row sums first, then rows into cells: two short summations instead of one over the whole cell,
+      // which keeps the fp32 error near PyTorch's for large cells (scale 1 is a single cell).
+      std::vector<acc_t> row_sums(num_cols * channels);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / num_rows, i = task % num_rows;
         acc_t* cell_row = cell_data + b * channels * num_cells + i * num_cols * channels;
         std::fill(cell_row, cell_row + num_cols * channels, acc_t(0));
         for (int64_t h = rows.edges[i]; h < rows.edges[i + 1]; ++h) {
           const scalar_t* row = input_data + b * stride_b + h * stride_h;
-          for (int64_t w = 0; w < width; ++w) {
-            accumulate_strided(cell_row + column_segment[w] * channels, row + w * stride_w, channels, stride_c);
+          for (int64_t j = 0; j < num_cols; ++j) {
+            acc_t* sums = row_sums.data() + j * channels;
+            std::fill(sums, sums + channels, acc_t(0));
+            for (int64_t w = cols.edges[j]; w < cols.edges[j + 1]; ++w) {
+              accumulate_strided(sums, row + w * stride_w, channels, stride_c);
+            }
           }
+          accumulate_strided(cell_row, row_sums.data(), num_cols * channels, 1);
         }
       }
     });
