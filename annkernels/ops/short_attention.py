@@ -1,8 +1,8 @@
 """short_attention: softmax(Q K^T * scale) V over a short key set (ANN's S = 110 pyramid samples).
 
 The public function validates, resolves the backend and calls the custom op `annkernels::short_attention`,
-which returns the output and the row log-sum-exp that its backward, `annkernels::short_attention_grad`,
-uses to recompute the probabilities. Both forward to the backend's kernels
+which returns the output and the state its backward, `annkernels::short_attention_grad`, needs: the
+probabilities on the CPU, the row log-sum-exp on GPUs (csrc/ops.cpp says why). Both forward to the backend's kernels
 (csrc/{cpu,cuda}/short_attention.*, annkernels/triton/short_attention.py).
 """
 
@@ -69,22 +69,27 @@ def _short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return kernel(backend, "short_attention_forward")(query, key, value, scale)
 
 
+def _softmax_state_like(query, key, backend):
+    if backend == "cpu":
+        dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        return query.new_empty((query.shape[0], query.shape[1], key.shape[1]), dtype=dtype)
+    return query.new_empty(query.shape[:2], dtype=torch.float32)
+
+
 @_short_attention.register_fake
 def _(query, key, value, scale, backend):
-    out = empty_like_layout(query, query.shape[1], value.shape[2])
-    logsumexp = query.new_empty(query.shape[:2], dtype=torch.float32)
-    return out, logsumexp
+    return empty_like_layout(query, query.shape[1], value.shape[2]), _softmax_state_like(query, key, backend)
 
 
 @torch.library.custom_op("annkernels::short_attention_grad", mutates_args=())
 def _short_attention_grad(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          out: torch.Tensor, logsumexp: torch.Tensor, scale: float,
+                          out: torch.Tensor, softmax_state: torch.Tensor, scale: float,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kernel(backend, "short_attention_backward")(grad_out, query, key, value, out, logsumexp, scale)
+    return kernel(backend, "short_attention_backward")(grad_out, query, key, value, out, softmax_state, scale)
 
 
 @_short_attention_grad.register_fake
-def _(grad_out, query, key, value, out, logsumexp, scale, backend):
+def _(grad_out, query, key, value, out, softmax_state, scale, backend):
     return (empty_like_layout(query, query.shape[1], query.shape[2]),
             empty_like_layout(key, key.shape[1], key.shape[2]),
             empty_like_layout(value, value.shape[1], value.shape[2]))
@@ -92,14 +97,14 @@ def _(grad_out, query, key, value, out, logsumexp, scale, backend):
 
 def _setup_context(ctx, inputs, output):
     query, key, value, ctx.scale, ctx.backend = inputs
-    out, logsumexp = output
-    ctx.save_for_backward(query, key, value, out, logsumexp)
-    ctx.mark_non_differentiable(logsumexp)
+    out, softmax_state = output
+    ctx.save_for_backward(query, key, value, out, softmax_state)
+    ctx.mark_non_differentiable(softmax_state)
 
 
-def _backward(ctx, grad_out, _grad_logsumexp):
-    query, key, value, out, logsumexp = ctx.saved_tensors
-    grad_query, grad_key, grad_value = _short_attention_grad(grad_out, query, key, value, out, logsumexp,
+def _backward(ctx, grad_out, _grad_softmax_state):
+    query, key, value, out, softmax_state = ctx.saved_tensors
+    grad_query, grad_key, grad_value = _short_attention_grad(grad_out, query, key, value, out, softmax_state,
                                                              ctx.scale, ctx.backend)
     return grad_query, grad_key, grad_value, None, None
 

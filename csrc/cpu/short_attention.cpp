@@ -220,11 +220,9 @@ at::Tensor scratch(int64_t size) {
   return at::empty({size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
-// Row softmax of the [rows, S] scaled scores, in place, in acc_t (fp32, fp64 for fp64). The forward and
-// the backward both call this, so the backward's recomputed P is bitwise the forward's P. Writes each
-// row's logsumexp to lse when given.
+// Row softmax of the [rows, S] scaled scores, in place, in acc_t (fp32, fp64 for fp64).
 template <typename acc_t>
-void softmax_rows(acc_t* scores, int64_t rows, int64_t keys, acc_t* row_max, float* lse) {
+void softmax_rows(acc_t* scores, int64_t rows, int64_t keys, acc_t* row_max) {
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = scores + r * keys;
     acc_t max = row[0];
@@ -241,17 +239,18 @@ void softmax_rows(acc_t* scores, int64_t rows, int64_t keys, acc_t* row_max, flo
     for (int64_t j = 0; j < keys; ++j) sum += row[j];
     const acc_t inv_sum = acc_t(1) / sum;
     for (int64_t j = 0; j < keys; ++j) row[j] *= inv_sum;
-    if (lse != nullptr) lse[r] = static_cast<float>(row_max[r] + std::log(sum));
   }
 }
 
 // Forward. Parallel over (batch, tile of kQueryTile queries). Per tile: pack Q (unless BLAS can read it
-// in place), scores = scale * Q K^T into a [rows, S] acc_t buffer, row softmax in acc_t (fp32; fp64 for
-// fp64) giving lse, then out = P V, written by the GEMM straight into `out` for fp32/fp64 or through a
-// buffer for fp16/bf16. K and V are packed once per call into row-major acc_t. out has query's layout.
+// in place), scores = scale * Q K^T into the tile's rows of `probs` [B, N, S] acc_t, row softmax there in
+// place (fp32; fp64 for fp64), then out = P V, written by the GEMM straight into `out` for fp32/fp64 or
+// through a buffer for fp16/bf16. K and V are packed once per call into row-major acc_t. out has query's
+// layout. P is kept for the backward: at S = 110 it is smaller than Q, and reusing it saves the backward
+// a Q K^T product and a softmax, a seventh of the GEMM work on a CPU that is compute-bound here.
 template <typename scalar_t>
 void short_attention_forward_kernel(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                    double scale, at::Tensor& out, at::Tensor& lse) {
+                                    double scale, at::Tensor& out, at::Tensor& probs_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = query.size(0), queries = query.size(1), dk = query.size(2);
   const int64_t keys = key.size(1), dv = value.size(2);
@@ -259,13 +258,12 @@ void short_attention_forward_kernel(const at::Tensor& query, const at::Tensor& k
   pack_batches<acc_t, scalar_t>(key, key_packed);
   pack_batches<acc_t, scalar_t>(value, value_packed);
   const int64_t tiles_per_batch = (queries + kQueryTile - 1) / kQueryTile;
-  float* lse_data = lse.mutable_data_ptr<float>();
+  acc_t* probs_data = probs_out.mutable_data_ptr<acc_t>();
 
   at::parallel_for(0, batch * tiles_per_batch, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buffers = scratch<acc_t>(kQueryTile * (dk + keys + dv + 1));
+    at::Tensor buffers = scratch<acc_t>(kQueryTile * (dk + dv + 1));
     acc_t* query_buffer = buffers.mutable_data_ptr<acc_t>();
-    acc_t* scores = query_buffer + kQueryTile * dk;
-    acc_t* out_buffer = scores + kQueryTile * keys;
+    acc_t* out_buffer = query_buffer + kQueryTile * dk;
     acc_t* row_max = out_buffer + kQueryTile * dv;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles_per_batch;
@@ -273,11 +271,12 @@ void short_attention_forward_kernel(const at::Tensor& query, const at::Tensor& k
       const int64_t rows = std::min(kQueryTile, queries - n0);
       const MatView<const acc_t> key_t{key_packed.data() + b * keys * dk, 1, dk};  // K^T [Dk, S]
       const MatView<const acc_t> v{value_packed.data() + b * keys * dv, dv, 1};
+      acc_t* scores = probs_data + (b * queries + n0) * keys;
       const MatView<acc_t> probs{scores, keys, 1};
 
       const auto q = pack<acc_t>(batch_view<const scalar_t>(query, b, n0), rows, dk, query_buffer);
       gemm<acc_t>(rows, keys, dk, static_cast<acc_t>(scale), q, key_t, acc_t(0), probs);
-      softmax_rows(scores, rows, keys, row_max, lse_data + b * queries + n0);
+      softmax_rows(scores, rows, keys, row_max);
       const auto out_tile = batch_view<scalar_t>(out, b, n0);
       const auto o = result_view<acc_t>(out_tile, dv, out_buffer);
       gemm<acc_t>(rows, dv, keys, acc_t(1), probs.as_const(), v, acc_t(0), o);
@@ -287,14 +286,15 @@ void short_attention_forward_kernel(const at::Tensor& query, const at::Tensor& k
 }
 
 // Backward. Stage 1, parallel over (batch, chunk of kReductionChunk queries); a chunk walks its
-// kQueryTile tiles in order: recompute P (softmax_rows), dP = dO V^T, D = rowsum(P * dP) (equal to
+// kQueryTile tiles in order: P from the forward, dP = dO V^T, D = rowsum(P * dP) (equal to
 // rowsum(dO * O)), dS = P * (dP - D), dQ = scale * dS K (written once per tile), and accumulates the
 // chunk's partial dK += scale * dS^T Q and dV += P^T dO in acc_t. Stage 2, parallel over (batch, key
 // row): adds the chunk partials in chunk order and writes dK, dV. Chunks do not depend on the thread
 // count, so the result is bitwise reproducible; no atomics. Grads take their inputs' layouts.
 template <typename scalar_t>
 void short_attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-                                     const at::Tensor& value, double scale, at::Tensor& grad_query,
+                                     const at::Tensor& value, const at::Tensor& probs_saved, double scale,
+                                     at::Tensor& grad_query,
                                      at::Tensor& grad_key, at::Tensor& grad_value) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = query.size(0), queries = query.size(1), dk = query.size(2);
@@ -306,15 +306,14 @@ void short_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
   const int64_t partial_size = keys * (dk + dv);
   at::Tensor partials = scratch<acc_t>(batch * chunks_per_batch * partial_size);
   acc_t* partial_data = partials.mutable_data_ptr<acc_t>();
+  const acc_t* probs_data = probs_saved.const_data_ptr<acc_t>();
 
   at::parallel_for(0, batch * chunks_per_batch, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buffers = scratch<acc_t>(kQueryTile * (2 * dk + dv + 2 * keys + 1));
+    at::Tensor buffers = scratch<acc_t>(kQueryTile * (2 * dk + dv + keys));
     acc_t* query_buffer = buffers.mutable_data_ptr<acc_t>();
     acc_t* grad_out_buffer = query_buffer + kQueryTile * dk;
     acc_t* grad_query_buffer = grad_out_buffer + kQueryTile * dv;
-    acc_t* probs = grad_query_buffer + kQueryTile * dk;
-    acc_t* grad_scores = probs + kQueryTile * keys;
-    acc_t* row_max = grad_scores + kQueryTile * keys;
+    acc_t* grad_scores = grad_query_buffer + kQueryTile * dk;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks_per_batch;
       const int64_t chunk_start = (task % chunks_per_batch) * kReductionChunk;
@@ -323,15 +322,14 @@ void short_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
       const MatView<const acc_t> v{value_packed.data() + b * keys * dv, dv, 1};
       const MatView<acc_t> grad_key_partial{partial_data + task * partial_size, dk, 1};
       const MatView<acc_t> grad_value_partial{partial_data + task * partial_size + keys * dk, dv, 1};
-      const MatView<acc_t> p{probs, keys, 1};
       const MatView<acc_t> ds{grad_scores, keys, 1};
 
       for (int64_t n0 = chunk_start; n0 < chunk_end; n0 += kQueryTile) {
         const int64_t rows = std::min(kQueryTile, chunk_end - n0);
         const auto q = pack<acc_t>(batch_view<const scalar_t>(query, b, n0), rows, dk, query_buffer);
         const auto dout = pack<acc_t>(batch_view<const scalar_t>(grad_out, b, n0), rows, dv, grad_out_buffer);
-        gemm<acc_t>(rows, keys, dk, static_cast<acc_t>(scale), q, k.transposed(), acc_t(0), p);
-        softmax_rows<acc_t>(probs, rows, keys, row_max, nullptr);
+        const acc_t* probs = probs_data + (b * queries + n0) * keys;
+        const MatView<const acc_t> p{probs, keys, 1};
         gemm<acc_t>(rows, keys, dv, acc_t(1), dout, v.transposed(), acc_t(0), ds);
         for (int64_t r = 0; r < rows; ++r) {
           const acc_t* p_row = probs + r * keys;
@@ -347,7 +345,7 @@ void short_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
         store<acc_t>(grad_query_tile, dq.as_const(), rows, dk);
         const acc_t beta = n0 == chunk_start ? acc_t(0) : acc_t(1);
         gemm<acc_t>(keys, dk, rows, static_cast<acc_t>(scale), ds.as_const().transposed(), q, beta, grad_key_partial);
-        gemm<acc_t>(keys, dv, rows, acc_t(1), p.as_const().transposed(), dout, beta, grad_value_partial);
+        gemm<acc_t>(keys, dv, rows, acc_t(1), p.transposed(), dout, beta, grad_value_partial);
       }
     }
   });
@@ -369,6 +367,11 @@ void short_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
       for (int64_t c = 0; c < dv; ++c) gv[c * grad_value.stride(2)] = static_cast<scalar_t>(sum[dk + c]);
     }
   });
+}
+
+// The CPU saves P in the accumulate type: fp32, or fp64 for fp64 inputs.
+at::ScalarType softmax_state_dtype(const at::Tensor& query) {
+  return query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 void check_attention_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
@@ -395,19 +398,18 @@ std::tuple<at::Tensor, at::Tensor> short_attention_forward_cpu(const at::Tensor&
   check_attention_inputs(query, key, value);
   const int64_t batch = query.size(0), queries = query.size(1);
   at::Tensor out = empty_like_layout(query, batch, queries, value.size(2), query.scalar_type());
-  at::Tensor lse = at::empty({batch, queries}, query.options().dtype(at::kFloat));
+  at::Tensor probs = at::empty({batch, queries, key.size(1)}, query.options().dtype(softmax_state_dtype(query)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "short_attention_forward_cpu", [&] {
-    short_attention_forward_kernel<scalar_t>(query, key, value, scale, out, lse);
+    short_attention_forward_kernel<scalar_t>(query, key, value, scale, out, probs);
   });
-  return {out, lse};
+  return {out, probs};
 }
 
-// `out` and `logsumexp` are validated but not read: with the whole key axis in one tile, recomputing the
-// row softmax costs two cheap passes and reproduces the forward's P exactly (an fp32 lse would cap fp64
-// gradients at fp32 accuracy), and rowsum(P * dP) replaces rowsum(dO * O).
+// `softmax_state` is the forward's P; `out` is validated but not read: rowsum(P * dP) replaces
+// rowsum(dO * O).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& out, const at::Tensor& logsumexp, double scale) {
+    const at::Tensor& out, const at::Tensor& softmax_state, double scale) {
   check_attention_inputs(query, key, value);
   ANNK_CHECK_DIM(grad_out, 3);
   ANNK_CHECK_SAME_DTYPE(query, grad_out);
@@ -417,14 +419,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cpu(
   TORCH_CHECK(grad_out.size(0) == batch && grad_out.size(1) == queries && grad_out.size(2) == dv,
               "grad_out must have shape [B, N, Dv] = [", batch, ", ", queries, ", ", dv, "], got ", grad_out.sizes());
   TORCH_CHECK(out.sizes() == grad_out.sizes(), "out must have shape ", grad_out.sizes(), ", got ", out.sizes());
-  TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == batch && logsumexp.size(1) == queries,
-              "logsumexp must have shape [", batch, ", ", queries, "], got ", logsumexp.sizes());
-  TORCH_CHECK(logsumexp.scalar_type() == at::kFloat, "logsumexp must be float32, got ", logsumexp.scalar_type());
+  TORCH_CHECK(softmax_state.dim() == 3 && softmax_state.size(0) == batch && softmax_state.size(1) == queries &&
+                  softmax_state.size(2) == keys && softmax_state.is_contiguous(),
+              "softmax_state must be the forward's contiguous probabilities [", batch, ", ", queries, ", ", keys,
+              "], got ", softmax_state.sizes());
+  TORCH_CHECK(softmax_state.scalar_type() == softmax_state_dtype(query), "softmax_state must be ",
+              softmax_state_dtype(query), ", got ", softmax_state.scalar_type());
   at::Tensor grad_query = empty_like_layout(query, batch, queries, dk, query.scalar_type());
   at::Tensor grad_key = empty_like_layout(key, batch, keys, dk, query.scalar_type());
   at::Tensor grad_value = empty_like_layout(value, batch, keys, dv, query.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "short_attention_backward_cpu", [&] {
-    short_attention_backward_kernel<scalar_t>(grad_out, query, key, value, scale, grad_query, grad_key, grad_value);
+    short_attention_backward_kernel<scalar_t>(grad_out, query, key, value, softmax_state, scale, grad_query, grad_key,
+                                              grad_value);
   });
   return {grad_query, grad_key, grad_value};
 }
