@@ -406,8 +406,11 @@ def measure_case(
         if workload.items:
             row["items_per_s"] = workload.items / (row["median_ms"] * 1e-3)
         if memory:
-            delta, total = peak_memory_bytes(fn, device)
-            row["peak_mem_mb"] = delta / 2**20
+            try:
+                delta, total = peak_memory_bytes(fn, device)
+            except AttributeError:  # the CPU method reads profiler internals; a torch change loses memory only
+                delta, total = None, None
+            row["peak_mem_mb"] = delta / 2**20 if delta is not None else None
             row["peak_mem_total_mb"] = total / 2**20 if total is not None else None
         add_roofline(row, workload.flops.get(pass_), workload.bytes.get(pass_), device_name(device))
         del fn

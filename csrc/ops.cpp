@@ -18,9 +18,9 @@ TORCH_LIBRARY(annkernels, m) {
   m.def("pyramid_pool_backward(Tensor grad_output, int[] scales, SymInt height, SymInt width) -> Tensor");
   // query [B, N, Dk], key [B, S, Dk], value [B, S, Dv] -> (out [B, N, Dv], softmax_state).
   // out takes query's layout (empty_like_layout in annkernels/checks.h). softmax_state is what the same
-  // backend's backward needs: the CPU keeps the probabilities P [B, N, S] (float32; float64 for float64
-  // inputs), smaller than Q at S = 110 and a GEMM cheaper than recomputing them; the GPU kernels keep the
-  // row log-sum-exp of the scaled scores, [B, N] float32, and recompute P on chip.
+  // backend's backward needs. The CPU keeps the probabilities P, [B, N, S rounded up to a multiple of 8]
+  // (float32; float64 for float64 inputs): smaller than Q at S = 110, and cheaper than a recomputing GEMM.
+  // The GPU kernels keep the row log-sum-exp of the scaled scores, [B, N] float32, and recompute P on chip.
   m.def("short_attention_forward(Tensor query, Tensor key, Tensor value, float scale) -> (Tensor, Tensor)");
   // -> (grad_query, grad_key, grad_value), each in the layout of the matching input.
   m.def(

@@ -72,7 +72,8 @@ def _short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def _softmax_state_like(query, key, backend):
     if backend == "cpu":
         dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-        return query.new_empty((query.shape[0], query.shape[1], key.shape[1]), dtype=dtype)
+        padded_keys = (key.shape[1] + 7) // 8 * 8  # kKeyAlign in csrc/cpu/short_attention.cpp
+        return query.new_empty((query.shape[0], query.shape[1], padded_keys), dtype=dtype)
     return query.new_empty(query.shape[:2], dtype=torch.float32)
 
 
