@@ -62,6 +62,23 @@ def test_forward_and_gradients_match_reference(device, backend, layout):
             assert_close(actual, wanted, name=f"{name} {case} {layout}", **FLOAT32_TOLERANCE)
 
 
+@pytest.mark.parametrize("layout", ["channel_first", "contiguous"])
+def test_cpu_outputs_beyond_the_streaming_store_size(layout):
+    # The CPU kernel writes fp32 outputs of 8 MiB and more with non-temporal stores, line by line with an
+    # unaligned head and tail; N = 8301 puts every channel-first line at a different alignment.
+    if "cpu" not in annkernels.available_backends():
+        pytest.skip("the CPU extension is not built")
+    query, key, value = _inputs((1, 8301, 110, 256, 256), layout, "cpu")
+    with poisoned_outputs():
+        out = annkernels.short_attention(query, key, value, backend="cpu")
+    grad = torch.randn_like(out)
+    with poisoned_outputs():
+        grads = torch.autograd.grad(out, (query, key, value), grad)
+    expected = _oracle(query, key, value, grad)
+    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected):
+        assert_close(actual, wanted, name=f"{name} {layout}", **FLOAT32_TOLERANCE)
+
+
 @pytest.mark.parametrize("device, backend", backend_cases())
 def test_output_and_gradients_keep_the_input_layout(device, backend):
     # A channel-first query gives a channel-first output, so the block's reshape back to NCHW is free.

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +18,10 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 
 #include "annkernels/checks.h"
 
@@ -115,52 +120,81 @@ void gemm(int64_t m, int64_t n, int64_t k, T alpha, MatView<const T> a, MatView<
   blas(&transa, &transb, &m32, &n32, &k32, &alpha, a.data, &lda, b.data, &ldb, &beta, c.data, &ldc);
 }
 
-// Returns a [rows, cols] view of `src` in acc_t that BLAS can read: `src` itself when it already is one,
-// else a copy in `buffer` whose major axis follows the source's smaller stride, so reads stay sequential.
+// Leading dimension of a packed tile: `extent` rounded up to a cache line plus one cache line, so the
+// rows of a 256-wide tile are not 1 KB apart. Power-of-two strides map a tile's rows onto a few cache
+// sets and evict it while BLAS packs it (the channel-first query, [Dk, N] with N = 8192, is 32 KB apart:
+// reading a tile in place ran ~20% slower than copying it first).
+constexpr int64_t padded_leading_dim(int64_t extent) { return (extent + 15) / 16 * 16 + 16; }
+
+// Scratch elements pack() needs for a [rows, cols] tile.
+constexpr int64_t pack_buffer_size(int64_t rows, int64_t cols) {
+  return std::max(padded_leading_dim(rows) * cols, rows * padded_leading_dim(cols));
+}
+
+// Returns a [rows, cols] view of `src` in acc_t that BLAS reads efficiently: `src` itself when it is
+// already a dense acc_t matrix, else a copy in `buffer` (pack_buffer_size elements) with a padded leading
+// dimension, whose major axis follows the source's smaller stride so reads stay sequential.
 template <typename acc_t, typename scalar_t>
 MatView<const acc_t> pack(MatView<const scalar_t> src, int64_t rows, int64_t cols, acc_t* buffer) {
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    if (is_column_major(src, rows, cols) || is_row_major(src, rows, cols)) return src;
+    const bool dense_row_major = src.col_stride == 1 && (rows == 1 || src.row_stride == cols);
+    const bool dense_column_major = src.row_stride == 1 && (cols == 1 || src.col_stride == rows);
+    if (dense_row_major || dense_column_major) return src;
   }
   if (std::abs(src.row_stride) < std::abs(src.col_stride)) {
+    const int64_t ld = padded_leading_dim(rows);
     for (int64_t c = 0; c < cols; ++c) {
       const scalar_t* in = src.data + c * src.col_stride;
-      acc_t* out = buffer + c * rows;
+      acc_t* out = buffer + c * ld;
       for (int64_t r = 0; r < rows; ++r) out[r] = static_cast<acc_t>(in[r * src.row_stride]);
     }
-    return {buffer, 1, rows};
+    return {buffer, 1, ld};
   }
+  const int64_t ld = padded_leading_dim(cols);
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* in = src.data + r * src.row_stride;
-    acc_t* out = buffer + r * cols;
+    acc_t* out = buffer + r * ld;
     for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<acc_t>(in[c * src.col_stride]);
   }
-  return {buffer, cols, 1};
+  return {buffer, ld, 1};
 }
 
-// Where a tile result of type acc_t goes: straight into `dst` when dst holds acc_t (our outputs are
-// always BLAS-addressable), else into a row-major `buffer` that store() converts into `dst` afterwards.
+// A tile result is computed into a cache-resident `buffer` (pack_buffer_size elements) laid out like
+// `dst` with a padded leading dimension, and store() then writes it out. Letting BLAS write a
+// channel-first output tile in place, columns 32 KB apart, was ~30% slower than the GEMM into the buffer
+// plus the copy (the zeroing pass over C and the accumulation both missed cache).
 template <typename acc_t, typename scalar_t>
-MatView<acc_t> result_view(MatView<scalar_t> dst, int64_t cols, acc_t* buffer) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    return dst;
-  } else {
-    return {buffer, cols, 1};
-  }
+MatView<acc_t> result_buffer(MatView<scalar_t> dst, int64_t rows, int64_t cols, acc_t* buffer) {
+  if (dst.row_stride == 1 && cols > 1) return {buffer, 1, padded_leading_dim(rows)};
+  return {buffer, padded_leading_dim(cols), 1};
 }
 
-template <typename acc_t, typename scalar_t>
-void store(MatView<scalar_t> dst, MatView<const acc_t> src, int64_t rows, int64_t cols) {
-  if constexpr (!std::is_same_v<acc_t, scalar_t>) {
-    if (dst.row_stride == 1) {
-      for (int64_t c = 0; c < cols; ++c)
-        for (int64_t r = 0; r < rows; ++r)
-          dst.data[r + c * dst.col_stride] = static_cast<scalar_t>(src.data[r * src.row_stride + c * src.col_stride]);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c)
-          dst.data[r * dst.row_stride + c] = static_cast<scalar_t>(src.data[r * src.row_stride + c * src.col_stride]);
+// dst[0, count) = src[0, count), converting to dst's type. fp32 lines use non-temporal stores where
+// `stream`: the outputs are far larger than the caches and are not read again by this kernel, so
+// writing around the cache saves DRAM the read-for-ownership of every output line.
+template <typename scalar_t, typename acc_t>
+void store_line(scalar_t* dst, const acc_t* src, int64_t count, bool stream) {
+#if defined(__SSE__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (stream) {
+      int64_t i = 0;
+      for (; i < count && reinterpret_cast<uintptr_t>(dst + i) % 16 != 0; ++i) dst[i] = src[i];
+      for (; i + 4 <= count; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+      for (; i < count; ++i) dst[i] = src[i];
+      return;
     }
+  }
+#endif
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// Writes the [rows, cols] tile `src` (from result_buffer) into `dst`, line by line along dst's unit stride.
+template <typename acc_t, typename scalar_t>
+void store(MatView<scalar_t> dst, MatView<const acc_t> src, int64_t rows, int64_t cols, bool stream) {
+  if (dst.row_stride == 1 && cols > 1) {
+    for (int64_t c = 0; c < cols; ++c) store_line(dst.data + c * dst.col_stride, src.data + c * src.col_stride, rows, stream);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) store_line(dst.data + r * dst.row_stride, src.data + r * src.row_stride, cols, stream);
   }
 }
 
@@ -228,6 +262,21 @@ at::Tensor scratch(int64_t size) {
   return at::empty({size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
+// Runs `task(scratch, i)` for every i in [0, count) on the intra-op threads, handing tasks out one at a
+// time from a shared counter. A static split waits for the slowest thread, and on a shared VM the
+// cores do not run at the same speed (one of the two here took ~8% longer over the same tiles). Each
+// thread gets its own acc_t scratch of `scratch_size` elements. Results must not depend on which thread
+// runs a task; every caller's tasks write disjoint outputs.
+template <typename acc_t, typename Task>
+void parallel_tasks(int64_t count, int64_t scratch_size, const Task& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(count, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    at::Tensor buffer = scratch<acc_t>(scratch_size);
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) task(buffer.mutable_data_ptr<acc_t>(), i);
+  });
+}
+
 // Row softmax of the [rows, keys] scaled scores (row stride padded_keys(keys)), in place, in acc_t (fp32,
 // fp64 for fp64). The padding columns are set to zero probability.
 template <typename acc_t>
@@ -253,6 +302,13 @@ void softmax_rows(acc_t* scores, int64_t rows, int64_t keys, acc_t* row_max) {
   }
 }
 
+// Non-temporal stores pay off for outputs well beyond the caches (ANN training: 16 MB per tensor); a
+// small output is better left in cache for the op that reads it next.
+constexpr int64_t kStreamingStoreBytes = 8 << 20;
+bool use_streaming_stores(const at::Tensor& output) {
+  return output.scalar_type() == at::kFloat && output.numel() * output.element_size() >= kStreamingStoreBytes;
+}
+
 // Forward. Parallel over (batch, tile of kQueryTile queries). Per tile: pack Q (unless BLAS can read it
 // in place), scores = scale * Q K^T into the tile's rows of `probs` [B, N, S] acc_t, row softmax there in
 // place (fp32; fp64 for fp64), then out = P V, written by the GEMM straight into `out` for fp32/fp64 or
@@ -271,28 +327,30 @@ void short_attention_forward_kernel(const at::Tensor& query, const at::Tensor& k
   const int64_t tiles_per_batch = (queries + kQueryTile - 1) / kQueryTile;
   acc_t* probs_data = probs_out.mutable_data_ptr<acc_t>();
 
-  at::parallel_for(0, batch * tiles_per_batch, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buffers = scratch<acc_t>(kQueryTile * (dk + dv + 1));
-    acc_t* query_buffer = buffers.mutable_data_ptr<acc_t>();
-    acc_t* out_buffer = query_buffer + kQueryTile * dk;
-    acc_t* row_max = out_buffer + kQueryTile * dv;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tiles_per_batch;
-      const int64_t n0 = (task % tiles_per_batch) * kQueryTile;
-      const int64_t rows = std::min(kQueryTile, queries - n0);
-      const MatView<const acc_t> key_t{key_packed.data() + b * keys_padded * dk, 1, dk};  // K^T [Dk, S_pad]
-      const MatView<const acc_t> v{value_packed.data() + b * keys_padded * dv, dv, 1};
-      acc_t* scores = probs_data + (b * queries + n0) * keys_padded;
-      const MatView<acc_t> probs{scores, keys_padded, 1};
+  const bool stream_out = use_streaming_stores(out), stream_probs = use_streaming_stores(probs_out);
+  const int64_t out_buffer_size = pack_buffer_size(kQueryTile, dv);
+  parallel_tasks<acc_t>(batch * tiles_per_batch,
+                        pack_buffer_size(kQueryTile, dk) + out_buffer_size + kQueryTile * (keys_padded + 1),
+                        [&](acc_t* buffers, int64_t task) {
+    acc_t* query_buffer = buffers;
+    acc_t* out_buffer = query_buffer + pack_buffer_size(kQueryTile, dk);
+    acc_t* scores = out_buffer + out_buffer_size;
+    acc_t* row_max = scores + kQueryTile * keys_padded;
+    const int64_t b = task / tiles_per_batch;
+    const int64_t n0 = (task % tiles_per_batch) * kQueryTile;
+    const int64_t rows = std::min(kQueryTile, queries - n0);
+    const MatView<const acc_t> key_t{key_packed.data() + b * keys_padded * dk, 1, dk};  // K^T [Dk, S_pad]
+    const MatView<const acc_t> v{value_packed.data() + b * keys_padded * dv, dv, 1};
+    const MatView<acc_t> probs{scores, keys_padded, 1};
 
-      const auto q = pack<acc_t>(batch_view<const scalar_t>(query, b, n0), rows, dk, query_buffer);
-      gemm<acc_t>(rows, keys_padded, dk, static_cast<acc_t>(scale), q, key_t, acc_t(0), probs);
-      softmax_rows(scores, rows, keys, row_max);
-      const auto out_tile = batch_view<scalar_t>(out, b, n0);
-      const auto o = result_view<acc_t>(out_tile, dv, out_buffer);
-      gemm<acc_t>(rows, dv, keys_padded, acc_t(1), probs.as_const(), v, acc_t(0), o);
-      store<acc_t>(out_tile, o.as_const(), rows, dv);
-    }
+    const auto q = pack<acc_t>(batch_view<const scalar_t>(query, b, n0), rows, dk, query_buffer);
+    gemm<acc_t>(rows, keys_padded, dk, static_cast<acc_t>(scale), q, key_t, acc_t(0), probs);
+    softmax_rows(scores, rows, keys, row_max);
+    store_line(probs_data + (b * queries + n0) * keys_padded, scores, rows * keys_padded, stream_probs);
+    const auto out_tile = batch_view<scalar_t>(out, b, n0);
+    const auto o = result_buffer(out_tile, rows, dv, out_buffer);
+    gemm<acc_t>(rows, dv, keys_padded, acc_t(1), probs.as_const(), v, acc_t(0), o);
+    store(out_tile, o.as_const(), rows, dv, stream_out);
   });
 }
 
@@ -318,48 +376,49 @@ void short_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
   at::Tensor partials = scratch<acc_t>(batch * chunks_per_batch * partial_size);
   acc_t* partial_data = partials.mutable_data_ptr<acc_t>();
   const acc_t* probs_data = probs_saved.const_data_ptr<acc_t>();
+  const bool stream_grad_query = use_streaming_stores(grad_query);
 
-  at::parallel_for(0, batch * chunks_per_batch, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buffers = scratch<acc_t>(kQueryTile * (2 * dk + dv + keys_padded));
-    acc_t* query_buffer = buffers.mutable_data_ptr<acc_t>();
-    acc_t* grad_out_buffer = query_buffer + kQueryTile * dk;
-    acc_t* grad_query_buffer = grad_out_buffer + kQueryTile * dv;
-    acc_t* grad_scores = grad_query_buffer + kQueryTile * dk;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks_per_batch;
-      const int64_t chunk_start = (task % chunks_per_batch) * kReductionChunk;
-      const int64_t chunk_end = std::min(queries, chunk_start + kReductionChunk);
-      const MatView<const acc_t> k{key_packed.data() + b * keys_padded * dk, dk, 1};
-      const MatView<const acc_t> v{value_packed.data() + b * keys_padded * dv, dv, 1};
-      const MatView<acc_t> grad_key_partial{partial_data + task * partial_size, dk, 1};
-      const MatView<acc_t> grad_value_partial{partial_data + task * partial_size + keys_padded * dk, dv, 1};
-      const MatView<acc_t> ds{grad_scores, keys_padded, 1};
+  parallel_tasks<acc_t>(batch * chunks_per_batch,
+                        pack_buffer_size(kQueryTile, dk) * 2 + pack_buffer_size(kQueryTile, dv) +
+                            kQueryTile * keys_padded,
+                        [&](acc_t* buffers, int64_t task) {
+    acc_t* query_buffer = buffers;
+    acc_t* grad_out_buffer = query_buffer + pack_buffer_size(kQueryTile, dk);
+    acc_t* grad_query_buffer = grad_out_buffer + pack_buffer_size(kQueryTile, dv);
+    acc_t* grad_scores = grad_query_buffer + pack_buffer_size(kQueryTile, dk);
+    const int64_t b = task / chunks_per_batch;
+    const int64_t chunk_start = (task % chunks_per_batch) * kReductionChunk;
+    const int64_t chunk_end = std::min(queries, chunk_start + kReductionChunk);
+    const MatView<const acc_t> k{key_packed.data() + b * keys_padded * dk, dk, 1};
+    const MatView<const acc_t> v{value_packed.data() + b * keys_padded * dv, dv, 1};
+    const MatView<acc_t> grad_key_partial{partial_data + task * partial_size, dk, 1};
+    const MatView<acc_t> grad_value_partial{partial_data + task * partial_size + keys_padded * dk, dv, 1};
+    const MatView<acc_t> ds{grad_scores, keys_padded, 1};
 
-      for (int64_t n0 = chunk_start; n0 < chunk_end; n0 += kQueryTile) {
-        const int64_t rows = std::min(kQueryTile, chunk_end - n0);
-        const auto q = pack<acc_t>(batch_view<const scalar_t>(query, b, n0), rows, dk, query_buffer);
-        const auto dout = pack<acc_t>(batch_view<const scalar_t>(grad_out, b, n0), rows, dv, grad_out_buffer);
-        const acc_t* probs = probs_data + (b * queries + n0) * keys_padded;
-        const MatView<const acc_t> p{probs, keys_padded, 1};
-        gemm<acc_t>(rows, keys_padded, dv, acc_t(1), dout, v.transposed(), acc_t(0), ds);
-        for (int64_t r = 0; r < rows; ++r) {
-          // Padded columns: P = 0 there, so they add nothing and their dS is zero.
-          const acc_t* p_row = probs + r * keys_padded;
-          acc_t* ds_row = grad_scores + r * keys_padded;
-          acc_t dot = 0;
+    for (int64_t n0 = chunk_start; n0 < chunk_end; n0 += kQueryTile) {
+      const int64_t rows = std::min(kQueryTile, chunk_end - n0);
+      const auto q = pack<acc_t>(batch_view<const scalar_t>(query, b, n0), rows, dk, query_buffer);
+      const auto dout = pack<acc_t>(batch_view<const scalar_t>(grad_out, b, n0), rows, dv, grad_out_buffer);
+      const acc_t* probs = probs_data + (b * queries + n0) * keys_padded;
+      const MatView<const acc_t> p{probs, keys_padded, 1};
+      gemm<acc_t>(rows, keys_padded, dv, acc_t(1), dout, v.transposed(), acc_t(0), ds);
+      for (int64_t r = 0; r < rows; ++r) {
+        // Padded columns: P = 0 there, so they add nothing and their dS is zero.
+        const acc_t* p_row = probs + r * keys_padded;
+        acc_t* ds_row = grad_scores + r * keys_padded;
+        acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t j = 0; j < keys_padded; ++j) dot += p_row[j] * ds_row[j];
-          for (int64_t j = 0; j < keys_padded; ++j) ds_row[j] = p_row[j] * (ds_row[j] - dot);
-        }
-        const auto grad_query_tile = batch_view<scalar_t>(grad_query, b, n0);
-        const auto dq = result_view<acc_t>(grad_query_tile, dk, grad_query_buffer);
-        gemm<acc_t>(rows, dk, keys_padded, static_cast<acc_t>(scale), ds.as_const(), k, acc_t(0), dq);
-        store<acc_t>(grad_query_tile, dq.as_const(), rows, dk);
-        const acc_t beta = n0 == chunk_start ? acc_t(0) : acc_t(1);
-        gemm<acc_t>(keys_padded, dk, rows, static_cast<acc_t>(scale), ds.as_const().transposed(), q, beta,
-                    grad_key_partial);
-        gemm<acc_t>(keys_padded, dv, rows, acc_t(1), p.transposed(), dout, beta, grad_value_partial);
+        for (int64_t j = 0; j < keys_padded; ++j) dot += p_row[j] * ds_row[j];
+        for (int64_t j = 0; j < keys_padded; ++j) ds_row[j] = p_row[j] * (ds_row[j] - dot);
       }
+      const auto grad_query_tile = batch_view<scalar_t>(grad_query, b, n0);
+      const auto dq = result_buffer(grad_query_tile, rows, dk, grad_query_buffer);
+      gemm<acc_t>(rows, dk, keys_padded, static_cast<acc_t>(scale), ds.as_const(), k, acc_t(0), dq);
+      store(grad_query_tile, dq.as_const(), rows, dk, stream_grad_query);
+      const acc_t beta = n0 == chunk_start ? acc_t(0) : acc_t(1);
+      gemm<acc_t>(keys_padded, dk, rows, static_cast<acc_t>(scale), ds.as_const().transposed(), q, beta,
+                  grad_key_partial);
+      gemm<acc_t>(keys_padded, dv, rows, acc_t(1), p.transposed(), dout, beta, grad_value_partial);
     }
   });
 
