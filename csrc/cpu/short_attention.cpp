@@ -1,6 +1,6 @@
 // CPU short attention: softmax(q k^T * scale) v for a short key axis S (ANN: S = 110), fused over
 // tiles of queries so that a tile's [rows, S] scores never leave cache. GEMMs on tiles are BLAS calls
-// (MKL here), one single-threaded call per tile inside at::parallel_for.
+// (MKL here), single-threaded calls inside the intra-op threads' tasks (parallel_tasks below).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -121,9 +121,9 @@ void gemm(int64_t m, int64_t n, int64_t k, T alpha, MatView<const T> a, MatView<
 }
 
 // Leading dimension of a packed tile: `extent` rounded up to a cache line plus one cache line, so the
-// rows of a 256-wide tile are not 1 KB apart. Power-of-two strides map a tile's rows onto a few cache
-// sets and evict it while BLAS packs it (the channel-first query, [Dk, N] with N = 8192, is 32 KB apart:
-// reading a tile in place ran ~20% slower than copying it first).
+// lines of a 256-wide tile are not a power of two apart. The channel-first query, [Dk, N] with N = 8192,
+// has its lines 32 KB apart, which maps a tile onto a few cache sets: one core's fp32 Q K^T on a
+// [256, 256] tile took 223 us reading it in place and 173 + 24 us copied first (MKL, this VM).
 constexpr int64_t padded_leading_dim(int64_t extent) { return (extent + 15) / 16 * 16 + 16; }
 
 // Scratch elements pack() needs for a [rows, cols] tile.
@@ -160,9 +160,9 @@ MatView<const acc_t> pack(MatView<const scalar_t> src, int64_t rows, int64_t col
 }
 
 // A tile result is computed into a cache-resident `buffer` (pack_buffer_size elements) laid out like
-// `dst` with a padded leading dimension, and store() then writes it out. Letting BLAS write a
-// channel-first output tile in place, columns 32 KB apart, was ~30% slower than the GEMM into the buffer
-// plus the copy (the zeroing pass over C and the accumulation both missed cache).
+// `dst` with a padded leading dimension, and store() then writes it out: a GEMM writing a channel-first
+// tile in place has the same power-of-two line stride (P V on a [256, 256] tile: 188 us against 172 us
+// into the buffer, one core), and the copy is where the streaming stores below go.
 template <typename acc_t, typename scalar_t>
 MatView<acc_t> result_buffer(MatView<scalar_t> dst, int64_t rows, int64_t cols, acc_t* buffer) {
   if (dst.row_stride == 1 && cols > 1) return {buffer, 1, padded_leading_dim(rows)};
@@ -188,13 +188,22 @@ void store_line(scalar_t* dst, const acc_t* src, int64_t count, bool stream) {
   for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
+// Non-temporal stores are weakly ordered: a thread fences them before its tile counts as written.
+void fence_streaming_stores() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
+
 // Writes the [rows, cols] tile `src` (from result_buffer) into `dst`, line by line along dst's unit stride.
 template <typename acc_t, typename scalar_t>
 void store(MatView<scalar_t> dst, MatView<const acc_t> src, int64_t rows, int64_t cols, bool stream) {
   if (dst.row_stride == 1 && cols > 1) {
-    for (int64_t c = 0; c < cols; ++c) store_line(dst.data + c * dst.col_stride, src.data + c * src.col_stride, rows, stream);
+    for (int64_t c = 0; c < cols; ++c)
+      store_line(dst.data + c * dst.col_stride, src.data + c * src.col_stride, rows, stream);
   } else {
-    for (int64_t r = 0; r < rows; ++r) store_line(dst.data + r * dst.row_stride, src.data + r * src.row_stride, cols, stream);
+    for (int64_t r = 0; r < rows; ++r)
+      store_line(dst.data + r * dst.row_stride, src.data + r * src.row_stride, cols, stream);
   }
 }
 
@@ -309,12 +318,12 @@ bool use_streaming_stores(const at::Tensor& output) {
   return output.scalar_type() == at::kFloat && output.numel() * output.element_size() >= kStreamingStoreBytes;
 }
 
-// Forward. Parallel over (batch, tile of kQueryTile queries). Per tile: pack Q (unless BLAS can read it
-// in place), scores = scale * Q K^T into the tile's rows of `probs` [B, N, S] acc_t, row softmax there in
-// place (fp32; fp64 for fp64), then out = P V, written by the GEMM straight into `out` for fp32/fp64 or
-// through a buffer for fp16/bf16. K and V are packed once per call into row-major acc_t. out has query's
-// layout. P is kept for the backward: at S = 110 it is smaller than Q, and reusing it saves the backward
-// a Q K^T product and a softmax, a seventh of the GEMM work on a CPU that is compute-bound here.
+// Forward. One task per (batch, tile of kQueryTile queries). Per tile: pack Q (unless it is a dense
+// acc_t matrix), scores = scale * Q K^T into a scratch tile, row softmax there in place (fp32; fp64 for
+// fp64), P copied out to `probs` [B, N, S_pad] acc_t, then out = P V into a result buffer and copied to
+// `out`, which has query's layout. K and V are packed once per call into row-major acc_t. P is kept for
+// the backward: at S = 110 it is smaller than Q, and reusing it saves the backward a Q K^T product and
+// a softmax, a seventh of the GEMM work on a CPU that is compute-bound here.
 template <typename scalar_t>
 void short_attention_forward_kernel(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                     double scale, at::Tensor& out, at::Tensor& probs_out) {
@@ -351,10 +360,11 @@ void short_attention_forward_kernel(const at::Tensor& query, const at::Tensor& k
     const auto o = result_buffer(out_tile, rows, dv, out_buffer);
     gemm<acc_t>(rows, dv, keys_padded, acc_t(1), probs.as_const(), v, acc_t(0), o);
     store(out_tile, o.as_const(), rows, dv, stream_out);
+    if (stream_out || stream_probs) fence_streaming_stores();
   });
 }
 
-// Backward. Stage 1, parallel over (batch, chunk of kReductionChunk queries); a chunk walks its
+// Backward. Stage 1, one task per (batch, chunk of kReductionChunk queries); a chunk walks its
 // kQueryTile tiles in order: P from the forward, dP = dO V^T, D = rowsum(P * dP) (equal to
 // rowsum(dO * O)), dS = P * (dP - D), dQ = scale * dS K (written once per tile), and accumulates the
 // chunk's partial dK += scale * dS^T Q and dV += P^T dO in acc_t. Stage 2, parallel over (batch, key
@@ -415,6 +425,7 @@ void short_attention_backward_kernel(const at::Tensor& grad_out, const at::Tenso
       const auto dq = result_buffer(grad_query_tile, rows, dk, grad_query_buffer);
       gemm<acc_t>(rows, dk, keys_padded, static_cast<acc_t>(scale), ds.as_const(), k, acc_t(0), dq);
       store(grad_query_tile, dq.as_const(), rows, dk, stream_grad_query);
+      if (stream_grad_query) fence_streaming_stores();
       const acc_t beta = n0 == chunk_start ? acc_t(0) : acc_t(1);
       gemm<acc_t>(keys_padded, dk, rows, static_cast<acc_t>(scale), ds.as_const().transposed(), q, beta,
                   grad_key_partial);
