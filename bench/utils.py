@@ -216,7 +216,7 @@ class Budget:
     def for_device(cls, device: torch.device, quick: bool = False) -> "Budget":
         if device.type == "cuda":
             return cls(0.02, 0.05, 5, 20) if quick else cls(0.05, 0.25, 10, 100)
-        return cls(0.0, 0.05, 2, 3) if quick else cls(0.1, 0.5, 3, 30)
+        return cls(0.0, 0.05, 2, 3) if quick else cls(0.3, 2.0, 5, 50)
 
 
 def _synchronize(device: torch.device) -> None:
