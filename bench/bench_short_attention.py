@@ -6,6 +6,7 @@ path (permute copies, matmul, separate scale, softmax, matmul). Peers: F.scaled_
 with contiguous [B, 1, N, D] inputs, i.e. as if the projections ran channels_last, so no layout copy is
 charged to it. On GPU each SDPA backend is forced in turn (torch.nn.attention.sdpa_kernel) and a
 backend that rejects the shape/dtype is recorded as skipped; on CPU the default dispatch is used.
+"gemm_only" times the six matrix products alone, the bound on any GEMM-based kernel (see below).
 """
 
 from __future__ import annotations
@@ -91,6 +92,46 @@ def _sdpa_provider(name: str, sdpa_backend) -> Provider:
     return Provider(name, make, kind="peer")
 
 
+def _gemm_only_provider() -> Provider:
+    """The attention's matrix products alone: torch.bmm into preallocated outputs, no softmax, no copies.
+
+    Not an attention (the "probabilities" are random numbers): it is the time the six products take
+    through the vendor GEMM (MKL on CPU, cuBLAS on GPU) on contiguous operands, 2 in the forward and 4 in
+    the backward, which every implementation here computes. reference / gemm_only bounds the speed-up
+    that a kernel built on GEMMs as fast as the vendor's can show over the reference.
+    """
+
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        d = shape.dims
+        b, n, s, dk, dv = d["B"], d["N"], d["S"], d["Dk"], d["Dv"]
+        options = dict(dtype=dtype, device=device)
+        query, grad_out = torch.randn(b, n, dk, **options), torch.randn(b, n, dv, **options)
+        key, value = torch.randn(b, s, dk, **options), torch.randn(b, s, dv, **options)
+        probs, scores = torch.rand(b, n, s, **options), torch.empty(b, n, s, **options)
+        out, grad_query = torch.empty_like(grad_out), torch.empty_like(query)
+        grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
+
+        def forward():
+            torch.bmm(query, key.transpose(1, 2), out=scores)  # Q K^T
+            torch.bmm(probs, value, out=out)  # P V
+
+        def backward():
+            torch.bmm(grad_out, value.transpose(1, 2), out=scores)  # dP = dO V^T
+            torch.bmm(probs.transpose(1, 2), grad_out, out=grad_value)  # dV = P^T dO
+            torch.bmm(probs, key, out=grad_query)  # dQ = dS K
+            torch.bmm(probs.transpose(1, 2), query, out=grad_key)  # dK = dS^T Q
+
+        def full():
+            forward()
+            backward()
+
+        flops, nbytes = cost_model(d, dtype)
+        passes = {"fwd": lambda: forward, "bwd": lambda: backward, "full": lambda: full}
+        return Workload(passes, flops=flops, bytes=nbytes)
+
+    return Provider("gemm_only", make, kind="peer")
+
+
 def providers(device: str) -> list:
     found = [_backend_provider(name) for name in utils.registered_backends(device)]
     if device == "cuda":
@@ -102,8 +143,8 @@ def providers(device: str) -> list:
             ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
             ("sdpa_math", SDPBackend.MATH),
         ]
-        return found + [_sdpa_provider(name, backend) for name, backend in sdpa]
-    return found + [_sdpa_provider("sdpa", None)]
+        return found + [_sdpa_provider(name, backend) for name, backend in sdpa] + [_gemm_only_provider()]
+    return found + [_sdpa_provider("sdpa", None), _gemm_only_provider()]
 
 
 BENCH = OpBench("short_attention", SHAPES, dtypes=("float32", "bfloat16"), providers=providers)
