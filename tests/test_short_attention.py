@@ -47,19 +47,24 @@ def _oracle(query, key, value, grad, scale=None):
     return (out, *torch.autograd.grad(out, leaves, grad.double()))
 
 
+def _check_forward_and_gradients(case, layout, device, backend):
+    """Output and all three gradients of one fp32 case, outputs poisoned, against the float64 oracle."""
+    query, key, value = _inputs(case, layout, device)
+    with poisoned_outputs():
+        out = annkernels.short_attention(query, key, value, backend=backend)
+    grad = torch.randn_like(out)
+    with poisoned_outputs():
+        grads = torch.autograd.grad(out, (query, key, value), grad)
+    expected = _oracle(query, key, value, grad)
+    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected):
+        assert_close(actual, wanted, name=f"{name} {case} {layout}", **FLOAT32_TOLERANCE)
+
+
 @pytest.mark.parametrize("device, backend", backend_cases())
 @pytest.mark.parametrize("layout", ["channel_first", "contiguous"])
 def test_forward_and_gradients_match_reference(device, backend, layout):
     for case in _cases_for(backend):
-        query, key, value = _inputs(case, layout, device)
-        with poisoned_outputs():
-            out = annkernels.short_attention(query, key, value, backend=backend)
-        grad = torch.randn_like(out)
-        with poisoned_outputs():
-            grads = torch.autograd.grad(out, (query, key, value), grad)
-        expected = _oracle(query, key, value, grad)
-        for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected):
-            assert_close(actual, wanted, name=f"{name} {case} {layout}", **FLOAT32_TOLERANCE)
+        _check_forward_and_gradients(case, layout, device, backend)
 
 
 @pytest.mark.parametrize("layout", ["channel_first", "contiguous"])
@@ -68,15 +73,7 @@ def test_cpu_outputs_beyond_the_streaming_store_size(layout):
     # unaligned head and tail; N = 8301 puts every channel-first line at a different alignment.
     if "cpu" not in annkernels.available_backends():
         pytest.skip("the CPU extension is not built")
-    query, key, value = _inputs((1, 8301, 110, 256, 256), layout, "cpu")
-    with poisoned_outputs():
-        out = annkernels.short_attention(query, key, value, backend="cpu")
-    grad = torch.randn_like(out)
-    with poisoned_outputs():
-        grads = torch.autograd.grad(out, (query, key, value), grad)
-    expected = _oracle(query, key, value, grad)
-    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected):
-        assert_close(actual, wanted, name=f"{name} {layout}", **FLOAT32_TOLERANCE)
+    _check_forward_and_gradients((1, 8301, 110, 256, 256), layout, "cpu", "cpu")
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())
