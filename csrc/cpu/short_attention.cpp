@@ -163,9 +163,15 @@ MatView<const acc_t> pack(MatView<const scalar_t> src, int64_t rows, int64_t col
 // `dst` with a padded leading dimension, and store() then writes it out: a GEMM writing a channel-first
 // tile in place has the same power-of-two line stride (P V on a [256, 256] tile: 188 us against 172 us
 // into the buffer, one core), and the copy is where the streaming stores below go.
+// Whether `dst`, a [rows, cols] output tile, is stored column by column (a channel-first output).
+template <typename T>
+bool is_column_major_tile(const MatView<T>& dst, int64_t cols) {
+  return dst.row_stride == 1 && cols > 1;
+}
+
 template <typename acc_t, typename scalar_t>
 MatView<acc_t> result_buffer(MatView<scalar_t> dst, int64_t rows, int64_t cols, acc_t* buffer) {
-  if (dst.row_stride == 1 && cols > 1) return {buffer, 1, padded_leading_dim(rows)};
+  if (is_column_major_tile(dst, cols)) return {buffer, 1, padded_leading_dim(rows)};
   return {buffer, padded_leading_dim(cols), 1};
 }
 
@@ -198,7 +204,7 @@ void fence_streaming_stores() {
 // Writes the [rows, cols] tile `src` (from result_buffer) into `dst`, line by line along dst's unit stride.
 template <typename acc_t, typename scalar_t>
 void store(MatView<scalar_t> dst, MatView<const acc_t> src, int64_t rows, int64_t cols, bool stream) {
-  if (dst.row_stride == 1 && cols > 1) {
+  if (is_column_major_tile(dst, cols)) {
     for (int64_t c = 0; c < cols; ++c)
       store_line(dst.data + c * dst.col_stride, src.data + c * src.col_stride, rows, stream);
   } else {
