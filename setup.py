@@ -54,13 +54,11 @@ def get_extensions():
     # No -std flag: BuildExtension passes the standard the installed torch's headers need (C++20 from 2.14).
     cxx_flags += ["-fopenmp"]
     extra_compile_args = {"cxx": cxx_flags}
-    define_macros = []
     extension = CppExtension
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         extension = CUDAExtension
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
-        define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
         extra_compile_args["nvcc"] += ["--expt-relaxed-constexpr"]
     return [
@@ -68,7 +66,6 @@ def get_extensions():
             "annkernels._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc", "include")],
-            define_macros=define_macros,
             extra_compile_args=extra_compile_args,
             extra_link_args=["-fopenmp"],
         )

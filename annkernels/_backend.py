@@ -35,7 +35,7 @@ def _has_native_kernel(dispatch_key: str) -> bool:
     if NATIVE_IMPORT_ERROR is not None:
         return False
     return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"annkernels::{op}", dispatch_key)
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"annkernels::_{op}", dispatch_key)
         for op in ("pyramid_pool_forward", "pyramid_pool_backward", "short_attention_forward",
                    "short_attention_backward")
     )

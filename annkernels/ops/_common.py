@@ -56,11 +56,12 @@ def check_scale(scale) -> float:
 
 
 def kernel(backend: str, name: str):
-    """`name` (e.g. "short_attention_backward") for a concrete backend: the C++ op or its Triton twin.
+    """`name` (e.g. "short_attention_backward") for a concrete backend: the private C++ kernel op
+    (``torch.ops.annkernels._<name>``, csrc/ops.cpp) or its Triton twin.
 
     C++ ops dispatch on the tensors' device themselves; Triton kernels live in annkernels/triton/<op>.py.
     """
     if backend == "triton":
         op = name.rsplit("_", 1)[0]
         return getattr(importlib.import_module(f"annkernels.triton.{op}"), name)
-    return getattr(torch.ops.annkernels, name)
+    return getattr(torch.ops.annkernels, f"_{name}")

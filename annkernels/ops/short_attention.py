@@ -69,10 +69,16 @@ def _short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return kernel(backend, "short_attention_forward")(query, key, value, scale)
 
 
+# Read from the CPU kernels once, outside any tracing, so the fake below never re-derives it.
+_CPU_KEY_ALIGNMENT = torch.ops.annkernels._short_attention_cpu_key_alignment() if _backend.NATIVE_CPU else None
+
+
 def _softmax_state_like(query, key, backend):
+    """The forward's second output (csrc/ops.cpp): P with the key axis padded on the CPU, the row log-sum-exp
+    on GPUs."""
     if backend == "cpu":
         dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-        padded_keys = (key.shape[1] + 7) // 8 * 8  # kKeyAlign in csrc/cpu/short_attention.cpp
+        padded_keys = -(-key.shape[1] // _CPU_KEY_ALIGNMENT) * _CPU_KEY_ALIGNMENT
         return query.new_empty((query.shape[0], query.shape[1], padded_keys), dtype=dtype)
     return query.new_empty(query.shape[:2], dtype=torch.float32)
 

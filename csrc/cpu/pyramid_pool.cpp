@@ -313,8 +313,8 @@ at::Tensor pyramid_pool_backward_cpu(const at::Tensor& grad_output, c10::IntArra
 }  // namespace
 
 TORCH_LIBRARY_IMPL(annkernels, CPU, m) {
-  m.impl("pyramid_pool_forward", &pyramid_pool_forward_cpu);
-  m.impl("pyramid_pool_backward", &pyramid_pool_backward_cpu);
+  m.impl("_pyramid_pool_forward", &pyramid_pool_forward_cpu);
+  m.impl("_pyramid_pool_backward", &pyramid_pool_backward_cpu);
 }
 
 }  // namespace annkernels

@@ -159,15 +159,16 @@ MatView<const acc_t> pack(MatView<const scalar_t> src, int64_t rows, int64_t col
   return {buffer, ld, 1};
 }
 
-// A tile result is computed into a cache-resident `buffer` (pack_buffer_size elements) laid out like
-// `dst` with a padded leading dimension, and store() then writes it out: a GEMM writing a channel-first
-// tile in place has the same power-of-two line stride (P V on a [256, 256] tile: 188 us against 172 us
-// into the buffer, one core), and the copy is where the streaming stores below go.
 // Whether `dst`, a [rows, cols] output tile, is stored column by column (a channel-first output).
 template <typename T>
 bool is_column_major_tile(const MatView<T>& dst, int64_t cols) {
   return dst.row_stride == 1 && cols > 1;
 }
+
+// A tile result is computed into a cache-resident `buffer` (pack_buffer_size elements) laid out like
+// `dst` with a padded leading dimension, and store() then writes it out: a GEMM writing a channel-first
+// tile in place has the same power-of-two line stride (P V on a [256, 256] tile: 188 us against 172 us
+// into the buffer, one core), and the copy is where the streaming stores below go.
 
 template <typename acc_t, typename scalar_t>
 MatView<acc_t> result_buffer(MatView<scalar_t> dst, int64_t rows, int64_t cols, acc_t* buffer) {
@@ -295,7 +296,7 @@ void parallel_tasks(int64_t count, int64_t scratch_size, const Task& task) {
 // Row softmax of the [rows, keys] scaled scores (row stride padded_keys(keys)), in place, in acc_t (fp32,
 // fp64 for fp64). The padding columns are set to zero probability.
 template <typename acc_t>
-void softmax_rows(acc_t* scores, int64_t rows, int64_t keys, acc_t* row_max) {
+void softmax_rows(acc_t* scores, int64_t rows, int64_t keys) {
   const int64_t stride = padded_keys(keys);
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = scores + r * stride;
@@ -303,7 +304,6 @@ void softmax_rows(acc_t* scores, int64_t rows, int64_t keys, acc_t* row_max) {
 #pragma omp simd reduction(max : max)
     for (int64_t j = 0; j < keys; ++j) max = row[j] > max ? row[j] : max;
     for (int64_t j = 0; j < keys; ++j) row[j] -= max;
-    row_max[r] = max;
   }
   exp_in_place(scores, rows * stride);
   for (int64_t r = 0; r < rows; ++r) {
@@ -345,12 +345,11 @@ void short_attention_forward_kernel(const at::Tensor& query, const at::Tensor& k
   const bool stream_out = use_streaming_stores(out), stream_probs = use_streaming_stores(probs_out);
   const int64_t out_buffer_size = pack_buffer_size(kQueryTile, dv);
   parallel_tasks<acc_t>(batch * tiles_per_batch,
-                        pack_buffer_size(kQueryTile, dk) + out_buffer_size + kQueryTile * (keys_padded + 1),
+                        pack_buffer_size(kQueryTile, dk) + out_buffer_size + kQueryTile * keys_padded,
                         [&](acc_t* buffers, int64_t task) {
     acc_t* query_buffer = buffers;
     acc_t* out_buffer = query_buffer + pack_buffer_size(kQueryTile, dk);
     acc_t* scores = out_buffer + out_buffer_size;
-    acc_t* row_max = scores + kQueryTile * keys_padded;
     const int64_t b = task / tiles_per_batch;
     const int64_t n0 = (task % tiles_per_batch) * kQueryTile;
     const int64_t rows = std::min(kQueryTile, queries - n0);
@@ -360,7 +359,7 @@ void short_attention_forward_kernel(const at::Tensor& query, const at::Tensor& k
 
     const auto q = pack<acc_t>(batch_view<const scalar_t>(query, b, n0), rows, dk, query_buffer);
     gemm<acc_t>(rows, keys_padded, dk, static_cast<acc_t>(scale), q, key_t, acc_t(0), probs);
-    softmax_rows(scores, rows, keys, row_max);
+    softmax_rows(scores, rows, keys);
     store_line(probs_data + (b * queries + n0) * keys_padded, scores, rows * keys_padded, stream_probs);
     const auto out_tile = batch_view<scalar_t>(out, b, n0);
     const auto o = result_buffer(out_tile, rows, dv, out_buffer);
@@ -528,8 +527,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(annkernels, CPU, m) {
-  m.impl("short_attention_forward", &short_attention_forward_cpu);
-  m.impl("short_attention_backward", &short_attention_backward_cpu);
+  m.impl("_short_attention_forward", &short_attention_forward_cpu);
+  m.impl("_short_attention_backward", &short_attention_backward_cpu);
+}
+
+// No tensor arguments, so no device to dispatch on.
+TORCH_LIBRARY_IMPL(annkernels, CompositeExplicitAutograd, m) {
+  m.impl("_short_attention_cpu_key_alignment", [] { return kKeyAlign; });
 }
 
 }  // namespace annkernels

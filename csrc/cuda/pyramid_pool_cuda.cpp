@@ -81,6 +81,6 @@ at::Tensor pyramid_pool_backward_cuda(const at::Tensor& grad_output, c10::IntArr
 }  // namespace annkernels
 
 TORCH_LIBRARY_IMPL(annkernels, CUDA, m) {
-  m.impl("pyramid_pool_forward", &annkernels::pyramid_pool_forward_cuda);
-  m.impl("pyramid_pool_backward", &annkernels::pyramid_pool_backward_cuda);
+  m.impl("_pyramid_pool_forward", &annkernels::pyramid_pool_forward_cuda);
+  m.impl("_pyramid_pool_backward", &annkernels::pyramid_pool_backward_cuda);
 }

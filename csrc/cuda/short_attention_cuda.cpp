@@ -98,6 +98,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cuda(
 }  // namespace annkernels
 
 TORCH_LIBRARY_IMPL(annkernels, CUDA, m) {
-  m.impl("short_attention_forward", &annkernels::short_attention_forward_cuda);
-  m.impl("short_attention_backward", &annkernels::short_attention_backward_cuda);
+  m.impl("_short_attention_forward", &annkernels::short_attention_forward_cuda);
+  m.impl("_short_attention_backward", &annkernels::short_attention_backward_cuda);
 }
