@@ -15,15 +15,15 @@ import pytest
 import torch
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import models
+from train import transforms as T
+from train.config import resolve_config
+from train.distributed import DistributedContext
+from train.engine import MetricsLog, PolyLR
+from train.synthetic import SyntheticScenes
+from train.train import train_interval
 
-import models  # noqa: E402
-from train import transforms as T  # noqa: E402
-from train.config import resolve_config  # noqa: E402
-from train.distributed import DistributedContext  # noqa: E402
-from train.synthetic import SyntheticScenes  # noqa: E402
-from train.train import MetricsLog, PolyLR, train_interval  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # Small and quick: ann_r18_d8 on 32x32 scenes, one thread per process so parallel jobs do not thrash.
 TINY = ["--synthetic-size", "32", "--crop-size", "32", "32", "--scale", "32", "32", "--batch-size", "2",

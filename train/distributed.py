@@ -1,6 +1,7 @@
 """torchrun process-group setup and small helpers (torchvision references' init_distributed_mode, reshaped)."""
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -43,14 +44,15 @@ def init_distributed(device_name=None) -> DistributedContext:
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def cleanup(context: DistributedContext) -> None:
-    if context.enabled and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier(context: DistributedContext) -> None:
-    if context.enabled:
-        dist.barrier()
+@contextmanager
+def process_group(device_name=None):
+    """init_distributed() for the body of a `with`; the process group is destroyed on the way out, errors too."""
+    context = init_distributed(device_name)
+    try:
+        yield context
+    finally:
+        if context.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def mean_over_processes(values: dict, context: DistributedContext) -> dict:
