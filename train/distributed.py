@@ -27,7 +27,8 @@ class DistributedContext:
 def init_distributed(device_name=None) -> DistributedContext:
     """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL when the device is a GPU, gloo on CPU.
 
-    Multi-node runs need nothing more than torchrun's usual --nnodes/--node-rank/--rdzv-endpoint arguments.
+    Multi-node runs need nothing more than torchrun's usual --nnodes/--node-rank/--rdzv-endpoint arguments, and
+    torchrun's --max-restarts brings a failed group back (train.py then resumes from its last checkpoint).
     """
     use_cuda = torch.cuda.is_available() if device_name is None else device_name.startswith("cuda")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -40,7 +41,13 @@ def init_distributed(device_name=None) -> DistributedContext:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    # Under torchrun the store outlives a restart, holding the keys of the group that died, gloo's peer addresses
+    # among them: a restarted rank could read a dead peer's address before the new peer writes its own (seen as
+    # "connectFullMesh failed ... Connection refused"). A prefix per restart keeps each attempt's keys apart.
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                            store=store, rank=rank, world_size=world_size)
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

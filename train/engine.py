@@ -96,7 +96,7 @@ def next_batch(batches, iteration: int, config: dict):
 
 def diverged(loss: torch.Tensor, parts: dict, iteration: int, config: dict) -> TrainingError:
     """The error for a non-finite loss, naming the iteration and every loss term."""
-    terms = ", ".join(f"{key} {float(value):.4g}" for key, value in parts.items())
+    terms = ", ".join(f"{key} {float(value.detach()):.4g}" for key, value in parts.items())
     advice = "a lower --lr" + (" or --amp off" if config["amp"] != "off" else "")
     return TrainingError(f"loss is {loss.item()} at iteration {iteration} ({terms}); stopped before updating the "
                          f"weights. {last_checkpoint_note(config)} Try {advice}.")
