@@ -18,6 +18,7 @@ import torch
 import models
 from models import zoo
 from models.checkpoint import CheckpointError, checkpoint_file
+from train.config import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,6 +245,7 @@ def test_evaluating_a_released_model_prints_the_published_figure(server, hub_cac
     entry = zoo.Released("ann_r18-d8_64x64_1k_synthetic", "synthetic", "ann_r18_d8", (64, 64), 1000,
                          f"{base}/{name}", 12.34, 23.45)
     monkeypatch.setitem(zoo.RELEASED, entry.name, entry)
+    monkeypatch.setitem(RECIPES["synthetic"], "synthetic_val_length", 4)  # 4 validation scenes: quick
     monkeypatch.chdir(tmp_path)
     args = get_args_parser().parse_args(["--checkpoint", entry.name, "--workers", "0", "--no-progress"])
     assert main(args) == 0

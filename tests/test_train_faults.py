@@ -1,5 +1,6 @@
-"""Faults a long run meets: a worker process killed under torchrun (elastic restart resumes), a loss that turns
-non-finite, fp16 gradient overflow, a dead DataLoader worker, a disk that fills up while checkpointing."""
+"""Faults a long run meets, in-process: a loss that turns non-finite, fp16 gradient overflow, a dead DataLoader
+worker, a disk that fills up while checkpointing. (The elastic restart under torchrun and a diverging run of the
+script are in test_train_loop.py.)"""
 
 import errno
 import io
@@ -7,10 +8,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,71 +28,6 @@ from train.engine import (
 )
 from train.synthetic import SyntheticScenes
 from train.train import train_interval
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--synthetic-size", "32", "--crop-size", "32", "32", "--scale", "32", "32", "--batch-size", "2",
-        "--workers", "0", "--cpu-threads", "1", "--log-interval", "1", "--no-progress", "--num-preview", "1",
-        "--no-eval-at-start", "--synthetic-val-length", "4"]
-
-
-def records(work_dir, kind):
-    lines = (Path(work_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def poly(iteration, total, lr=0.04, min_lr=1e-4, power=0.9):
-    return (lr - min_lr) * (1 - (iteration - 1) / (total - 1)) ** power + min_lr
-
-
-def children_with_rank(parent_pid: int, rank: int) -> list[int]:
-    """Processes started by `parent_pid` whose environment says RANK=`rank` (torchrun's workers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environment = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == parent_pid and f"RANK={rank}".encode() in environment:
-            found.append(int(entry.name))
-    return found
-
-
-def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
-    work_dir = tmp_path / "elastic"
-    total = 30
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "--max-restarts=1", "--monitor-interval=0.2", "train/train.py", *TINY, "--iterations", str(total),
-               "--ckpt-interval", "4", "--eval-interval", str(total), "--work-dir", str(work_dir)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (work_dir / "iter_4.pth").exists():
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.02)
-        (victim,) = children_with_rank(process.pid, rank=1)
-        os.kill(victim, signal.SIGKILL)
-        stdout, stderr = process.communicate(timeout=600)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, stderr[-3000:]
-    assert "torchrun restart 1: continuing from the last checkpoint" in stdout
-    resumed_at = int(stdout.split("resumed from ")[1].split(" at iteration ")[1].split()[0])
-    assert 4 <= resumed_at < total and resumed_at % 4 == 0
-
-    # Same end as an uninterrupted run: every iteration once after the resume point, on the same schedule.
-    after = [r for r in records(work_dir, "train") if r["iteration"] > resumed_at][-(total - resumed_at):]
-    assert [r["iteration"] for r in after] == list(range(resumed_at + 1, total + 1))
-    for record in after:
-        assert record["lr"] == pytest.approx(poly(record["iteration"], total), rel=1e-12)
-    final = torch.load(work_dir / "latest.pth", weights_only=True)
-    assert final["iteration"] == total and final["lr_scheduler"]["last_epoch"] == total
-    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
-    assert len(final["rng_states"]) == 2
 
 
 class PixelClassifier(nn.Module):
@@ -134,22 +66,8 @@ def test_non_finite_loss_stops_before_the_update_naming_iteration_and_terms(tmp_
     assert scheduler.last_epoch == 1
 
 
-def test_diverging_run_exits_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
-    work_dir = tmp_path / "work"
-    result = subprocess.run([sys.executable, "train/train.py", *TINY, "--lr", "1e30", "--iterations", "6",
-                             "--ckpt-interval", "1", "--eval-interval", "6", "--work-dir", str(work_dir)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: loss is ") and "(loss_out " in last_line
-    failed_at = int(last_line.split(" at iteration ")[1].split()[0])
-    assert f"The last checkpoint, {work_dir / 'latest.pth'}, is intact." in last_line
-    kept = torch.load(work_dir / "latest.pth", weights_only=True)
-    assert kept["iteration"] == failed_at - 1
-    assert all(torch.isfinite(value).all() for value in kept["model"].values() if value.is_floating_point())
-
-
+# torch warns when the scheduler steps after a step the scaler skipped; skipping is what this test provokes.
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 def test_fp16_overflow_skips_are_logged_not_failures(tmp_path):
     config, batch, model, optimizer, scheduler = tiny_setup(tmp_path, amp="fp16", log_interval=3)
     # A loss scale of 2^100 overflows fp16 gradients until the scaler has backed off far enough.
@@ -158,7 +76,7 @@ def test_fp16_overflow_skips_are_logged_not_failures(tmp_path):
     with tqdm(disable=True) as bar:
         train_interval(model, itertools.repeat(batch), optimizer, scheduler, scaler, config, DistributedContext(), 0,
                        3, MetricsLog(tmp_path, enabled=True), bar)
-    (record,) = records(tmp_path, "train")
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["skipped_steps"] == 3 and record["loss_scale"] == 2.0**97
     assert all(torch.equal(value, weights[name]) for name, value in model.named_parameters())
 

@@ -1,7 +1,7 @@
 """Train an ANN segmentor (mmseg recipe) on the built-in synthetic scenes, ADE20K, Cityscapes or VOC12aug.
 
     python train/train.py                                   # synthetic, ann_r18_d8, a few CPU minutes
-    torchrun --nproc_per_node=4 train/train.py --dataset cityscapes --pretrained resnet50_v1c.pth
+    torchrun --nproc_per_node=4 train/train.py --dataset cityscapes   # from open-mmlab://resnet50_v1c
     python train/train.py --dataset ade20k --resume auto    # continue from <work-dir>/latest.pth
 
 Defaults come from the per-dataset recipe (train/config.py), then --config FILE, then the command line.
