@@ -1,6 +1,11 @@
 """Loading our own, mmsegmentation's and ImageNet backbone checkpoints into an ANN segmentor.
 
-Accepted sources (a path or an already loaded object):
+A source is a local path, an http(s) URL, a model zoo name (``python -m models.zoo``: mmseg's released ANN
+models, ``open-mmlab://resnet50_v1c`` and the other ImageNet backbones) or an already loaded object. URLs and
+zoo names are downloaded once into torch's hub cache (``torch.hub.get_dir()/checkpoints``) with torch.hub's
+own downloader; a file name carrying a hash prefix (``name-<sha256 prefix>.pth``, as mmseg's) is checked.
+
+Accepted contents:
 - our training checkpoints: ``{"model": state_dict, ...}``, keys possibly prefixed ``module.`` (DDP) or
   ``_orig_mod.`` (torch.compile);
 - mmseg 0.x/1.x ANN checkpoints: ``{"state_dict": ..., "meta": ...}`` with ``backbone.`` / ``decode_head.`` /
@@ -18,6 +23,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import urllib.parse
 import warnings
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -33,10 +39,17 @@ NUM_CLASSES_MISMATCH_MODES = ("error", "reinit")
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _MAX_PLACEHOLDERS = 64
 _LISTED_KEYS = 12  # keys shown per category in error messages
+# The sha256 prefix in names like resnet50_v1c-2cccc1ad.pth. torch.hub's own pattern also takes "-d8." in
+# "ann_r50-d8.pth" for a hash, so at least 8 hex digits are required here.
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A source that is no existing file, URL or zoo name."""
 
 
 class LoadResult(NamedTuple):
@@ -87,6 +100,57 @@ def read_checkpoint(path: str | os.PathLike) -> object:
     return checkpoint
 
 
+def checkpoint_file(source: str | os.PathLike) -> str:
+    """The local file behind a checkpoint source: a path as it is; a URL, zoo name or open-mmlab:// name is
+    downloaded into torch's hub cache on first use (with a progress bar) and found there afterwards.
+
+    Raises CheckpointError naming the URL and the cache path when a download fails or arrives corrupt; nothing
+    is left in the cache then.
+    """
+    from models import zoo  # here, not at the top: `python -m models.zoo` must be the module's first import
+
+    source = os.fspath(source)
+    if os.path.isfile(source):
+        return source
+    url = zoo.url_of(source)
+    if url is None and source.startswith(("http://", "https://")):
+        url = source
+    if url is None and source.startswith(zoo.OPEN_MMLAB):
+        raise CheckpointNotFoundError(f"unknown name {source}; the open-mmlab:// names are "
+                                      f"{', '.join(zoo.OPEN_MMLAB + name for name in zoo.BACKBONES)}")
+    if url is None:
+        raise CheckpointNotFoundError(f"checkpoint not found: {source} is no file, http(s) URL or zoo name "
+                                      "(python -m models.zoo lists the names)")
+    return _download(url)
+
+
+def _download(url: str) -> str:
+    filename = os.path.basename(urllib.parse.urlparse(url).path)
+    if not filename:
+        raise CheckpointError(f"cannot download {url}: the URL names no file")
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if os.path.isfile(cached):
+        return cached
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    match = _HASH_IN_NAME.search(filename)
+    instead = f"Without network access, download the file elsewhere and pass its local path, or put it at {cached}."
+    try:
+        # Writes a temporary file next to `cached` and renames it only when complete (and the hash matches).
+        torch.hub.download_url_to_file(url, cached, hash_prefix=match.group(1) if match else None, progress=True)
+    except Exception as error:
+        raise CheckpointError(f"cannot download {url} into {cached} ({type(error).__name__}: {error}). "
+                              f"{instead}") from error
+    try:  # a connection closed early still ends the download "successfully": read the file once to know
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the caller's own read warns about placeholders
+            read_checkpoint(cached)
+    except CheckpointError as error:
+        os.remove(cached)
+        raise CheckpointError(f"download of {url} is not a readable checkpoint (cut off?), removed {cached} "
+                              f"({error}). {instead}") from error
+    return cached
+
+
 def extract_state_dict(checkpoint: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The tensor dict inside a checkpoint (``state_dict``, ``model`` or the object itself), wrapper prefixes
     (``module.``, ``_orig_mod.``) removed."""
@@ -108,13 +172,13 @@ def extract_state_dict(checkpoint: object, source: str = "checkpoint") -> dict[s
     return state_dict
 
 
-def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
-                    num_classes_mismatch: str = "error") -> LoadResult:
+def load_checkpoint(model: nn.Module, source, strict: bool = True, num_classes_mismatch: str = "error") -> LoadResult:
     """Load a whole-model checkpoint (ours or mmseg's) into ``model``.
 
     Args:
         model: an ANNSegmentor (possibly wrapped by DDP or torch.compile).
-        path_or_state_dict: a file path, a loaded checkpoint dict or a state_dict.
+        source: a file path, http(s) URL, zoo name (e.g. ``ann_r50-d8_512x1024_40k_cityscapes``), a loaded
+            checkpoint dict or a state_dict.
         strict: raise on missing or unexpected keys; otherwise load what matches and warn.
         num_classes_mismatch: "error" raises when the conv_seg shapes differ (another class count);
             "reinit" keeps the model's class count and re-initialises both conv_seg layers, with a warning.
@@ -127,7 +191,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
         raise ValueError(f"num_classes_mismatch must be one of {NUM_CLASSES_MISMATCH_MODES}, "
                          f"got {num_classes_mismatch!r}")
     model = unwrap_model(model)
-    source, state_dict = _load_source(path_or_state_dict)
+    source, state_dict = _load_source(source)
     expected = model.state_dict()
     _fill_aliases(state_dict, expected, source)
 
@@ -166,15 +230,17 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True,
     return LoadResult(missing, unexpected, reinitialized)
 
 
-def load_pretrained_backbone(model: nn.Module, path_or_state_dict) -> LoadResult:
+def load_pretrained_backbone(model: nn.Module, source) -> LoadResult:
     """Load ImageNet ResNet-V1c weights (mmseg's ``open-mmlab://resnet{18,50,101}_v1c``) into model.backbone.
+
+    ``source`` is any of load_checkpoint's, typically an ``open-mmlab://`` name.
 
     Keys may be bare (``stem.0.weight``) or carry ``backbone.`` (a whole segmentor checkpoint, whose heads are
     then ignored). The ImageNet classifier ``fc.*`` is expected and ignored. Every backbone tensor must be
     present with the right shape, else CheckpointError.
     """
     backbone = unwrap_model(model).backbone
-    source, state_dict = _load_source(path_or_state_dict)
+    source, state_dict = _load_source(source)
     if any(key.startswith("backbone.") for key in state_dict):
         state_dict = {key[len("backbone."):]: value for key, value in state_dict.items()
                       if key.startswith("backbone.")}
@@ -204,11 +270,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _load_source(path_or_state_dict) -> tuple[str, dict[str, torch.Tensor]]:
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        source = f"checkpoint {os.fspath(path_or_state_dict)}"
-        return source, extract_state_dict(read_checkpoint(path_or_state_dict), source)
-    return "checkpoint", extract_state_dict(path_or_state_dict)
+def _load_source(source) -> tuple[str, dict[str, torch.Tensor]]:
+    if isinstance(source, (str, os.PathLike)):
+        name = f"checkpoint {os.fspath(source)}"
+        return name, extract_state_dict(read_checkpoint(checkpoint_file(source)), name)
+    return "checkpoint", extract_state_dict(source)
 
 
 def _fill_aliases(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:

@@ -1,15 +1,11 @@
 """Recipe defaults and config resolution (train/config.py): recipe < --config FILE < command line."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train.config import ConfigError, load_config_file, resolve_config, save_config  # noqa: E402
-from train.train import config_from_args, get_args_parser  # noqa: E402
+from train.config import ConfigError, load_config_file, resolve_config, save_config
+from train.train import config_from_args, get_args_parser
 
 
 @pytest.mark.parametrize("dataset, crop, iterations, batch, classes, root", [

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from train.datasets import (  # noqa: E402
+from train.datasets import (
     CorruptFileError,
     DatasetLayoutError,
     build_dataset,
 )
-from train.synthetic import SyntheticScenes  # noqa: E402
+from train.synthetic import SyntheticScenes
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_image(path, height=12, width=16, seed=0):
@@ -171,6 +170,7 @@ def test_train_cli_stops_cleanly_on_a_corrupt_image_in_a_worker(tmp_path):
     bad = tmp_path / "ade" / "images" / "training" / "ADE_a2.jpg"
     bad.write_bytes(b"\x00" * 10)
     result = run_train("--dataset", "ade20k", "--data-root", str(tmp_path / "ade"), "--model", "ann_r18_d8",
+                       "--pretrained", "none",
                        "--crop-size", "16", "16", "--scale", "16", "16", "--batch-size", "3", "--iterations", "1",
                        "--workers", "1", "--cpu-threads", "1", "--no-progress", "--work-dir", str(tmp_path / "work"))
     assert result.returncode == 1, result.stderr[-2000:]

@@ -1,5 +1,6 @@
 """The training script end to end on synthetic scenes: loss goes down, kill + resume continues exactly, DDP with
-two CPU processes (gloo) shards the data and all-reduces the metric."""
+two CPU processes (gloo) shards the data and all-reduces the metric, a worker killed under torchrun is restarted
+and resumes, a diverging run stops keeping its last good checkpoint."""
 
 import itertools
 import json
@@ -15,15 +16,15 @@ import pytest
 import torch
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import models
+from train import transforms as T
+from train.config import resolve_config
+from train.distributed import DistributedContext
+from train.engine import MetricsLog, PolyLR
+from train.synthetic import SyntheticScenes
+from train.train import train_interval
 
-import models  # noqa: E402
-from train import transforms as T  # noqa: E402
-from train.config import resolve_config  # noqa: E402
-from train.distributed import DistributedContext  # noqa: E402
-from train.synthetic import SyntheticScenes  # noqa: E402
-from train.train import MetricsLog, PolyLR, train_interval  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # Small and quick: ann_r18_d8 on 32x32 scenes, one thread per process so parallel jobs do not thrash.
 TINY = ["--synthetic-size", "32", "--crop-size", "32", "32", "--scale", "32", "32", "--batch-size", "2",
@@ -141,3 +142,70 @@ def test_ddp_two_cpu_processes(tmp_path):
     single_result = json.loads((tmp_path / "single.json").read_text())
     assert single_result["pixels"] == labelled
     assert single_result["mIoU"] == pytest.approx(ddp_result["mIoU"], abs=0.2)
+
+
+def children_with_rank(parent_pid: int, rank: int) -> list[int]:
+    """Processes started by `parent_pid` whose environment says RANK=`rank` (torchrun's workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == parent_pid and f"RANK={rank}".encode() in environment:
+            found.append(int(entry.name))
+    return found
+
+
+def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
+    work_dir = tmp_path / "elastic"
+    total = 16
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--max-restarts=1", "--monitor-interval=0.2", "train/train.py", *TINY, "--iterations", str(total),
+               "--ckpt-interval", "4", "--eval-interval", str(total), "--work-dir", str(work_dir)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (work_dir / "iter_4.pth").exists():
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+        (victim,) = children_with_rank(process.pid, rank=1)
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert "torchrun restart 1: continuing from the last checkpoint" in stdout
+    resumed_at = int(stdout.split("resumed from ")[1].split(" at iteration ")[1].split()[0])
+    assert 4 <= resumed_at < total and resumed_at % 4 == 0
+
+    # Same end as an uninterrupted run: every iteration once after the resume point, on the same schedule.
+    after = [r for r in records(work_dir, "train") if r["iteration"] > resumed_at][-(total - resumed_at):]
+    assert [r["iteration"] for r in after] == list(range(resumed_at + 1, total + 1))
+    for record in after:
+        assert record["lr"] == pytest.approx(poly(record["iteration"], total), rel=1e-12)
+    final = torch.load(work_dir / "latest.pth", weights_only=True)
+    assert final["iteration"] == total and final["lr_scheduler"]["last_epoch"] == total
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert len(final["rng_states"]) == 2
+
+
+def test_diverging_run_exits_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    work_dir = tmp_path / "work"
+    result = subprocess.run([sys.executable, "train/train.py", *TINY, "--lr", "1e30", "--iterations", "6",
+                             "--ckpt-interval", "1", "--eval-interval", "6", "--work-dir", str(work_dir)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: loss is ") and "(loss_out " in last_line
+    failed_at = int(last_line.split(" at iteration ")[1].split()[0])
+    assert f"The last checkpoint, {work_dir / 'latest.pth'}, is intact." in last_line
+    kept = torch.load(work_dir / "latest.pth", weights_only=True)
+    assert kept["iteration"] == failed_at - 1
+    assert all(torch.isfinite(value).all() for value in kept["model"].values() if value.is_floating_point())

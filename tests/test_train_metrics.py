@@ -1,14 +1,10 @@
 """IoU metric (train/metrics.py) against hand-computed examples with mmseg IoUMetric semantics."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train.metrics import ConfusionMatrix, format_table  # noqa: E402
+from train.metrics import ConfusionMatrix, format_table
 
 
 def score(pairs, num_classes, names=None):

@@ -1,17 +1,13 @@
 """Paired transforms of train/transforms.py: geometry keeps image and label aligned, crop balancing, padding."""
 
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train import transforms as T  # noqa: E402
-from train.datasets import reduce_zero_label  # noqa: E402
+from train import transforms as T
+from train.datasets import reduce_zero_label
 
 
 def block_scene(rng, height=96, width=128, block=16, classes=10):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 
+from models.zoo import imagenet_backbone
 from train.classes import CLASSES
 
 # One row per dataset of the mmseg ANN recipe. scale is (W, H) as mmseg writes it; crop_size is (H, W).
@@ -21,12 +22,13 @@ RECIPES = {
         data_root="data/VOCdevkit/VOC2012", train_split="train", val_split="val", num_classes=21,
         scale=(2048, 512), crop_size=(512, 512), iterations=20000, batch_size=4, workers=4,
     ),
-    # Small enough to train ann_r18_d8 to a clearly better-than-chance mIoU in a few CPU minutes.
+    # Small enough to train ann_r18_d8 to a clearly better-than-chance mIoU in a few CPU minutes, from scratch
+    # and without network.
     "synthetic": dict(
         data_root=None, train_split="train", val_split="val", num_classes=len(CLASSES["synthetic"]),
         scale=(64, 64), crop_size=(64, 64), ratio_range=(0.75, 1.5), iterations=200, batch_size=8, workers=1,
-        model="ann_r18_d8", lr=0.04, eval_at_start=True, eval_interval=100, ckpt_interval=200, synthetic_size=64,
-        synthetic_train_length=4000, synthetic_val_length=48,
+        model="ann_r18_d8", pretrained=None, lr=0.04, eval_at_start=True, eval_interval=100, ckpt_interval=200,
+        synthetic_size=64, synthetic_train_length=4000, synthetic_val_length=48,
     ),
 }
 
@@ -58,7 +60,7 @@ COMMON = dict(
     compile=False,
     backend=None,
     sync_bn=True,
-    pretrained=None,
+    pretrained="imagenet",  # the ImageNet ResNet-V1c of the model's depth, as mmseg's configs start from
     num_preview=4,
     synthetic_size=64,
     synthetic_train_length=2000,
@@ -110,6 +112,10 @@ def resolve_config(dataset: str, file_values: dict, cli_values: dict) -> dict:
     for key in ("eval_interval", "ckpt_interval"):
         if not config.get(key):
             config[key] = max(iterations // 10, 1)
+    if config["pretrained"] == "imagenet":
+        config["pretrained"] = imagenet_backbone(config["model"])
+    elif config["pretrained"] in ("none", ""):
+        config["pretrained"] = None
     if config.get("work_dir") is None:
         config["work_dir"] = f"work_dirs/{dataset}_{config['model']}"
     return config
@@ -119,3 +125,23 @@ def save_config(config: dict, path) -> None:
     """Writes the resolved config as YAML (tuples as lists), loadable again with --config."""
     plain = {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
     Path(path).write_text(yaml.safe_dump(plain, sort_keys=True))
+
+
+def recipe_default(key: str) -> str:
+    """A help string's "default: ..." for `key`, read from the recipes: one value, or the datasets sharing each
+    value ("cityscapes/ade20k/voc12aug 0.01, synthetic 0.04"). synthetic_* keys are the synthetic recipe's."""
+    datasets = ["synthetic"] if key.startswith("synthetic_") else list(RECIPES)
+    by_value: dict[str, list[str]] = {}
+    for dataset in datasets:
+        by_value.setdefault(_plain(resolve_config(dataset, {}, {})[key]), []).append(dataset)
+    if len(by_value) == 1:
+        return f"default: {next(iter(by_value))}"
+    return "default: " + ", ".join(f"{'/'.join(names)} {value}" for value, names in by_value.items())
+
+
+def _plain(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)

@@ -1,6 +1,7 @@
 """torchrun process-group setup and small helpers (torchvision references' init_distributed_mode, reshaped)."""
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,8 @@ class DistributedContext:
 def init_distributed(device_name=None) -> DistributedContext:
     """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL when the device is a GPU, gloo on CPU.
 
-    Multi-node runs need nothing more than torchrun's usual --nnodes/--node-rank/--rdzv-endpoint arguments.
+    Multi-node runs need nothing more than torchrun's usual --nnodes/--node-rank/--rdzv-endpoint arguments, and
+    torchrun's --max-restarts brings a failed group back (train.py then resumes from its last checkpoint).
     """
     use_cuda = torch.cuda.is_available() if device_name is None else device_name.startswith("cuda")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -39,18 +41,25 @@ def init_distributed(device_name=None) -> DistributedContext:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    # Under torchrun the store outlives a restart, holding the keys of the group that died, gloo's peer addresses
+    # among them: a restarted rank could read a dead peer's address before the new peer writes its own (seen as
+    # "connectFullMesh failed ... Connection refused"). A prefix per restart keeps each attempt's keys apart.
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                            store=store, rank=rank, world_size=world_size)
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def cleanup(context: DistributedContext) -> None:
-    if context.enabled and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier(context: DistributedContext) -> None:
-    if context.enabled:
-        dist.barrier()
+@contextmanager
+def process_group(device_name=None):
+    """init_distributed() for the body of a `with`; the process group is destroyed on the way out, errors too."""
+    context = init_distributed(device_name)
+    try:
+        yield context
+    finally:
+        if context.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def mean_over_processes(values: dict, context: DistributedContext) -> dict:

@@ -58,12 +58,13 @@ def network_logits(model, image, mode="whole", crop_size=None, stride=None, num_
 
 
 @torch.no_grad()
-def predict_probabilities(model, raw_image: torch.Tensor, scale, num_classes: int, mode="whole", crop_size=None,
-                          stride=None, aug_test=False, align_corners=False, channels_last=False):
-    """Class scores [B,K,H,W] at the raw image's size for a uint8 [B,3,H,W] image.
+def predict_scores(model, raw_image: torch.Tensor, scale, num_classes: int, mode="whole", crop_size=None,
+                   stride=None, aug_test=False, align_corners=False, channels_last=False):
+    """Class scores [B,K,H,W] at the raw image's size for a uint8 [B,3,H,W] image; their argmax is the prediction.
 
-    Single-scale: logits of the image resized to `scale`, resized back bilinearly. aug_test: the mean softmax
-    over scales AUG_TEST_RATIOS x `scale`, each with and without horizontal flip (12 views).
+    Single-scale (the default), the scores are logits: those of the image resized to `scale`, resized back
+    bilinearly. With aug_test they are probabilities: the mean softmax over scales AUG_TEST_RATIOS x `scale`,
+    each with and without horizontal flip (12 views).
     """
     out_size = raw_image.shape[-2:]
     ratios = AUG_TEST_RATIOS if aug_test else (1.0,)

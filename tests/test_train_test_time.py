@@ -1,16 +1,11 @@
-"""Test-time inference (train/inference.py): sliding windows, whole image, multi-scale + flip."""
-
-import sys
-from pathlib import Path
+"""Test-time inference (train/test_time.py): sliding windows, whole image, multi-scale + flip."""
 
 import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import models  # noqa: E402
-from train.inference import predict_probabilities, resize_keep_ratio, slide_logits  # noqa: E402
+import models
+from train.test_time import predict_scores, resize_keep_ratio, slide_logits
 
 
 class PointwiseModel(nn.Module):
@@ -66,11 +61,11 @@ def test_slide_with_the_real_model_covers_every_pixel():
 def test_prediction_is_at_the_raw_image_size_and_aug_test_gives_probabilities():
     model = PointwiseModel()
     raw = torch.randint(0, 256, (1, 3, 37, 53), dtype=torch.uint8)
-    logits = predict_probabilities(model, raw, (64, 32), 3)
+    logits = predict_scores(model, raw, (64, 32), 3)
     assert logits.shape == (1, 3, 37, 53)
     assert model.windows == [(32, 46)]  # keep-ratio: short edge 37 -> 32, long edge 53 -> 45.8 -> 46
     model.windows.clear()
-    probabilities = predict_probabilities(model, raw, (64, 32), 3, aug_test=True)
+    probabilities = predict_scores(model, raw, (64, 32), 3, aug_test=True)
     assert len(model.windows) == 12  # 6 scales x (plain, flipped)
     assert probabilities.shape == (1, 3, 37, 53)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(1, 37, 53))
