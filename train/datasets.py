@@ -96,9 +96,6 @@ class SegmentationFiles(Dataset):
             return self.transforms(image, label)
         return image, label
 
-    def describe(self, index: int) -> str:
-        return str(self.pairs[index][0])
-
 
 def _require_dir(path: Path, name, root, layout):
     if not path.is_dir():

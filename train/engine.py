@@ -27,7 +27,7 @@ from train.config import ConfigError, resolve_config
 from train.datasets import CorruptFileError, DatasetLayoutError, build_dataset
 from train.distributed import DistributedContext, ShardSampler
 from train.metrics import ConfusionMatrix
-from train.test_time import predict_scores
+from train.prediction import predict_scores
 from train.visualize import prediction_grid
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -25,7 +25,7 @@ from train.config import ConfigError, recipe_default
 from train.datasets import read_image
 from train.distributed import DistributedContext
 from train.engine import build_model, checkpoint_config, exit_status, slide_windows
-from train.test_time import predict_scores
+from train.prediction import predict_scores
 from train.visualize import overlay
 
 

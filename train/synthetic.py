@@ -135,6 +135,3 @@ class SyntheticScenes(Dataset):
         if self.transforms is not None:
             return self.transforms(image, label)
         return image, label
-
-    def describe(self, index: int) -> str:
-        return f"synthetic {self.split} scene {index} (seed {self.seed})"

@@ -1,11 +1,11 @@
-"""Test-time inference (train/test_time.py): sliding windows, whole image, multi-scale + flip."""
+"""Test-time inference (train/prediction.py): sliding windows, whole image, multi-scale + flip."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 import models
-from train.test_time import predict_scores, resize_keep_ratio, slide_logits
+from train.prediction import predict_scores, resize_keep_ratio, slide_logits
 
 
 class PointwiseModel(nn.Module):
