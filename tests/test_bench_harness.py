@@ -1,4 +1,4 @@
-"""The benchmark harness (bench/utils.py, bench/compare.py) measures what it says, on CPU, in a few seconds.
+"""The benchmark harness (bench/utils.py, bench/compare.py, `pytest --benchmark`) measures what it says, on CPU.
 
 These test the machinery, not any kernel's speed: the result file schema, ratios taken from one run,
 that a deliberately slowed provider comes out slower, that the CPU peak-memory method sees torch
@@ -11,6 +11,9 @@ import datetime
 import glob
 import json
 import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -210,3 +213,27 @@ def test_gpu_report_paths_render(tmp_path):
     assert "Noise" not in markdown
     assert "| n8192 | B=1 N=8192 S=110 Dk=256 Dv=256 | bfloat16 | reference | fwd | 8.19 | 0-1 | 4.1 |" in markdown
     assert "- n8192 bfloat16 fwd sdpa_flash: calls (graph capture failed" in markdown
+
+
+def test_pytest_benchmark_flag_runs_the_bench_and_prints_ratios(tmp_path):
+    """`pytest --benchmark` from the root: bench/ with pytest-benchmark's table, then the x ref summary."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = tmp_path / "run.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--benchmark", "--bench-quick", "--bench-device", "cpu",
+         "-k", "pyramid_pool and small_kv and fwd", f"--benchmark-json={saved}", "-p", "no:cacheprovider"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    group = "pyramid_pool[small_kv-B1-C512-H32-W64-fp32-cpu-fwd]"
+    assert f"benchmark '{group}'" in done.stdout  # pytest-benchmark's table, one group per competing set
+    summary = done.stdout[done.stdout.index("x ref: reference median"):]
+    assert re.search(rf"^{re.escape(group)}\s+cpu \d+(\.\d+)?\s+torch_pool_cat \d", summary, re.MULTILINE), summary
+    cases = {bench["name"]: bench for bench in json.loads(saved.read_text())["benchmarks"]}
+    assert set(cases) == {f"test_pyramid_pool[{group[13:-1]}-{provider}]"
+                          for provider in ("reference", "cpu", "torch_pool_cat")}
+    for name, bench in cases.items():
+        assert bench["group"] == group
+        extra = bench["extra_info"]
+        assert extra["x_ref"] == pytest.approx(extra["reference_median_s"] / bench["stats"]["median"])
+        assert extra["cache"] == "hot" and extra["peak_mem_mb"] >= 0
+    assert cases[f"test_pyramid_pool[{group[13:-1]}-reference]"]["extra_info"]["x_ref"] == 1.0
