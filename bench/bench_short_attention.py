@@ -103,7 +103,8 @@ def _fastest_sdpa(query, key, value, device) -> tuple:
         raise Unsupported(f"no SDPA backend accepts this case ({', '.join(rejected)} reject it)")
     best = min(timed, key=lambda name: timed[name][0])
     others = ", ".join(f"{name.lower()} {ms:.3g} ms" for name, (ms, _) in timed.items())
-    note = f"SDPA backend {best.lower()} (fwd+bwd: {others}" + (f"; rejected: {', '.join(rejected)})" if rejected else ")")
+    rejected = f"; rejected: {', '.join(rejected)}" if rejected else ""
+    note = f"SDPA backend {best.lower()} (fwd+bwd: {others}{rejected})"
     return timed[best][1], note
 
 

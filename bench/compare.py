@@ -18,7 +18,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if ROOT not in sys.path:  # run as `python bench/compare.py`, Python puts bench/ on the path, not the root
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402

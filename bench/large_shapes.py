@@ -58,7 +58,8 @@ class Result:
             return f"{verdict} {self.name}: {self.problem}"
         parts = [f"{key} {error:.2e}{'<=' if error <= limit else '>'}{limit:.2e}"
                  for key, (error, limit) in self.errors.items()]
-        return f"{verdict} {self.name}: " + "  ".join(parts) + f"  deterministic={'yes' if self.deterministic else 'NO'}"
+        deterministic = "yes" if self.deterministic else "NO"
+        return f"{verdict} {self.name}: " + "  ".join(parts) + f"  deterministic={deterministic}"
 
 
 def relative_error(actual: torch.Tensor, oracle: torch.Tensor) -> float:

@@ -91,8 +91,9 @@ def _native() -> list:
         return "loaded, kernels for " + (" and ".join(kinds) or "no device (annkernels._C registered none)")
 
     def backends() -> str:
-        import annkernels
         import torch
+
+        import annkernels
 
         devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
         listed = "; ".join(f"{device}: {', '.join(annkernels.available_backends(device))}" for device in devices)

@@ -145,7 +145,8 @@ def plan(out: pathlib.Path, dry_run: bool) -> list:
         Step("cuda-tests", 85, lambda limit_s: [_pytest(cuda_tests, cuda_workers, 60, out / "tests-cuda.xml")],
              tests_result("tests-cuda.xml"), log="tests-cuda.log", summary_tail=40, junit="tests-cuda.xml",
              env=TEST_ENV, stand_in=" ".join(cuda_tests)),
-        Step("triton-tests", 190, lambda limit_s: [_pytest(triton_tests, triton_workers, 120, out / "tests-triton.xml")],
+        Step("triton-tests", 190,
+             lambda limit_s: [_pytest(triton_tests, triton_workers, 120, out / "tests-triton.xml")],
              tests_result("tests-triton.xml"), log="tests-triton.log", summary_tail=40, junit="tests-triton.xml",
              env=TEST_ENV, stand_in="the Triton interpreter: " + " ".join(triton_tests)),
         Step("large-shapes", 30, lambda limit_s: [[PYTHON, "bench/large_shapes.py", *large]],
@@ -236,10 +237,11 @@ def describe_junit(path: pathlib.Path) -> str:
     except (OSError, ElementTree.ParseError) as exc:
         return f"unreadable JUnit file: {exc}"
     counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+    kinds = {"failure": "failed", "error": "error", "skipped": "skipped", None: "passed"}
     not_run, broken = 0, []
     for case in root.iter("testcase"):
         outcome = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
-        kind = {"failure": "failed", "error": "error", "skipped": "skipped", None: "passed"}[getattr(outcome, "tag", None)]
+        kind = kinds[getattr(outcome, "tag", None)]
         counts[kind] += 1
         if kind == "skipped" and "time limit" in (outcome.get("message") or ""):
             not_run += 1

@@ -231,7 +231,7 @@ def test_pytest_benchmark_flag_runs_the_bench_and_prints_ratios(tmp_path):
     cases = {bench["name"]: bench for bench in json.loads(saved.read_text())["benchmarks"]}
     assert set(cases) == {f"test_pyramid_pool[{group[13:-1]}-{provider}]"
                           for provider in ("reference", "cpu", "torch_pool_cat")}
-    for name, bench in cases.items():
+    for bench in cases.values():
         assert bench["group"] == group
         extra = bench["extra_info"]
         assert extra["x_ref"] == pytest.approx(extra["reference_median_s"] / bench["stats"]["median"])
