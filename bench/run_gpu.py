@@ -277,17 +277,21 @@ def _commit() -> str:
         return "unknown (no git)"
 
 
-def write_summary(path: pathlib.Path, steps: list, outcomes: dict, header: dict) -> None:
-    lines = [f"# GPU check{' (dry run: CPU stand-ins)' if header['dry_run'] else ''}: {header['host']}, "
-             f"{header['started']}", "",
-             f"commit {header['commit']}; total limit {TOTAL_S} s; elapsed {time.monotonic() - header['t0']:.0f} s",
-             "", "| step | status | seconds | limit s | budget s | result | file |",
-             "|---|---|---|---|---|---|---|"]
+def summary_table(steps: list, outcomes: dict) -> list:
+    lines = ["| step | status | seconds | limit s | budget s | result | file |", "|---|---|---|---|---|---|---|"]
     for step in steps:
         outcome = outcomes[step.name]
         files = ", ".join(name for name in (step.log, step.junit, *step.files) if name) or SUMMARY
         lines.append(f"| {step.name} | {outcome.status} | {outcome.seconds:.1f} | {outcome.limit_s:.0f} | "
                      f"{step.budget_s:.0f} | {outcome.detail} | {files} |")
+    return lines
+
+
+def write_summary(path: pathlib.Path, steps: list, outcomes: dict, header: dict) -> None:
+    lines = [f"# GPU check{' (dry run: CPU stand-ins)' if header['dry_run'] else ''}: {header['host']}, "
+             f"{header['started']}", "",
+             f"commit {header['commit']}; total limit {TOTAL_S} s; elapsed {time.monotonic() - header['t0']:.0f} s",
+             "", *summary_table(steps, outcomes)]
     for step in steps:
         outcome = outcomes[step.name]
         if outcome.status in ("pending", "running"):
@@ -340,11 +344,13 @@ def main(argv=None) -> int:
             write_summary(summary, steps, outcomes, header)
     unexpected = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
     missing = [name for name in OUTPUT_FILES if not (out / name).exists()]
+    files = (f"Output folder: {len(OUTPUT_FILES) - len(missing)} of {len(OUTPUT_FILES)} files"
+             + (f"; missing: {', '.join(missing)}" if missing else "")
+             + (f"; unexpected: {', '.join(unexpected)}" if unexpected else ""))
     with open(summary, "a") as handle:
-        handle.write(f"\nOutput folder: {len(OUTPUT_FILES) - len(missing)} of {len(OUTPUT_FILES)} files"
-                     + (f"; missing: {', '.join(missing)}" if missing else "")
-                     + (f"; unexpected: {', '.join(unexpected)}" if unexpected else "") + "\n")
-    print(summary.read_text(), flush=True)
+        handle.write(f"\n{files}\n")
+    # The verdict last: a caller that keeps only the end of the output still sees it; the rest is in the summary.
+    print("\n".join(["", *summary_table(steps, outcomes), "", f"{files} ({out})"]), flush=True)
     return 0 if all(outcome.status == "ok" for outcome in outcomes.values()) else 1
 
 

@@ -46,7 +46,7 @@ def test_dry_run_leaves_exactly_the_eight_files(dry_run):
     assert len(run_gpu.OUTPUT_FILES) == 8
     assert all(path.is_file() and path.stat().st_size > 0 for path in out.iterdir())
     assert "Output folder: 8 of 8 files\n" in (out / "summary.md").read_text()
-    assert done.stdout.rstrip().endswith("Output folder: 8 of 8 files")  # the summary ends the command's output
+    assert done.stdout.rstrip().endswith(f"Output folder: 8 of 8 files ({out})")  # the verdict ends the output
 
 
 def test_a_step_out_of_time_is_reported_and_the_next_one_runs(dry_run):
