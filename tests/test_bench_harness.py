@@ -218,12 +218,16 @@ def test_gpu_report_paths_render(tmp_path):
 def test_pytest_benchmark_flag_runs_the_bench_and_prints_ratios(tmp_path):
     """`pytest --benchmark` from the root: bench/ with pytest-benchmark's table, then the x ref summary."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved = tmp_path / "run.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--benchmark", "--bench-quick", "--bench-device", "cpu",
-         "-k", "pyramid_pool and small_kv and fwd", f"--benchmark-json={saved}", "-p", "no:cacheprovider"],
-        cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    saved, storage = tmp_path / "run.json", f"--benchmark-storage={tmp_path / 'storage'}"
+
+    def run_bench(*args):
+        done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--bench-quick", "--bench-device", "cpu",
+                               "-p", "no:cacheprovider", storage, *args],
+                              cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    done = run_bench("-k", "pyramid_pool and small_kv and fwd", f"--benchmark-json={saved}", "--benchmark-autosave")
     group = "pyramid_pool[small_kv-B1-C512-H32-W64-fp32-cpu-fwd]"
     assert f"benchmark '{group}'" in done.stdout  # pytest-benchmark's table, one group per competing set
     summary = done.stdout[done.stdout.index("x ref: reference median"):]
@@ -237,3 +241,8 @@ def test_pytest_benchmark_flag_runs_the_bench_and_prints_ratios(tmp_path):
         assert extra["x_ref"] == pytest.approx(extra["reference_median_s"] / bench["stats"]["median"])
         assert extra["cache"] == "hot" and extra["peak_mem_mb"] >= 0
     assert cases[f"test_pyramid_pool[{group[13:-1]}-reference]"]["extra_info"]["x_ref"] == 1.0
+    # pytest-benchmark's regression check finds the saved run's case under the same name.
+    compared = run_bench("-k", "pyramid_pool and small_kv and fwd and reference", "--benchmark-compare",
+                     "--benchmark-compare-fail=median:1000%").stdout
+    name = f"test_pyramid_pool[{group[13:-1]}-reference]"
+    assert f"{name} (NOW)" in compared and re.search(rf"{re.escape(name)} \(0001_", compared), compared
