@@ -31,6 +31,7 @@ import json
 import os
 import pathlib
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -144,16 +145,16 @@ def plan(out: pathlib.Path, dry_run: bool) -> list:
              stand_in="pip install --dry-run (no compile)"),
         Step("cuda-tests", 85, lambda limit_s: [_pytest(cuda_tests, cuda_workers, 60, out / "tests-cuda.xml")],
              tests_result("tests-cuda.xml"), log="tests-cuda.log", summary_tail=40, junit="tests-cuda.xml",
-             env=TEST_ENV, stand_in=" ".join(cuda_tests)),
+             env=TEST_ENV, stand_in=shlex.join(cuda_tests)),
         Step("triton-tests", 190,
              lambda limit_s: [_pytest(triton_tests, triton_workers, 120, out / "tests-triton.xml")],
              tests_result("tests-triton.xml"), log="tests-triton.log", summary_tail=40, junit="tests-triton.xml",
-             env=TEST_ENV, stand_in="the Triton interpreter: " + " ".join(triton_tests)),
+             env=TEST_ENV, stand_in="the Triton interpreter: " + shlex.join(triton_tests)),
         Step("large-shapes", 30, lambda limit_s: [[PYTHON, "bench/large_shapes.py", *large]],
-             _line_starting("large shapes:"), env=TEST_ENV, stand_in="CPU backend: " + " ".join(large)),
+             _line_starting("large shapes:"), env=TEST_ENV, stand_in="CPU backend: " + shlex.join(large)),
         Step("bench", 115, bench_commands, lambda folder, output: describe_bench(folder / "bench.json"),
              summary_tail=25, files=("bench.json", "bench.md"), env={"TQDM_DISABLE": "1"},
-             stand_in="CPU: " + " ".join(bench)),
+             stand_in="CPU: " + shlex.join(bench)),
     ]
 
 
@@ -194,7 +195,7 @@ def run_step(step: Step, limit_s: float, out: pathlib.Path, scratch: pathlib.Pat
     status = "ok"
     with open(log_path, "w") as log:
         for argv in step.commands(limit_s):
-            log.write(f"$ {' '.join(argv)}\n")
+            log.write(f"$ {shlex.join(argv)}\n")
             log.flush()
             process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
