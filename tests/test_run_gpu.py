@@ -56,8 +56,8 @@ def test_a_step_out_of_time_is_reported_and_the_next_one_runs(dry_run):
     assert list(rows) == [step.name for step in run_gpu.plan(out, True)]
     assert rows["cuda-tests"][1] == "timed out"
     assert float(rows["cuda-tests"][2]) < 5 and rows["cuda-tests"][3] == "0"  # limit printed as whole seconds
-    assert "[killed: the step's limit" in (out / "tests-cuda.log").read_text()
-    # The killed pytest wrote no JUnit file: the script leaves one that says so.
+    assert "[stopped: the step's limit" in (out / "tests-cuda.log").read_text()
+    # Stopped while it imported torch, pytest wrote no JUnit file: the script leaves one that says so.
     error = ElementTree.parse(out / "tests-cuda.xml").getroot().find(".//testcase/error")
     assert error is not None and "timed out" in error.get("message")
     for step in ("preflight", "build", "triton-tests", "large-shapes", "bench"):
@@ -95,6 +95,20 @@ def test_step_deadline_skips_tests_not_started_in_time(tmp_path):
     assert "2 passed" in done.stdout, done.stdout
 
 
+def test_a_pytest_step_stopped_at_its_limit_keeps_its_junit_file(tmp_path):
+    """SIGINT at the limit: pytest stops as after Ctrl-C and writes the JUnit file of what it ran."""
+    (tmp_path / "test_slow.py").write_text("import time\n\n\ndef test_quick():\n    pass\n\n\n"
+                                           "def test_stuck():\n    time.sleep(120)\n")
+    junit = tmp_path / "junit.xml"
+    step = run_gpu.Step("stuck-tests", 0, lambda limit_s: [run_gpu._pytest([str(tmp_path / "test_slow.py")], 0, 300,
+                                                                            junit)],
+                        lambda folder, output: run_gpu.describe_junit(junit), log="stuck.log", junit=junit.name)
+    outcome = run_gpu.run_step(step, 8.0, tmp_path, tmp_path)
+    assert outcome.status == "timed out" and outcome.seconds < 8.0 + 2 * run_gpu.KILL_GRACE_S
+    assert ElementTree.parse(junit).getroot().get("name") == "pytest tests"  # pytest's own file, not a stand-in
+    assert outcome.detail == "1 passed, 1 interrupted"
+
+
 def test_junit_description_names_the_failures(tmp_path):
     path = tmp_path / "junit.xml"
     path.write_text(
@@ -102,8 +116,10 @@ def test_junit_description_names_the_failures(tmp_path):
         '<testcase classname="tests.test_x" name="test_ok"/>'
         '<testcase classname="tests.test_x" name="test_bad[cuda-cuda]"><failure message="boom"/></testcase>'
         '<testcase classname="tests.test_x" name="test_skip"><skipped message="no GPU"/></testcase>'
+        '<testcase time="0.001"/>'  # how pytest records the test it was running when stopped by SIGINT
         "</testsuite></testsuites>")
-    assert run_gpu.describe_junit(path) == "1 passed, 1 failed, 1 skipped; failed: tests.test_x::test_bad[cuda-cuda]"
+    assert run_gpu.describe_junit(path) == ("1 passed, 1 failed, 1 skipped, 1 interrupted; "
+                                            "failed: tests.test_x::test_bad[cuda-cuda]")
     assert run_gpu.describe_junit(tmp_path / "absent.xml").startswith("unreadable JUnit file")
 
 
