@@ -16,10 +16,10 @@ and of the Triton-backend tests (separate processes, so a device fault in one ca
 and the benchmark's JSON and markdown. The preflight, the native-kernel check and the large-shape check
 print into the summary. Nothing else is copied: no committed result file goes back.
 
---dry-run runs each step on its CPU stand-in: the pip call without the compile, the CPU kernels' tests in
-place of the CUDA-backend tests (or the CUDA emulator's tests, once the tree has them: cuda_stand_in),
-the Triton tests under the Triton interpreter, the large-shape check and the bench on the CPU backend at
-small sizes. It proves the plumbing: limits, step reports, the files and their names.
+--dry-run runs each step on its CPU stand-in: the pip call without the compile, the CUDA kernels under the
+CPU emulator in place of the CUDA-backend tests (the CPU kernels' tests while the tree has no emulator:
+cuda_stand_in), the Triton tests under the Triton interpreter, the large-shape check and the bench on the
+CPU backend at small sizes. It proves the plumbing: limits, step reports, the files and their names.
 """
 
 from __future__ import annotations
@@ -98,12 +98,16 @@ def _pytest(selection: list, workers: int, per_test_s: int, junit: pathlib.Path)
     return argv
 
 
+# The CUDA kernels run by the CPU SIMT emulator: the dry run's stand-in for the CUDA-backend tests where the
+# tree has them, on one small case (the emulator builds the kernels with g++ first).
+EMULATED_CUDA_TESTS = ["tests/test_cuda_emulated.py", "-k", "pyramid_pool_strided"]
+
+
 def cuda_stand_in() -> list:
-    """What the dry run tests in place of the CUDA backend: the CUDA emulator's tests when the tree has
-    them, else the CPU kernels' tests (the same test functions the CUDA backend runs on a GPU)."""
-    for emulator_tests in ("tests/simt", "tools/simt/tests"):
-        if (ROOT / emulator_tests).is_dir():
-            return [emulator_tests]
+    """What the dry run tests in place of the CUDA backend: the CUDA kernels under the emulator when the
+    tree has that test file, else the CPU kernels' tests (the functions the CUDA backend runs on a GPU)."""
+    if (ROOT / EMULATED_CUDA_TESTS[0]).is_file():
+        return EMULATED_CUDA_TESTS
     return ["tests/test_pyramid_pool.py", "-k", "cpu-cpu and (strided or deterministic)"]
 
 
