@@ -72,6 +72,7 @@ def run(args, benches=None) -> str:
     stem = args.output or os.path.join(args.out_dir, f"{utils.device_slug(env)}-{datetime.date.today().isoformat()}")
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     document = utils.result_document([], env, config)
+    write_outputs(document, stem)  # the files exist (with no rows) even if the first case takes the process down
     budget = utils.Budget.for_device(device, quick=args.quick)
     deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
     print(f"{len(cases)} cases on {env['device']} (torch {env['torch']}, threads {env['torch_threads']}, "
