@@ -22,6 +22,8 @@ APNB_SHAPES = (
     # mmseg ann_r50_d8 training, 512x1024, B=2: APNB(512 -> 512) on the 64x128 map.
     Shape("train", dict(B=2, C=512, H=64, W=128, mode="train"), cpu=False),
     Shape("train_b4", dict(B=4, C=512, H=64, W=64, mode="train"), cpu=False),
+    # The authors' 769x769 Cityscapes crops, B=2: a 97x97 map.
+    Shape("crop769", dict(B=2, C=512, H=97, W=97, mode="train"), cpu=False),
     # Cityscapes inference at 1024x2048 (N = 32768).
     Shape("infer", dict(B=1, C=512, H=128, W=256, mode="eval"), passes=INFERENCE, cpu=False),
     # The ANN paper's efficiency setting (GPU; fp32 only, forward only).
@@ -103,8 +105,10 @@ def afnb_providers(device: str) -> list:
     return [_afnb_provider(name) for name in registered_backends(device)]
 
 
-BENCH = OpBench("apnb", APNB_SHAPES, dtypes=("float32", "bfloat16"), providers=apnb_providers)
-AFNB_BENCH = OpBench("afnb", AFNB_SHAPES, dtypes=("float32", "bfloat16"), providers=afnb_providers)
+BENCH = OpBench("apnb", APNB_SHAPES, dtypes=("float32", "bfloat16"), providers=apnb_providers,
+                id_dims=("B", "C", "H", "W"))
+AFNB_BENCH = OpBench("afnb", AFNB_SHAPES, dtypes=("float32", "bfloat16"), providers=afnb_providers,
+                     id_dims=("B", "H", "W"))
 BENCHES = (BENCH, AFNB_BENCH)
 
 

@@ -73,7 +73,8 @@ def providers(device: str) -> list:
     ]
 
 
-BENCH = OpBench("pyramid_pool", SHAPES, dtypes=("float32", "bfloat16"), providers=providers)
+BENCH = OpBench("pyramid_pool", SHAPES, dtypes=("float32", "bfloat16"), providers=providers,
+                id_dims=("B", "C", "H", "W"))
 
 
 def test_pyramid_pool(bench_case):

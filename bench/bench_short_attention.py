@@ -4,12 +4,16 @@ Providers: every annkernels backend usable on the device, fed the channel-first 
 gives (x.flatten(2).transpose(1, 2)), which is what APNB/AFNB pass; "reference" is mmsegmentation's
 path (permute copies, matmul, separate scale, softmax, matmul). Peers: F.scaled_dot_product_attention
 with contiguous [B, 1, N, D] inputs, i.e. as if the projections ran channels_last, so no layout copy is
-charged to it. On GPU each SDPA backend is forced in turn (torch.nn.attention.sdpa_kernel) and a
-backend that rejects the shape/dtype is recorded as skipped; on CPU the default dispatch is used.
-"gemm_only" times the six matrix products alone, the bound on any GEMM-based kernel (see below).
+charged to it. On GPU the "sdpa" row is SDPA's best backend for the case: each one (flash, efficient,
+cuDNN, math) is forced in turn (torch.nn.attention.sdpa_kernel), those that reject the shape or dtype are
+dropped, and the fastest forward + backward of the rest is timed; the row's note says which one and
+why. On CPU the default dispatch is used. "gemm_only" times the six matrix products alone, the bound on
+any GEMM-based kernel (see below).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -65,31 +69,60 @@ def _backend_provider(name: str) -> Provider:
     return Provider(name, make)
 
 
-def _sdpa_provider(name: str, sdpa_backend) -> Provider:
-    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-        from torch.nn.attention import sdpa_kernel
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
+
+def _sdpa_forward(query, key, value, backend=None):
+    """F.scaled_dot_product_attention, forced onto one SDPA backend when ``backend`` is given."""
+    from torch.nn.attention import sdpa_kernel
+
+    def forward():
+        if backend is None:
+            return F.scaled_dot_product_attention(query, key, value, scale=SCALE)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(query, key, value, scale=SCALE)
+
+    return forward
+
+
+def _fastest_sdpa(query, key, value, device) -> tuple:
+    """(forward on the fastest SDPA backend that accepts the case, a note naming it and the others)."""
+    from torch.nn.attention import SDPBackend
+
+    timed, rejected = {}, []
+    for name in SDPA_BACKENDS:
+        forward = _sdpa_forward(query, key, value, getattr(SDPBackend, name))
+        full = autograd_passes(forward, [query, key, value])["full"]
+        try:  # a forced backend that does not accept the case raises (and warns why) on the first call
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                timed[name] = (min(utils.time_callable(full(), device, utils.Budget(0.0, 0.0, 3, 3))), forward)
+        except RuntimeError:
+            rejected.append(name.lower())
+    if not timed:
+        raise Unsupported(f"no SDPA backend accepts this case ({', '.join(rejected)} reject it)")
+    best = min(timed, key=lambda name: timed[name][0])
+    others = ", ".join(f"{name.lower()} {ms:.3g} ms" for name, (ms, _) in timed.items())
+    rejected = f"; rejected: {', '.join(rejected)}" if rejected else ""
+    note = f"SDPA backend {best.lower()} (fwd+bwd: {others}{rejected})"
+    return timed[best][1], note
+
+
+def _sdpa_provider() -> Provider:
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
         d = shape.dims
         options = dict(dtype=dtype, device=device, requires_grad=True)
         query = torch.randn(d["B"], 1, d["N"], d["Dk"], **options)
         key = torch.randn(d["B"], 1, d["S"], d["Dk"], **options)
         value = torch.randn(d["B"], 1, d["S"], d["Dv"], **options)
-
-        def forward():
-            if sdpa_backend is None:
-                return F.scaled_dot_product_attention(query, key, value, scale=SCALE)
-            with sdpa_kernel(sdpa_backend):
-                return F.scaled_dot_product_attention(query, key, value, scale=SCALE)
-
-        try:  # a forced backend that does not accept the case raises on the first call
-            with torch.no_grad():
-                forward()
-        except RuntimeError as exc:
-            raise Unsupported(f"{name} rejects this case: {str(exc).splitlines()[0][:120]}") from None
+        if device.type == "cuda":
+            forward, note = _fastest_sdpa(query, key, value, device)
+        else:
+            forward, note = _sdpa_forward(query, key, value), None
         flops, nbytes = cost_model(d, dtype)
-        return Workload(autograd_passes(forward, [query, key, value]), flops=flops, bytes=nbytes)
+        return Workload(autograd_passes(forward, [query, key, value]), flops=flops, bytes=nbytes, note=note)
 
-    return Provider(name, make, kind="peer")
+    return Provider("sdpa", make, kind="peer")
 
 
 def _gemm_only_provider() -> Provider:
@@ -133,21 +166,11 @@ def _gemm_only_provider() -> Provider:
 
 
 def providers(device: str) -> list:
-    found = [_backend_provider(name) for name in utils.registered_backends(device)]
-    if device == "cuda":
-        from torch.nn.attention import SDPBackend
-
-        sdpa = [
-            ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-            ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
-            ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
-            ("sdpa_math", SDPBackend.MATH),
-        ]
-        return found + [_sdpa_provider(name, backend) for name, backend in sdpa] + [_gemm_only_provider()]
-    return found + [_sdpa_provider("sdpa", None), _gemm_only_provider()]
+    backends = [_backend_provider(name) for name in utils.registered_backends(device)]
+    return backends + [_sdpa_provider(), _gemm_only_provider()]
 
 
-BENCH = OpBench("short_attention", SHAPES, dtypes=("float32", "bfloat16"), providers=providers)
+BENCH = OpBench("short_attention", SHAPES, dtypes=("float32", "bfloat16"), providers=providers, id_dims=("B", "N"))
 
 
 def test_short_attention(bench_case):

@@ -18,7 +18,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if ROOT not in sys.path:  # run as `python bench/compare.py`, Python puts bench/ on the path, not the root
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
@@ -41,22 +41,25 @@ def _split(text: str | None) -> list | None:
 
 
 def select_cases(benches, device: str, ops=None, shapes=None, dtypes=None, backends=None, large=False) -> list:
-    """(op, shape, dtype, provider, pass) tuples after the command-line filters; size-gated cases dropped."""
+    """Cases after the command-line filters, size-gated ones dropped."""
     cases = []
     if ops:  # run in the order asked, so a time-limited run measures what matters most first
         benches = sorted((bench for bench in benches if bench.op in ops), key=lambda bench: ops.index(bench.op))
     for bench in benches:
-        for shape, dtype, provider, pass_, skip in bench.cases(device, include_large=large, dtypes=dtypes):
-            if skip or (shapes and shape.name not in shapes):
+        for case, skip in bench.cases(device, include_large=large, dtypes=dtypes):
+            if skip or (shapes and case.shape.name not in shapes):
                 continue
-            if backends and provider.name not in backends and provider.name != utils.REFERENCE:
+            if backends and case.provider.name not in backends and case.provider.name != utils.REFERENCE:
                 continue  # the reference stays: every ratio needs it
-            cases.append((bench.op, shape, dtype, provider, pass_))
+            cases.append(case)
     return cases
 
 
 def run(args, benches=None) -> str:
-    """Measure the selected cases of ``benches`` (default: every bench module); returns the output stem."""
+    """Measure the selected cases of ``benches`` (default: every bench module); returns the output stem.
+
+    The JSON and the markdown are rewritten after every row, so a run cut short keeps what it measured.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -66,9 +69,10 @@ def run(args, benches=None) -> str:
     env = utils.environment(device)
     config = {key: value for key, value in vars(args).items() if key != "from_json"}
     config["cases"] = len(cases)
-    stem = os.path.join(args.out_dir, f"{utils.device_slug(env)}-{datetime.date.today().isoformat()}")
-    os.makedirs(args.out_dir, exist_ok=True)
+    stem = args.output or os.path.join(args.out_dir, f"{utils.device_slug(env)}-{datetime.date.today().isoformat()}")
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     document = utils.result_document([], env, config)
+    write_outputs(document, stem)  # the files exist (with no rows) even if the first case takes the process down
     budget = utils.Budget.for_device(device, quick=args.quick)
     deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
     print(f"{len(cases)} cases on {env['device']} (torch {env['torch']}, threads {env['torch_threads']}, "
@@ -77,29 +81,25 @@ def run(args, benches=None) -> str:
     from tqdm import tqdm
 
     progress = tqdm(total=len(cases), unit="case", dynamic_ncols=True, file=sys.stderr)
-    cache: dict = {}
-    current_op = None
-    for op, shape, dtype, provider, pass_ in cases:
-        if op != current_op and document["rows"]:
-            utils.attach_reference_ratios(document["rows"])
-            utils.write_json(document, stem + ".json")
-        current_op = op
-        if deadline is not None and time.monotonic() > deadline:
-            row = utils.empty_row(op, shape, dtype, provider, pass_)
-            row["status"] = "skipped: --max-seconds budget spent"
-        else:
-            torch.manual_seed(0)
-            row = utils.measure_case(op, shape, dtype, provider, pass_, device, budget, cache, not args.no_memory)
+
+    def save(row):
         document["rows"].append(row)
         progress.update(1)
         progress.write(utils.format_row(row))
+        utils.attach_reference_ratios(document["rows"])
+        write_outputs(document, stem)
+
+    utils.run_cases(cases, device, budget, memory=not args.no_memory, deadline=deadline, on_row=save)
     progress.close()
-    cache.clear()
     env["load_avg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    utils.attach_reference_ratios(document["rows"])
-    utils.write_json(document, stem + ".json")
-    report(document, stem)
+    report(document, stem, plots=not args.no_plots)
     return stem
+
+
+def write_outputs(document: dict, stem: str) -> None:
+    utils.write_json(document, stem + ".json")
+    with open(stem + ".md", "w") as handle:
+        handle.write(markdown(document))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,6 +116,13 @@ def _fmt(value, digits=3) -> str:
 
 def _dims(row) -> str:
     return " ".join(f"{k}={v}" for k, v in row["dims"].items())
+
+
+def _note(row) -> str | None:
+    """What a row's provider chose, and a back-to-back timing that could not use a CUDA graph."""
+    method = row.get("b2b_method")
+    said = [text for text in (row.get("note"), method if method and method != "cuda-graph" else None) if text]
+    return f"{row['shape']} {row['dtype']} {row['pass']} {row['backend']}: {'; '.join(said)}" if said else None
 
 
 def markdown(document: dict) -> str:
@@ -155,23 +162,30 @@ def markdown(document: dict) -> str:
     if cpu:
         lines += ["`CPU ms` = median process CPU time per call, all threads: well below threads x wall time means "
                   "the call waited for cores other jobs held.", ""]
+    else:
+        lines += ["`b2b ms` = the pass captured in a CUDA graph and replayed back to back, L2 hot, no per-call "
+                  "dispatch (`median ms` is cold: L2 flushed before each call).", ""]
+    extra_head, extra_rule = ("CPU ms | ", "---|") if cpu else ("b2b ms | ", "---|")
     for op in dict.fromkeys(row["op"] for row in rows):
         op_rows = [row for row in rows if row["op"] == op and row["status"] == "ok"]
         if not op_rows:
             continue
-        lines += [f"## {op}", "", "| shape | dims | dtype | backend | pass | median ms | p20-p80 ms | "
-                  + ("CPU ms | " if cpu else "") + "peak MiB | x ref | GB/s | TFLOP/s | % floor |",
-                  "|---|---|---|---|---|---|---|" + ("---|" if cpu else "") + "---|---|---|---|---|"]
+        lines += [f"## {op}", "", "| shape | dims | dtype | backend | pass | median ms | p20-p80 ms | " + extra_head
+                  + "peak MiB | x ref | GB/s | TFLOP/s | % floor |",
+                  "|---|---|---|---|---|---|---|" + extra_rule + "---|---|---|---|---|"]
         for row in op_rows:
             fraction = row.get("fraction_of_floor")
+            extra = row.get("cpu_time_ms") if cpu else row.get("b2b_ms")
             lines.append(
                 f"| {row['shape']} | {_dims(row)} | {row['dtype']} | {row['backend']} | {row['pass']} | "
-                f"{_fmt(row['median_ms'])} | {_fmt(row['p20_ms'])}-{_fmt(row['p80_ms'])} | "
-                + (f"{_fmt(row.get('cpu_time_ms'))} | " if cpu else "")
-                + f"{_fmt(row['peak_mem_mb'])} | {_fmt(row['speedup_vs_reference'])} | {_fmt(row['achieved_gbps'])} | "
+                f"{_fmt(row['median_ms'])} | {_fmt(row['p20_ms'])}-{_fmt(row['p80_ms'])} | {_fmt(extra)} | "
+                f"{_fmt(row['peak_mem_mb'])} | {_fmt(row['speedup_vs_reference'])} | {_fmt(row['achieved_gbps'])} | "
                 f"{_fmt(row['achieved_tflops'])} | {'' if fraction is None else f'{100 * fraction:.0f}%'} |"
             )
         lines.append("")
+        notes = [_note(row) for row in op_rows if _note(row)]
+        if notes:
+            lines += [f"- {note}" for note in dict.fromkeys(notes)] + [""]
     lines += paper_section(rows) + model_section(rows)
     other = [row for row in rows if row["status"] != "ok"]
     if other:
@@ -349,18 +363,18 @@ def plot_floor(rows: list, path: str) -> bool:
     return True
 
 
-def report(document: dict, stem: str) -> list:
-    """Write <stem>.md and the PNGs (Agg backend); returns the paths written."""
-    import matplotlib
+def report(document: dict, stem: str, plots: bool = True) -> list:
+    """Write <stem>.json, <stem>.md and (unless ``plots`` is false) the PNGs; returns the paths written."""
+    write_outputs(document, stem)
+    written = [stem + ".json", stem + ".md"]
+    if plots:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    written = [stem + ".md"]
-    with open(stem + ".md", "w") as handle:
-        handle.write(markdown(document))
-    for suffix, plot in (("-scaling.png", plot_scaling), ("-paper.png", plot_paper), ("-floor.png", plot_floor)):
-        if plot(document["rows"], stem + suffix):
-            written.append(stem + suffix)
-    print("wrote", ", ".join([stem + ".json"] + written), flush=True)
+        matplotlib.use("Agg")
+        for suffix, plot in (("-scaling.png", plot_scaling), ("-paper.png", plot_paper), ("-floor.png", plot_floor)):
+            if plot(document["rows"], stem + suffix):
+                written.append(stem + suffix)
+    print("wrote", ", ".join(written), flush=True)
     return written
 
 
@@ -379,6 +393,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="stop measuring after this long; the remaining cases are recorded as skipped")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--output", help="output path without suffix (default: <out-dir>/<device>-<date>)")
+    parser.add_argument("--no-plots", action="store_true", help="write only the JSON and the markdown")
     parser.add_argument("--from-json", help="only redraw the .md and plots of an existing result file")
     return parser
 
@@ -388,7 +404,7 @@ def main(argv=None) -> None:
     if args.from_json:
         with open(args.from_json) as handle:
             document = json.load(handle)
-        report(document, os.path.splitext(args.from_json)[0])
+        report(document, os.path.splitext(args.from_json)[0], plots=not args.no_plots)
         return
     run(args)
 

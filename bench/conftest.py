@@ -1,36 +1,28 @@
-"""pytest-benchmark wiring: `pytest bench --benchmark-only` times every case of every bench_*.py module.
+"""pytest-benchmark front end: `pytest --benchmark` (or `pytest bench --benchmark-only`) times every case of
+every bench_*.py module.
 
-Each `test_<op>(bench_case)` is parametrized over the op's OpBench matrix for CPU and CUDA. CUDA cases
-skip without a GPU; GPU-sized cases skip on CPU unless --bench-large. Timing goes through
-pytest-benchmark's pedantic mode (its own stats and JSON); the call synchronizes on GPU and the L2 flush
-runs in the untimed setup. Peak memory, roofline numbers and the cache label go to extra_info.
-compare.py runs the same matrix with CUDA-event timing and writes the result files.
+Each `test_<op>(bench_case)` is parametrized over the op's OpBench matrix for CPU and CUDA. Ids and
+pytest-benchmark groups are stable across runs, so `--benchmark-compare` matches cases of two commits:
+the group `short_attention[train-B2-N8192-fp32-cpu-fwd]` holds the competing providers, each case
+`test_short_attention[train-B2-N8192-fp32-cpu-fwd-reference]`. CUDA cases skip without a GPU; GPU-sized
+cases skip on CPU unless --bench-large (the options are defined in the repository's conftest.py).
+
+Times come from utils.time_case, the path compare.py uses too (CUDA events around each call with the L2
+flushed on GPU, perf_counter on CPU), and are handed to pytest-benchmark's statistics. Peak memory,
+roofline numbers, the back-to-back time and the same-run ratio to the reference (x_ref) go to
+extra_info, so --benchmark-json and --benchmark-autosave keep them; the ratios are also summarised at
+the end of the run.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from bench import utils
 
-from bench import utils  # noqa: E402
-
-_WORKLOADS: dict = {}  # one live workload, reused across the passes of a provider
-
-
-def pytest_addoption(parser):
-    group = parser.getgroup("annkernels bench")
-    group.addoption("--bench-large", action="store_true", help="also time GPU-sized cases on CPU")
-    group.addoption("--bench-device", default="all", choices=("all", "cpu", "cuda"), help="devices to enumerate")
-    group.addoption("--bench-quick", action="store_true", help="fewer repetitions (smoke run)")
-    group.addoption("--bench-dtypes", default=None, help="comma-separated dtypes (default: per device)")
+_WORKLOADS = utils.WorkloadCache()
+_MEDIANS: dict = {}  # group name -> {provider: (median seconds, extra_info)}, in run order
 
 
 def pytest_collect_file(file_path, parent):
@@ -40,7 +32,7 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
-def _bench_for(metafunc):
+def _bench_for(metafunc) -> utils.OpBench:
     op = metafunc.function.__name__.removeprefix("test_")
     module = metafunc.module
     for bench in getattr(module, "BENCHES", (module.BENCH,)):
@@ -60,63 +52,84 @@ def pytest_generate_tests(metafunc):
     dtypes = dtypes.split(",") if dtypes else None
     params = []
     for device in devices:
-        for shape, dtype, provider, pass_, skip in bench.cases(device, include_large=large, dtypes=dtypes):
+        for case, skip in bench.cases(device, include_large=large, dtypes=dtypes):
             if device == "cuda" and not torch.cuda.is_available():
                 skip = "no CUDA device"
             marks = [pytest.mark.skip(reason=skip)] if skip else []
-            case_id = f"{device}-{shape.name}-{dtype}-{provider.name}-{pass_}"
-            params.append(pytest.param((bench.op, shape, dtype, provider, pass_, device), id=case_id, marks=marks))
+            group = bench.group_name(case.shape, case.dtype, device, case.pass_)
+            case_id = f"{group.removeprefix(bench.op)[1:-1]}-{case.provider.name}"
+            params.append(pytest.param((case, device, group), id=case_id, marks=marks))
     metafunc.parametrize("bench_case", params, indirect=True)
+
+
+def _record_times(benchmark, times_ms: list) -> None:
+    """Per-call times measured by utils.time_case become this case's pytest-benchmark statistics.
+
+    pytest-benchmark has no public call for times measured elsewhere (CUDA events); its fixture's
+    statistics factory and mode flag, stable since pytest-benchmark 3, are what pedantic() itself uses.
+    """
+    if not hasattr(benchmark, "_make_stats") or not hasattr(benchmark, "_mode"):
+        raise RuntimeError("this pytest-benchmark's fixture has no _make_stats/_mode; bench/conftest.py was "
+                           "written against pytest-benchmark 3 to 5")
+    benchmark._mode = "bench.utils.time_case"
+    stats = benchmark._make_stats(1)
+    for ms in times_ms:
+        stats.update(ms * 1e-3)
 
 
 @pytest.fixture
 def bench_case(request, benchmark):
-    op, shape, dtype, provider, pass_, device_type = request.param
+    case, device_type, group = request.param
     device = torch.device(device_type)
-    key = (op, shape.name, dtype, provider.name, device_type)
 
     def run():
         torch.manual_seed(0)
-        if key not in _WORKLOADS:
-            _WORKLOADS.clear()
+        if benchmark.disabled:  # --benchmark-disable: a smoke run, pedantic() calls each pass once
             try:
-                _WORKLOADS[key] = provider.make(shape, utils.DTYPES[dtype], device)
+                benchmark.pedantic(_WORKLOADS.get(case, device).passes[case.pass_]())
             except utils.Unsupported as exc:
                 pytest.skip(str(exc))
-        workload = _WORKLOADS[key]
-        fn = workload.passes[pass_]()
+            return
         budget = utils.Budget.for_device(device, quick=request.config.getoption("--bench-quick"))
-        start = time.perf_counter()
-        fn()  # one-time costs (Triton compile, library setup) land here, untimed by pytest-benchmark
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        estimate = max(time.perf_counter() - start, 1e-6)
-        rounds = int(min(budget.max_reps, max(budget.min_reps, budget.measure_s / estimate)))
-        # On GPU the first call may have been a compile: always one more warm-up there.
-        warmup = max(int(device.type == "cuda"), int(budget.warmup_s / estimate))
-
-        def timed():
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        def flush():
-            if device.type == "cuda":
-                utils.flush_l2(device)
-                torch.cuda.synchronize(device)
-
-        benchmark.group = f"{op}-{shape.name}-{dtype}-{pass_}-{device_type}"
-        benchmark.pedantic(timed, setup=flush, rounds=rounds, warmup_rounds=warmup, iterations=1)
-        row = utils.empty_row(op, shape, dtype, provider, pass_)
-        row["median_ms"] = benchmark.stats.stats.median * 1e3
-        delta, total = utils.peak_memory_bytes(fn, device)
-        utils.add_roofline(row, workload.flops.get(pass_), workload.bytes.get(pass_), utils.device_name(device))
+        try:
+            row, times = utils.time_case(case, device, budget, _WORKLOADS)
+        except utils.Unsupported as exc:
+            pytest.skip(str(exc))
+        benchmark.group = group
+        _record_times(benchmark, times)
         benchmark.extra_info.update(
-            dims=shape.label(),
-            peak_mem_mb=delta / 2**20,
-            peak_mem_total_mb=None if total is None else total / 2**20,
-            cache="cold-L2" if device.type == "cuda" else "hot",
-            **{k: row[k] for k in ("achieved_gbps", "achieved_tflops", "floor_us", "fraction_of_floor") if row[k]},
+            dims=case.shape.label(),
+            cache=row["cache"],
+            peak_mem_mb=row["peak_mem_mb"],
+            **{key: row[key] for key in ("peak_mem_total_mb", "b2b_ms", "b2b_method", "note", "achieved_gbps",
+                                         "achieved_tflops", "floor_us", "fraction_of_floor")
+               if row[key] is not None},
         )
+        _MEDIANS.setdefault(group, {})[case.provider.name] = (row["median_ms"] * 1e-3, benchmark.extra_info)
 
     return run
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session):
+    # Before pytest-benchmark's own sessionfinish writes --benchmark-json / --benchmark-autosave files.
+    for providers in _MEDIANS.values():
+        reference = providers.get(utils.REFERENCE)
+        for median, extra_info in providers.values():
+            if reference is not None:
+                extra_info.update(x_ref=reference[0] / median, reference_median_s=reference[0])
+    yield
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    if not _MEDIANS:
+        return
+    terminalreporter.write_sep("-", "x ref: reference median / case median, same run (> 1: faster than reference)")
+    width = max(map(len, _MEDIANS))
+    for group, providers in _MEDIANS.items():
+        ratios = [f"{name} {extra['x_ref']:.3g}" for name, (_, extra) in providers.items()
+                  if "x_ref" in extra and name != utils.REFERENCE]
+        if utils.REFERENCE not in providers:
+            ratios = ["no reference case in this run"]
+        terminalreporter.write_line(f"{group:<{width}}  " + "  ".join(ratios))

@@ -1,12 +1,15 @@
-"""Benchmark harness shared by the pytest-benchmark scripts and compare.py.
+"""Benchmark harness shared by the pytest-benchmark suite (bench/conftest.py) and compare.py.
 
 A benchmark module describes an op with an ``OpBench``: named shapes, dtypes and providers. A provider
-turns (shape, dtype, device) into a ``Workload``: one zero-argument callable per pass. The harness
-times each pass the same way for every provider, so rows of one run are comparable.
+turns (shape, dtype, device) into a ``Workload``: one zero-argument callable per pass. ``time_case`` is
+the one timing path: both front ends call it, so a pytest-benchmark table and a compare.py file of the
+same run measure the same thing, and ``WorkloadCache`` is the one workload cache.
 
 Timing:
   * GPU: CUDA events around each call, L2 flushed before each call by zeroing a 256 MiB buffer
-    (larger than the 50 MB H100 L2), so rows are "cold" even when every operand fits in L2.
+    (larger than the 50 MB H100 and 60 MB H200 L2), so rows are "cold" even when every operand fits
+    in L2. Beside it, ``b2b_ms``: the pass captured once in a CUDA graph and replayed back to back
+    (L2 hot, no per-call dispatch), which shows microsecond kernels that launch costs would hide.
   * CPU: time.perf_counter around each call; inputs stay in cache between calls ("hot"). The median
     process CPU time per call is recorded too (cpu_time_ms): on a shared machine it shows how much
     of the wall time went to other jobs.
@@ -38,28 +41,34 @@ import statistics
 import subprocess
 import time
 import uuid
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: b2b_ms, b2b_method and note columns
 REFERENCE = "reference"
 PASSES = ("fwd", "bwd", "full")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPE_TAGS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 
-# H100 SXM figures from docs/performance.md section 4: measured-copy HBM bandwidth and dense peaks.
-# Floors are only reported on devices listed here; elsewhere rows still carry achieved GB/s and TFLOP/s.
+# Measured-copy HBM bandwidth (bytes read plus written) and dense peaks, docs/performance.md sections 4 and 6.
+# H100 SXM: 3.0 TB/s copy, datasheet rates. H200: the same chip with faster memory; 4.3 TB/s device copy and
+# 790 TFLOP/s bf16 GEMM on random data were measured on one, its fp32 and TF32 rates are the H100 datasheet's.
+# Floors are only reported on devices listed here (matched by substring of the device name); elsewhere rows
+# still carry achieved GB/s and TFLOP/s.
 DEVICE_PEAKS = {
     "H100": {"hbm_bytes_per_s": 3.0e12, "fp32_flops": 67e12, "tf32_flops": 495e12, "half_flops": 990e12},
+    "H200": {"hbm_bytes_per_s": 4.3e12, "fp32_flops": 67e12, "tf32_flops": 495e12, "half_flops": 790e12},
 }
 
 ROW_FIELDS = (
     "op", "shape", "dims", "dtype", "backend", "kind", "pass", "status",
-    "median_ms", "p20_ms", "p80_ms", "reps", "cpu_time_ms", "peak_mem_mb", "peak_mem_total_mb", "items_per_s",
+    "median_ms", "p20_ms", "p80_ms", "reps", "cpu_time_ms", "b2b_ms", "b2b_method",
+    "peak_mem_mb", "peak_mem_total_mb", "items_per_s",
     "reference_median_ms", "speedup_vs_reference", "reference_peak_mem_mb",
     "gflop", "min_mb", "achieved_gbps", "achieved_tflops", "floor_us", "floor_bound", "fraction_of_floor",
-    "cache",
+    "cache", "note",
 )  # fmt: skip
 
 
@@ -81,6 +90,11 @@ class Shape:
     def label(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.dims.items())
 
+    def tag(self, dims: Sequence[str] | None = None) -> str:
+        """Compact, stable form of (some of) the dims for case ids: "B2-N8192"; text values stand alone."""
+        keys = self.dims if dims is None else dims
+        return "-".join(str(self.dims[k]) if isinstance(self.dims[k], str) else f"{k}{self.dims[k]}" for k in keys)
+
 
 @dataclasses.dataclass
 class Workload:
@@ -94,6 +108,7 @@ class Workload:
     flops: dict = dataclasses.field(default_factory=dict)  # pass -> FLOP count (None: not meaningful)
     bytes: dict = dataclasses.field(default_factory=dict)  # pass -> minimal bytes moved
     items: int | None = None  # images per call, for throughput rows (items_per_s)
+    note: str | None = None  # what the provider chose for this case (e.g. which SDPA backend)
 
 
 @dataclasses.dataclass
@@ -101,6 +116,16 @@ class Provider:
     name: str
     make: Callable[[Shape, torch.dtype, torch.device], Workload]
     kind: str = "backend"  # "backend" (annkernels backend) or "peer" (plain PyTorch competitor)
+
+
+class Case(NamedTuple):
+    """One timed unit: an op's pass for one shape, dtype and provider."""
+
+    op: str
+    shape: Shape
+    dtype: str
+    provider: Provider
+    pass_: str
 
 
 @dataclasses.dataclass
@@ -112,9 +137,10 @@ class OpBench:
     dtypes: Sequence[str]
     providers: Callable[[str], list]  # device type -> [Provider]
     cpu_dtypes: Sequence[str] = ("float32",)  # default dtypes on CPU
+    id_dims: Sequence[str] | None = None  # dims named in case ids (default: all)
 
     def cases(self, device: str, include_large: bool = False, dtypes: Sequence[str] | None = None):
-        """Yields (shape, dtype, provider, pass, skip_reason) for one device type.
+        """Yields (Case, skip_reason) for one device type.
 
         ``dtypes`` overrides the defaults (on CPU, float32 only unless asked: low-precision CPU timings are
         not what the kernels are for, and they double a CPU run).
@@ -132,7 +158,11 @@ class OpBench:
                     continue
                 for provider in self.providers(device):
                     for pass_ in shape.passes:
-                        yield shape, dtype, provider, pass_, skip
+                        yield Case(self.op, shape, dtype, provider, pass_), skip
+
+    def group_name(self, shape: Shape, dtype: str, device: str, pass_: str) -> str:
+        """Stable, readable name of the cases that compete: "short_attention[train-B2-N8192-fp32-cpu-fwd]"."""
+        return f"{self.op}[{shape.name}-{shape.tag(self.id_dims)}-{DTYPE_TAGS[dtype]}-{device}-{pass_}]"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,6 +229,26 @@ def registered_backends(device: str) -> list:
     return sorted(names, key=lambda name: name != REFERENCE)
 
 
+class WorkloadCache:
+    """Keeps the one live workload, reused across the passes of a provider; a new key frees the old one
+    first, since the big GPU cases need the room."""
+
+    def __init__(self) -> None:
+        self._key = None
+        self._workload = None
+
+    def get(self, case: Case, device: torch.device) -> Workload:
+        key = (case.op, case.shape.name, case.dtype, case.provider.name, device.type)
+        if key != self._key:
+            self.clear()
+            self._workload = case.provider.make(case.shape, DTYPES[case.dtype], device)
+            self._key = key
+        return self._workload
+
+    def clear(self) -> None:
+        self._key = self._workload = None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Timing and memory
 
@@ -215,7 +265,7 @@ class Budget:
     @classmethod
     def for_device(cls, device: torch.device, quick: bool = False) -> "Budget":
         if device.type == "cuda":
-            return cls(0.02, 0.05, 5, 20) if quick else cls(0.05, 0.25, 10, 100)
+            return cls(0.02, 0.1, 10, 50) if quick else cls(0.05, 0.25, 10, 100)
         return cls(0.0, 0.05, 2, 3) if quick else cls(0.3, 2.0, 5, 50)
 
 
@@ -272,6 +322,47 @@ def time_callable(fn: Callable[[], Any], device: torch.device, budget: Budget, c
         if cpu_times is not None:
             cpu_times.append((time.process_time() - start_cpu) * 1e3)
     return times
+
+
+def back_to_back_ms(make_pass: Callable[[], Callable[[], Any]], device: torch.device, replays: int = 20,
+                    batches: int = 5) -> tuple:
+    """(median ms per call over ``batches`` batches of ``replays`` calls issued back to back, method).
+
+    The pass is captured once in a CUDA graph and the graph replayed, so neither Python nor the per-call
+    dispatch sits between kernels; operands stay in L2. ``make_pass`` (a Workload pass factory) is called
+    on the capture stream: autograd runs a backward op on the stream of its forward op, so a "bwd" pass
+    whose forward ran elsewhere would launch outside the capture. A pass that cannot be captured (a host
+    sync, an uncapturable launch) is timed as plain consecutive calls instead, and the method says why.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn = make_pass()
+        fn()  # capture needs its warm-up on the capture stream
+    side.synchronize()
+    method = "cuda-graph"
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+            fn()
+        run = graph.replay
+    except Exception as exc:  # whatever stops the capture, the cold timing of the case stands
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        method = f"calls (graph capture failed: {reason})"
+        run = fn
+    torch.cuda.synchronize(device)  # a sticky device error from the capture surfaces here, not later
+    run()
+    per_call = []
+    for _ in range(batches):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(replays):
+            run()
+        end.record()
+        torch.cuda.synchronize(device)
+        per_call.append(begin.elapsed_time(end) / replays)
+    del graph, fn, run
+    return statistics.median(per_call), method
 
 
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
@@ -370,69 +461,80 @@ def add_roofline(row: dict, flops: float | None, nbytes: float | None, device_na
 # Running cases
 
 
-def empty_row(op: str, shape: Shape, dtype: str, provider: Provider, pass_: str) -> dict:
+def empty_row(case: Case) -> dict:
     row = dict.fromkeys(ROW_FIELDS)
-    row.update(op=op, shape=shape.name, dims=dict(shape.dims), dtype=dtype, backend=provider.name, kind=provider.kind)
-    row["pass"] = pass_
+    row.update(op=case.op, shape=case.shape.name, dims=dict(case.shape.dims), dtype=case.dtype,
+               backend=case.provider.name, kind=case.provider.kind)
+    row["pass"] = case.pass_
     return row
 
 
-def measure_case(
-    op: str, shape: Shape, dtype: str, provider: Provider, pass_: str, device: torch.device, budget: Budget,
-    workload_cache: dict | None = None, memory: bool = True,
-) -> dict:  # fmt: skip
-    """Times one (op, shape, dtype, provider, pass) and returns its result row (status ok/skipped/error)."""
-    row = empty_row(op, shape, dtype, provider, pass_)
+def time_case(case: Case, device: torch.device, budget: Budget, workloads: WorkloadCache,
+              memory: bool = True) -> tuple:
+    """Times one case: (result row with status "ok", per-call times in ms).
+
+    Raises Unsupported when the provider cannot run the case, and whatever the provider raises.
+    """
+    row = empty_row(case)
     row["cache"] = "cold-L2" if device.type == "cuda" else "hot"
-    key = (op, shape.name, dtype, provider.name)
+    workload = workloads.get(case, device)
+    if case.pass_ not in workload.passes:
+        raise Unsupported(f"no {case.pass_} pass")
+    fn = workload.passes[case.pass_]()
+    cpu_times: list = []
+    times = time_callable(fn, device, budget, cpu_times)
+    row.update(quantiles(times))
+    row.update(reps=len(times), status="ok", note=workload.note)
+    row["cpu_time_ms"] = statistics.median(cpu_times) if cpu_times else None
+    if device.type == "cuda":
+        row["b2b_ms"], row["b2b_method"] = back_to_back_ms(workload.passes[case.pass_], device)
+    if workload.items:
+        row["items_per_s"] = workload.items / (row["median_ms"] * 1e-3)
+    if memory:
+        try:
+            delta, total = peak_memory_bytes(fn, device)
+        except AttributeError:  # the CPU method reads profiler internals; a torch change loses memory only
+            delta, total = None, None
+        row["peak_mem_mb"] = delta / 2**20 if delta is not None else None
+        row["peak_mem_total_mb"] = total / 2**20 if total is not None else None
+    add_roofline(row, workload.flops.get(case.pass_), workload.bytes.get(case.pass_), device_name(device))
+    return row, times
+
+
+def measure_case(case: Case, device: torch.device, budget: Budget, workloads: WorkloadCache,
+                 memory: bool = True) -> dict:
+    """``time_case`` that never raises: the row's status says ok, skipped or error (and why)."""
     try:
-        if workload_cache is not None and key in workload_cache:
-            workload = workload_cache[key]
-        else:
-            if workload_cache is not None:
-                workload_cache.clear()  # one workload alive at a time: big GPU cases need the room
-            workload = provider.make(shape, DTYPES[dtype], device)
-            if workload_cache is not None:
-                workload_cache[key] = workload
-        if pass_ not in workload.passes:
-            raise Unsupported(f"no {pass_} pass")
-        fn = workload.passes[pass_]()
-        cpu_times: list = []
-        times = time_callable(fn, device, budget, cpu_times)
-        row.update(quantiles(times))
-        row["reps"] = len(times)
-        row["cpu_time_ms"] = statistics.median(cpu_times) if cpu_times else None
-        row["status"] = "ok"
-        if workload.items:
-            row["items_per_s"] = workload.items / (row["median_ms"] * 1e-3)
-        if memory:
-            try:
-                delta, total = peak_memory_bytes(fn, device)
-            except AttributeError:  # the CPU method reads profiler internals; a torch change loses memory only
-                delta, total = None, None
-            row["peak_mem_mb"] = delta / 2**20 if delta is not None else None
-            row["peak_mem_total_mb"] = total / 2**20 if total is not None else None
-        add_roofline(row, workload.flops.get(pass_), workload.bytes.get(pass_), device_name(device))
-        del fn
+        return time_case(case, device, budget, workloads, memory)[0]
     except Unsupported as exc:
-        row["status"] = f"skipped: {exc}"
+        status = f"skipped: {exc}"
     except Exception as exc:  # a broken provider must not take the whole matrix down; the row says why
         if device.type == "cuda" and isinstance(exc, torch.cuda.OutOfMemoryError):
+            workloads.clear()
             torch.cuda.empty_cache()
-        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    row = empty_row(case)
+    row["status"] = status
     return row
 
 
-def run_cases(cases: Iterable, device: torch.device, budget: Budget, memory: bool = True, progress=None) -> list:
-    """Measures (op, shape, dtype, provider, pass) tuples; workloads are reused across passes of one provider."""
+def run_cases(cases: Iterable[Case], device: torch.device, budget: Budget, memory: bool = True,
+              deadline: float | None = None, on_row: Callable[[dict], None] | None = None) -> list:
+    """Measures ``cases`` in order and returns their rows; cases left when time.monotonic() passes
+    ``deadline`` are recorded as skipped. ``on_row`` sees each row as it is made (progress, saving)."""
     rows = []
-    cache: dict = {}
-    for op, shape, dtype, provider, pass_ in cases:
-        row = measure_case(op, shape, dtype, provider, pass_, device, budget, cache, memory)
+    workloads = WorkloadCache()
+    for case in cases:
+        if deadline is not None and time.monotonic() > deadline:
+            row = empty_row(case)
+            row["status"] = "skipped: time budget spent"
+        else:
+            torch.manual_seed(0)
+            row = measure_case(case, device, budget, workloads, memory)
         rows.append(row)
-        if progress is not None:
-            progress(row)
-    cache.clear()
+        if on_row is not None:
+            on_row(row)
+    workloads.clear()
     return rows
 
 
@@ -496,7 +598,11 @@ def environment(device: torch.device) -> dict:
         "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "timing": "CUDA events per call, L2 flushed (cold)" if device.type == "cuda" else "perf_counter (hot)",
+        "timing": (
+            "CUDA events per call, L2 flushed (cold); b2b: CUDA-graph replays back to back (hot)"
+            if device.type == "cuda"
+            else "perf_counter (hot)"
+        ),
         "peak_memory_method": (
             "torch.cuda.max_memory_allocated delta"
             if device.type == "cuda"
@@ -557,5 +663,6 @@ def format_row(row: dict) -> str:
         return head + row["status"]
     return (
         head + f"{row['median_ms']:10.3f} ms [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]"
+        + (f"  b2b {row['b2b_ms']:.4f} ms" if row["b2b_ms"] is not None else "")
         + (f"  mem {row['peak_mem_mb']:.1f} MiB" if row["peak_mem_mb"] is not None else "")
     )

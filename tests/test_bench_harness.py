@@ -1,4 +1,4 @@
-"""The benchmark harness (bench/utils.py, bench/compare.py) measures what it says, on CPU, in a few seconds.
+"""The benchmark harness (bench/utils.py, bench/compare.py, `pytest --benchmark`) measures what it says, on CPU.
 
 These test the machinery, not any kernel's speed: the result file schema, ratios taken from one run,
 that a deliberately slowed provider comes out slower, that the CPU peak-memory method sees torch
@@ -11,17 +11,15 @@ import datetime
 import glob
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from bench import compare, utils  # noqa: E402
+from bench import compare, utils
 
 # Far above the toy op's cost and above the scheduling noise of a loaded, shared 2-core machine, where a
 # 32x32 matmul was seen to take 50-120 ms of wall time.
@@ -146,6 +144,11 @@ def test_quantiles_and_roofline_arithmetic():
     assert bound == "memory" and floor * 1e6 == pytest.approx(2.83, abs=0.01)
     floor, bound = utils.floor_seconds(0.93e9, 17e6, "float32", peaks)
     assert (bound == "compute") != utils.tf32_enabled()
+    # The H200 moves the same bytes 4.3 / 3.0 times faster: about 2.0 us per image.
+    h200 = utils.device_peaks("NVIDIA H200")
+    floor, bound = utils.floor_seconds(0.93e9, 8.5e6, "bfloat16", h200)
+    assert bound == "memory" and floor * 1e6 == pytest.approx(1.98, abs=0.01)
+    assert utils.device_peaks("NVIDIA H100 80GB HBM3") is peaks and utils.device_peaks("AMD EPYC") is None
 
 
 @pytest.mark.parametrize(
@@ -158,7 +161,7 @@ def test_quantiles_and_roofline_arithmetic():
 def test_real_providers_produce_rows(module_name, dims, peer):
     module = __import__(f"bench.{module_name}", fromlist=["BENCH"])
     shape = utils.Shape("tiny", dims)
-    cases = [(module.BENCH.op, shape, "float32", provider, pass_)
+    cases = [utils.Case(module.BENCH.op, shape, "float32", provider, pass_)
              for provider in module.BENCH.providers("cpu") for pass_ in utils.PASSES]
     rows = utils.run_cases(cases, torch.device("cpu"), utils.Budget(0.0, 0.0, 2, 2), memory=False)
     assert peer in {r["backend"] for r in rows}
@@ -180,28 +183,66 @@ def test_from_json_redraws_report(toy_result, tmp_path):
 def test_gpu_report_paths_render(tmp_path):
     """Rows shaped like a GPU run (floors, paper comparison, model memory) render into all three plots."""
     env = utils.environment(torch.device("cpu"))
-    env.update(device="NVIDIA H100 80GB HBM3", device_type="cuda")
+    env.update(device="NVIDIA H200", device_type="cuda")
     rows = []
     providers = (("reference", "backend", 1.0), ("triton", "backend", 0.5), ("sdpa_flash", "peer", 0.7))
     for backend, kind, scale in providers:
         for n in (8192, 32768):
             shape = utils.Shape(f"n{n}", dict(B=1, N=n, S=110, Dk=256, Dv=256))
-            row = utils.empty_row("short_attention", shape, "bfloat16", utils.Provider(backend, None, kind), "fwd")
-            row.update(status="ok", median_ms=scale * n / 1e3, p20_ms=0.0, p80_ms=1.0, peak_mem_mb=n / 1e3)
+            row = utils.empty_row(utils.Case("short_attention", shape, "bfloat16", utils.Provider(backend, None, kind),
+                                             "fwd"))
+            row.update(status="ok", median_ms=scale * n / 1e3, p20_ms=0.0, p80_ms=1.0, peak_mem_mb=n / 1e3,
+                       b2b_ms=scale * n / 2e3, b2b_method="cuda-graph")
             utils.add_roofline(row, 2 * n * 110 * 512, 2 * n * 512, env["device"])
             rows.append(row)
     for backend, kind, ms, mib in (("triton", "backend", 10.0, 100.0), ("nonlocal_matmul", "peer", 60.0, 2800.0)):
         shape = utils.Shape("paper", dict(B=1, C=2048, H=128, W=256, mode="eval"))
-        row = utils.empty_row("apnb", shape, "float32", utils.Provider(backend, None, kind), "fwd")
+        row = utils.empty_row(utils.Case("apnb", shape, "float32", utils.Provider(backend, None, kind), "fwd"))
         row.update(status="ok", median_ms=ms, p20_ms=ms, p80_ms=ms, peak_mem_mb=mib)
         rows.append(row)
     utils.attach_reference_ratios(rows)
-    assert rows[2]["fraction_of_floor"] is not None  # H100 floors apply
+    assert rows[2]["fraction_of_floor"] is not None  # H200 floors apply
+    rows[4]["b2b_method"] = "calls (graph capture failed: operation not permitted when stream is capturing)"
     stem = str(tmp_path / "gpu")
     written = compare.report(utils.result_document(rows, env, {}), stem)
-    assert [os.path.basename(path) for path in written] == ["gpu.md", "gpu-scaling.png", "gpu-paper.png",
-                                                            "gpu-floor.png"]
+    assert [os.path.basename(path) for path in written] == ["gpu.json", "gpu.md", "gpu-scaling.png",
+                                                            "gpu-paper.png", "gpu-floor.png"]
     markdown = open(stem + ".md").read()
     paper_row = "| paper | B=1 C=2048 H=128 W=256 mode=eval | float32 | triton | nonlocal_matmul | 10 | 60 | 6x |"
     assert paper_row in markdown
     assert "Noise" not in markdown
+    assert "| n8192 | B=1 N=8192 S=110 Dk=256 Dv=256 | bfloat16 | reference | fwd | 8.19 | 0-1 | 4.1 |" in markdown
+    assert "- n8192 bfloat16 fwd sdpa_flash: calls (graph capture failed" in markdown
+
+
+def test_pytest_benchmark_flag_runs_the_bench_and_prints_ratios(tmp_path):
+    """`pytest --benchmark` from the root: bench/ with pytest-benchmark's table, then the x ref summary."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved, storage = tmp_path / "run.json", f"--benchmark-storage={tmp_path / 'storage'}"
+
+    def run_bench(*args):
+        done = subprocess.run([sys.executable, "-m", "pytest", "--benchmark", "--bench-quick", "--bench-device", "cpu",
+                               "-p", "no:cacheprovider", storage, *args],
+                              cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    done = run_bench("-k", "pyramid_pool and small_kv and fwd", f"--benchmark-json={saved}", "--benchmark-autosave")
+    group = "pyramid_pool[small_kv-B1-C512-H32-W64-fp32-cpu-fwd]"
+    assert f"benchmark '{group}'" in done.stdout  # pytest-benchmark's table, one group per competing set
+    summary = done.stdout[done.stdout.index("x ref: reference median"):]
+    assert re.search(rf"^{re.escape(group)}\s+cpu \d+(\.\d+)?\s+torch_pool_cat \d", summary, re.MULTILINE), summary
+    cases = {bench["name"]: bench for bench in json.loads(saved.read_text())["benchmarks"]}
+    assert set(cases) == {f"test_pyramid_pool[{group[13:-1]}-{provider}]"
+                          for provider in ("reference", "cpu", "torch_pool_cat")}
+    for bench in cases.values():
+        assert bench["group"] == group
+        extra = bench["extra_info"]
+        assert extra["x_ref"] == pytest.approx(extra["reference_median_s"] / bench["stats"]["median"])
+        assert extra["cache"] == "hot" and extra["peak_mem_mb"] >= 0
+    assert cases[f"test_pyramid_pool[{group[13:-1]}-reference]"]["extra_info"]["x_ref"] == 1.0
+    # pytest-benchmark's regression check finds the saved run's case under the same name.
+    compared = run_bench("-k", "pyramid_pool and small_kv and fwd and reference", "--benchmark-compare",
+                     "--benchmark-compare-fail=median:1000%").stdout
+    name = f"test_pyramid_pool[{group[13:-1]}-reference]"
+    assert f"{name} (NOW)" in compared and re.search(rf"{re.escape(name)} \(0001_", compared), compared
