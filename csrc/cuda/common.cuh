@@ -79,6 +79,19 @@ __host__ __device__ __forceinline__ int adaptive_bin_end(int i, int length, int 
   return static_cast<int>(ceil_div(static_cast<int64_t>(i + 1) * length, bins));
 }
 
+// Every kernel launch goes through here. Under nvcc it is <<<grid, block, smem, stream>>>; when g++
+// compiles these sources against the CPU SIMT emulator (tests/simt), the emulator runs the grid.
+template <auto Kernel, typename... Args>
+cudaError_t launch_kernel(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+#if defined(__CUDACC__)
+  Kernel<<<grid, block, smem, stream>>>(args...);
+  return cudaGetLastError();
+#else
+  (void)stream;
+  return simt::launch_kernel(__PRETTY_FUNCTION__, Kernel, grid, block, smem, args...);
+#endif
+}
+
 // Launches that need more than the default 48 KiB of dynamic shared memory must opt in first.
 template <typename Kernel>
 cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {

@@ -81,14 +81,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cuda(
   cudaError_t status = cuda_kernels::short_attention_backward_plan(dtype, shape, &plan);
   ANNK_CHECK_CUDA_STATUS(status, "short_attention_backward (planning; S too large for shared memory?)");
 
-  const at::Tensor lse = logsumexp.contiguous();
   at::Tensor grad_query = empty_like_layout(query, shape.batch, shape.queries, shape.key_dim, query.scalar_type());
   at::Tensor grad_key = empty_like_layout(key, shape.batch, shape.keys, shape.key_dim, query.scalar_type());
   at::Tensor grad_value = empty_like_layout(value, shape.batch, shape.keys, shape.value_dim, query.scalar_type());
   at::Tensor workspace = at::empty({plan.workspace_floats}, query.options().dtype(at::kFloat));
   status = cuda_kernels::short_attention_backward(
       dtype, shape, const_view3(grad_out), const_view3(query), const_view3(key), const_view3(value),
-      lse.const_data_ptr<float>(), static_cast<float>(scale), view3(grad_query), view3(grad_key), view3(grad_value),
+      static_cast<float>(scale), view3(grad_query), view3(grad_key), view3(grad_value),
       plan, workspace.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   ANNK_CHECK_CUDA_STATUS(status, "short_attention_backward");
   return {grad_query, grad_key, grad_value};
