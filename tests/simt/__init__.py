@@ -10,11 +10,10 @@ workspace start as NaN, so an element a kernel forgets to write shows up. Any re
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 
 import torch
-
-from annkernels.ops.short_attention import empty_like_layout
 
 from . import build
 
@@ -51,8 +50,22 @@ def _span(tensor):
     return tensor.data_ptr(), (last + 1) * tensor.element_size()
 
 
+def _guarded_nan(shape, dtype, transpose=False):
+    """A NaN-filled tensor inside a larger allocation: a kernel that writes past its ends hits the margins
+    (which belong to no registered buffer, so the checker reports it) instead of the process's heap."""
+    numel = math.prod(shape)
+    margin = max(1 << 14, numel // 4)
+    storage = torch.full((numel + 2 * margin,), float("nan"), dtype=dtype)
+    tensor = storage[margin:margin + numel].view(shape)
+    return tensor.transpose(1, 2) if transpose else tensor
+
+
 def _nan_like_layout(like, rows, cols):
-    return empty_like_layout(like, rows, cols).fill_(float("nan"))
+    """Output in the layout the glue gives it (empty_like_layout): channel-first if `like` is."""
+    channel_first = like.shape[1] > 1 and like.shape[2] > 1 and like.stride(1) == 1
+    if channel_first:
+        return _guarded_nan((like.shape[0], cols, rows), like.dtype, transpose=True)
+    return _guarded_nan((like.shape[0], rows, cols), like.dtype)
 
 
 class Emulator:
@@ -87,6 +100,11 @@ class Emulator:
         self._runtime.simt_set_order(ORDERS[order], seed)
         return self
 
+    def plant(self, bug: int):
+        """Switches on planted bug `bug` (0: none) in a scratch copy of a kernel built with simt_planted_bug()."""
+        self._runtime.simt_set_planted_bug(bug)
+        return self
+
     # ---- one launcher call ----
 
     def _call(self, function, args, inputs, outputs):
@@ -119,7 +137,7 @@ class Emulator:
         batch, queries, key_dim = query.shape
         keys, value_dim = key.shape[1], value.shape[2]
         out = _nan_like_layout(query, queries, value_dim)
-        lse = torch.full((batch, queries), float("nan"), dtype=torch.float32)
+        lse = _guarded_nan((batch, queries), torch.float32)
         shape = _int64s([batch, queries, keys, key_dim, value_dim])
         args = [DTYPES[query.dtype], shape]
         for t in (query, key, value):
@@ -143,7 +161,7 @@ class Emulator:
         plan = self.attention_backward_plan(query.dtype, shape)
         grads = (_nan_like_layout(query, queries, key_dim), _nan_like_layout(key, keys, key_dim),
                  _nan_like_layout(value, keys, value_dim))
-        workspace = torch.full((plan["workspace_floats"],), float("nan"), dtype=torch.float32)
+        workspace = _guarded_nan((plan["workspace_floats"],), torch.float32)
         args = [DTYPES[query.dtype], _int64s(shape)]
         for t in (grad_out, query, key, value):
             args += [t.data_ptr(), _int64s(t.stride())]
@@ -166,7 +184,7 @@ class Emulator:
 
     def pyramid_forward(self, x, scales):
         batch, channels, height, width = x.shape
-        out = torch.full((batch, channels, sum(s * s for s in scales)), float("nan"), dtype=x.dtype)
+        out = _guarded_nan((batch, channels, sum(s * s for s in scales)), x.dtype)
         sizes = (ctypes.c_int * len(scales))(*scales)
         self._call(self._kernels.simt_pyramid_pool_forward,
                    [DTYPES[x.dtype], x.data_ptr(), _int64s(x.shape), _int64s(x.stride()), len(scales), sizes,
@@ -175,7 +193,7 @@ class Emulator:
 
     def pyramid_backward(self, grad, scales, height, width):
         batch, channels, _ = grad.shape
-        grad_input = torch.full((batch, channels, height, width), float("nan"), dtype=grad.dtype)
+        grad_input = _guarded_nan((batch, channels, height, width), grad.dtype)
         sizes = (ctypes.c_int * len(scales))(*scales)
         self._call(self._kernels.simt_pyramid_pool_backward,
                    [DTYPES[grad.dtype], grad.data_ptr(), _int64s(grad.stride()),

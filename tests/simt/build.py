@@ -162,16 +162,29 @@ def _build_kernels(files, include, runtime, scratch, library_name):
     for name, text in files.items():
         (source_dir / name).write_text(text)
     includes = [f"-I{HERE / 'include'}", f"-I{source_dir}", f"-isystem{include}"]
-    objects, jobs = [], []
+    headers = sorted((name, text) for name, text in files.items() if not name.endswith(".cu"))
+    emulator_headers = [p.read_bytes() for p in sorted((HERE / "include").iterdir())]
+    object_cache = cache_root() / "objects"
+    object_cache.mkdir(exist_ok=True)
+    objects, jobs, fresh = [], [], []
     for name in sorted(n for n in files if n.endswith(".cu")):
-        obj = scratch / f"{name}.o"
-        cmd = [CXX, *COMMON_FLAGS, *KERNEL_FLAGS, *includes, "-x", "c++", "-c", str(source_dir / name), "-o", str(obj)]
-        jobs.append((cmd, _start(cmd)))
+        # Each object is cached on its own, so a scratch copy of one kernel file recompiles only that file.
+        key = _digest("object", _compiler_version(), include, KERNEL_FLAGS, name, files[name], *headers,
+                      *emulator_headers)
+        obj = object_cache / f"{Path(name).stem}-{key}.o"
         objects.append(obj)
+        if not obj.exists():
+            partial = scratch / f"{name}.o"
+            cmd = [CXX, *COMMON_FLAGS, *KERNEL_FLAGS, *includes, "-x", "c++", "-c", str(source_dir / name), "-o",
+                   str(partial)]
+            jobs.append((cmd, _start(cmd)))
+            fresh.append((partial, obj))
     capi = scratch / "capi.o"
     cmd = [CXX, *COMMON_FLAGS, *HOST_FLAGS, *includes, "-c", str(HERE / "capi.cpp"), "-o", str(capi)]
     jobs.append((cmd, _start(cmd)))
     _wait(jobs)
+    for partial, obj in fresh:
+        os.replace(partial, obj)
     shared = scratch / "dynamic_shared.cpp"
     shared.write_text(_dynamic_shared_source(objects))
     _run([CXX, *COMMON_FLAGS, *HOST_FLAGS, "-shared", str(shared), *map(str, objects), str(capi),

@@ -676,6 +676,11 @@ const char* simt_launch(int index, uint64_t numbers[9]) {
   return launch.kernel.c_str();
 }
 
+// Scratch copies of kernels with planted bugs switch them on at run time (one build for all of them).
+static int planted_bug = 0;
+void simt_set_planted_bug(int bug) { planted_bug = bug; }
+int simt_planted_bug() { return planted_bug; }
+
 // ---- the instrumentation hooks (gcc -fsanitize=kernel-address, outline calls) ----
 
 #define SIMT_HOOKS(size)                                                                                      \
