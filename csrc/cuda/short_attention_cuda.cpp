@@ -70,8 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cuda(
   const auto dtype = kernel_dtype(query, /*allow_double=*/false);
   check_same_shape(grad_out, "grad_out", {shape.batch, shape.queries, shape.value_dim}, query);
   ANNK_CHECK_SAME_DTYPE(grad_out, query);
-  // The kernel takes sum_j P_j dP_j from its fp32 tile instead of rowsum(grad_out * out); out is only
-  // validated so the op keeps the same contract on every backend.
+  // The kernel takes sum_j P_j dP_j from its fp32 tile instead of rowsum(grad_out * out), and recomputes the
+  // softmax statistics from the score rows; out and logsumexp are only validated so the op keeps the same
+  // contract on every backend.
   check_same_shape(out, "out", {shape.batch, shape.queries, shape.value_dim}, query);
   check_same_shape(logsumexp, "logsumexp", {shape.batch, shape.queries}, query);
   TORCH_CHECK(logsumexp.scalar_type() == at::kFloat, "logsumexp must be float32, got ", logsumexp.scalar_type());
