@@ -143,10 +143,10 @@ def _kernels(emulator, start):
     return [launch.kernel for launch in emulator.launches[start:]]
 
 
-@pytest.mark.parametrize("device, block_m", [("a100", 64), pytest.param("h100", 16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("device, block_m", [("a100", 64), ("h100", 16)])
 def test_forward_query_tile_follows_the_sm_count(emulator, device, block_m):
     # ceil(3451 / 64) * 2 = 108 tiles: enough for every SM of an A100 (BM=64), not of an H100 (BM=16).
-    # 3451 is not a multiple of either tile. BM=16 runs in most other tests, so that case is slow only.
+    # 3451 is not a multiple of either tile.
     emulator.configure(device=device, order="reverse")
     start = len(emulator.launches)
     _check_attention_fp32(emulator, (2, 3451, 50, 16, 8), "channel_first")
@@ -154,10 +154,8 @@ def test_forward_query_tile_follows_the_sm_count(emulator, device, block_m):
     assert forward == [f"short_attention_forward_kernel<float, {block_m}>"]
 
 
-# Several tiles per block need more tiles than 2 x 132 / B; with 64-row tiles that is > 17000 query rows
-# (over a minute here), so that case is slow only.
-@pytest.mark.parametrize("case, block_m", [((16, 300, 130, 8, 8), 16),
-                                           pytest.param((16, 1100, 100, 8, 8), 64, marks=pytest.mark.slow)], ids=str)
+# Several tiles per block: more tiles than the 2 x 132 / B workspace slots per batch.
+@pytest.mark.parametrize("case, block_m", [((16, 300, 130, 8, 8), 16), ((16, 1100, 100, 8, 8), 64)], ids=str)
 def test_backward_with_several_query_tiles_per_block(emulator, case, block_m):
     emulator.configure(device="h100", order="shuffle", seed=5)
     plan = emulator.attention_backward_plan(torch.float32, case)
@@ -185,7 +183,7 @@ def test_fp32_backward_with_s_near_1024_does_not_fit_an_a100(emulator):
 
 @pytest.mark.slow
 def test_real_shape_end_to_end(emulator):
-    # A 769 x 769 crop at stride 8 (97 x 97 = 9409 queries), ANN's S = 110 and channel counts.
+    # A 769 x 769 crop at stride 8 (97 x 97 = 9409 queries), ANN's S = 110 and channel counts; ~1.5 min.
     emulator.configure(device="h100", order="forward")
     _check_attention_fp32(emulator, (1, 9409, 110, 256, 256), "channel_first")
 

@@ -16,6 +16,7 @@
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 #include <link.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -50,8 +51,12 @@ constexpr int kMaxReportsPerLaunch = 12;
 
 enum class FiberState { kRunnable, kAtBarrier, kAtWarp, kDone };
 
+// A fiber starts through ucontext (which sets up its stack); every later switch is a _setjmp/_longjmp
+// pair, which unlike swapcontext saves no signal mask and so makes no system call.
 struct Fiber {
   ucontext_t context;
+  jmp_buf resume;
+  bool started = false;
   std::vector<unsigned char> stack;
   FiberState state = FiberState::kRunnable;
   uint3 index{};
@@ -119,6 +124,7 @@ struct State {
   std::vector<Warp> warps;
   Fiber* current = nullptr;
   ucontext_t scheduler;
+  jmp_buf scheduler_jump;
   int live = 0;
   int at_barrier = 0;
   uint32_t epoch_counter = 0;
@@ -320,7 +326,11 @@ void complete_warp(int w) {
   warp.epoch = ++g.epoch_counter;
 }
 
-void yield_to_scheduler() { swapcontext(&g.current->context, &g.scheduler); }
+void yield_to_scheduler() {
+  if (_setjmp(g.current->resume) == 0) {
+    _longjmp(g.scheduler_jump, 1);
+  }
+}
 
 void fiber_main() {
   g.request->run(g.request->bound);
@@ -335,7 +345,7 @@ void fiber_main() {
   if (g.at_barrier > 0 && g.at_barrier == g.live) {
     release_barrier();
   }
-  setcontext(&g.scheduler);
+  _longjmp(g.scheduler_jump, 1);
 }
 
 std::vector<int> pass_order(size_t count) {
@@ -372,6 +382,7 @@ void run_block(uint3 block) {
     fiber.context.uc_stack.ss_sp = fiber.stack.data();
     fiber.context.uc_stack.ss_size = fiber.stack.size();
     fiber.context.uc_link = nullptr;
+    fiber.started = false;
     makecontext(&fiber.context, fiber_main, 0);
   }
   while (g.live > 0) {
@@ -383,7 +394,13 @@ void run_block(uint3 block) {
       }
       ran = true;
       g.current = &fiber;
-      swapcontext(&g.scheduler, &fiber.context);
+      if (_setjmp(g.scheduler_jump) == 0) {  // the fiber comes back here when it blocks or ends
+        if (fiber.started) {
+          _longjmp(fiber.resume, 1);
+        }
+        fiber.started = true;
+        swapcontext(&g.scheduler, &fiber.context);
+      }
       g.current = nullptr;
     }
     if (!ran) {
