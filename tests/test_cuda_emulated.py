@@ -105,10 +105,13 @@ def test_attention_explicit_scale_and_mixed_layouts(emulator):
         assert_close(got, wanted, name=name, **ATTENTION_TOLERANCE)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(24))
 def test_large_scores_do_not_overflow(emulator, seed):
     # tests/test_short_attention.py's case over many draws: scaled scores of several hundred, where a P
-    # rebuilt from the fp32 log-sum-exp misses 1 for the dominant key and the gradients drift.
+    # rebuilt from the fp32 log-sum-exp misses 1 for the dominant key and the gradients drift (the kernel
+    # did that once and failed 24 of 40 draws). At these scores fp32 rounding of the scores alone moves
+    # `out` by up to ~6e-4 (the CPU kernel misses the shared test's 2e-5 on 4 of 40 draws too), so `out`
+    # gets the gradients' tolerance here.
     torch.manual_seed(seed)
     emulator.configure(order=ORDERS[seed % 3], seed=seed)
     leaves = _attention_inputs((1, 40, 110, 16, 16), "contiguous")
@@ -116,9 +119,7 @@ def test_large_scores_do_not_overflow(emulator, seed):
         leaves[0].mul_(30)
         leaves[1].mul_(30)
     scale, grad, actual = _attention_run(emulator, leaves)
-    expected = _attention_oracle(leaves, grad, scale)
-    assert_close(actual[0], expected[0], name="out", **ATTENTION_TOLERANCE)
-    for name, got, wanted in zip(NAMES[1:], actual[1:], expected[1:]):
+    for name, got, wanted in zip(NAMES, actual, _attention_oracle(leaves, grad, scale)):
         assert torch.isfinite(got).all(), name
         assert_close(got, wanted, name=name, atol=1e-3, rtol=1e-3)
 
