@@ -300,18 +300,10 @@ cudaError_t pyramid_pool_forward(DType dtype, const void* input, int64_t batch, 
   if (!valid_scales(scales) || !valid_extents(batch, channels, height, width)) {
     return cudaErrorInvalidValue;
   }
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_forward<float>(input, batch, channels, height, width, input_strides, scales, output, stream);
-    case DType::kFloat16:
-      return launch_forward<__half>(input, batch, channels, height, width, input_strides, scales, output, stream);
-    case DType::kBFloat16:
-      return launch_forward<__nv_bfloat16>(input, batch, channels, height, width, input_strides, scales, output,
-                                           stream);
-    case DType::kFloat64:
-      return launch_forward<double>(input, batch, channels, height, width, input_strides, scales, output, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype<true>(dtype, [&](auto tag) {
+    return launch_forward<typename decltype(tag)::type>(input, batch, channels, height, width, input_strides, scales,
+                                                        output, stream);
+  });
 }
 
 cudaError_t pyramid_pool_backward(DType dtype, ConstView3 grad_output, int64_t batch, int64_t channels,
@@ -320,17 +312,10 @@ cudaError_t pyramid_pool_backward(DType dtype, ConstView3 grad_output, int64_t b
   if (!valid_scales(scales) || !valid_extents(batch, channels, height, width)) {
     return cudaErrorInvalidValue;
   }
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_backward<float>(grad_output, batch, channels, scales, height, width, grad_input, stream);
-    case DType::kFloat16:
-      return launch_backward<__half>(grad_output, batch, channels, scales, height, width, grad_input, stream);
-    case DType::kBFloat16:
-      return launch_backward<__nv_bfloat16>(grad_output, batch, channels, scales, height, width, grad_input, stream);
-    case DType::kFloat64:
-      return launch_backward<double>(grad_output, batch, channels, scales, height, width, grad_input, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype<true>(dtype, [&](auto tag) {
+    return launch_backward<typename decltype(tag)::type>(grad_output, batch, channels, scales, height, width,
+                                                         grad_input, stream);
+  });
 }
 
 }  // namespace cuda_kernels

@@ -708,32 +708,17 @@ cudaError_t short_attention_forward(DType dtype, const AttentionShape& shape, Co
                              static_cast<int>(shape.key_dim),
                              static_cast<int>(shape.value_dim),
                              scale};
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_forward<float>(shape, params, stream);
-    case DType::kFloat16:
-      return launch_forward<__half>(shape, params, stream);
-    case DType::kBFloat16:
-      return launch_forward<__nv_bfloat16>(shape, params, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype<false>(dtype, [&](auto tag) {
+    return launch_forward<typename decltype(tag)::type>(shape, params, stream);
+  });
 }
 
 cudaError_t short_attention_backward_plan(DType dtype, const AttentionShape& shape, AttentionBackwardPlan* plan) {
   if (!valid_shape(shape) || plan == nullptr) {
     return cudaErrorInvalidValue;
   }
-  switch (dtype) {
-    case DType::kFloat32:
-      return plan_backward<float>(shape, plan);
-    case DType::kFloat16:
-      return plan_backward<__half>(shape, plan);
-    case DType::kBFloat16:
-      return plan_backward<__nv_bfloat16>(shape, plan);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype<false>(dtype,
+                               [&](auto tag) { return plan_backward<typename decltype(tag)::type>(shape, plan); });
 }
 
 cudaError_t short_attention_backward(DType dtype, const AttentionShape& shape, ConstView3 grad_out, ConstView3 query,
@@ -757,16 +742,9 @@ cudaError_t short_attention_backward(DType dtype, const AttentionShape& shape, C
                               static_cast<int>(plan.key_dim_padded),
                               static_cast<int>(plan.value_dim_padded),
                               scale};
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_backward<float>(shape, params, grad_key, grad_value, plan, stream);
-    case DType::kFloat16:
-      return launch_backward<__half>(shape, params, grad_key, grad_value, plan, stream);
-    case DType::kBFloat16:
-      return launch_backward<__nv_bfloat16>(shape, params, grad_key, grad_value, plan, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype<false>(dtype, [&](auto tag) {
+    return launch_backward<typename decltype(tag)::type>(shape, params, grad_key, grad_value, plan, stream);
+  });
 }
 
 }  // namespace cuda_kernels
