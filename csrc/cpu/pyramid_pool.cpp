@@ -292,14 +292,7 @@ at::Tensor pyramid_pool_forward_cpu(const at::Tensor& input, c10::IntArrayRef sc
 
 at::Tensor pyramid_pool_backward_cpu(const at::Tensor& grad_output, c10::IntArrayRef scales, int64_t height,
                                      int64_t width) {
-  ANNK_CHECK_DIM(grad_output, 3);
-  ANNK_CHECK_FLOATING(grad_output);
-  ANNK_CHECK_DEVICE(grad_output, at::Device(at::kCPU));
-  ANNK_CHECK_NONEMPTY(grad_output);
-  TORCH_CHECK(height > 0 && width > 0, "height and width must be positive, got ", height, " and ", width);
-  const int64_t pyramid = pyramid_size(scales);
-  TORCH_CHECK(grad_output.size(2) == pyramid, "grad_output must have shape [B, C, ", pyramid, "] for scales ",
-              scales, ", got ", grad_output.sizes());
+  check_pyramid_backward_inputs(grad_output, scales, height, width, at::Device(at::kCPU));
   const AxisSegments rows = make_axis_segments(height, scales);
   const AxisSegments cols = make_axis_segments(width, scales);
   at::Tensor grad_input =

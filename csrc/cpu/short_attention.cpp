@@ -462,28 +462,9 @@ at::ScalarType softmax_state_dtype(const at::Tensor& query) {
   return query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_attention_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
-  ANNK_CHECK_DIM(query, 3);
-  ANNK_CHECK_DIM(key, 3);
-  ANNK_CHECK_DIM(value, 3);
-  ANNK_CHECK_FLOATING(query);
-  ANNK_CHECK_SAME_DTYPE(query, key);
-  ANNK_CHECK_SAME_DTYPE(query, value);
-  ANNK_CHECK_DEVICE(query, at::Device(at::kCPU));
-  ANNK_CHECK_DEVICE(key, at::Device(at::kCPU));
-  ANNK_CHECK_DEVICE(value, at::Device(at::kCPU));
-  ANNK_CHECK_NONEMPTY(query);
-  ANNK_CHECK_NONEMPTY(key);
-  ANNK_CHECK_NONEMPTY(value);
-  TORCH_CHECK(key.size(0) == query.size(0) && key.size(2) == query.size(2), "key must have shape [B, S, Dk] = [",
-              query.size(0), ", S, ", query.size(2), "] to match query ", query.sizes(), ", got ", key.sizes());
-  TORCH_CHECK(value.size(0) == key.size(0) && value.size(1) == key.size(1), "value must have shape [B, S, Dv] = [",
-              key.size(0), ", ", key.size(1), ", Dv] to match key ", key.sizes(), ", got ", value.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor> short_attention_forward_cpu(const at::Tensor& query, const at::Tensor& key,
                                                                const at::Tensor& value, double scale) {
-  check_attention_inputs(query, key, value);
+  check_attention_inputs(query, key, value, at::Device(at::kCPU));
   const int64_t batch = query.size(0), queries = query.size(1);
   at::Tensor out = empty_like_layout(query, batch, queries, value.size(2), query.scalar_type());
   at::Tensor probs =
@@ -499,15 +480,10 @@ std::tuple<at::Tensor, at::Tensor> short_attention_forward_cpu(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& out, const at::Tensor& softmax_state, double scale) {
-  check_attention_inputs(query, key, value);
-  ANNK_CHECK_DIM(grad_out, 3);
-  ANNK_CHECK_SAME_DTYPE(query, grad_out);
-  ANNK_CHECK_DEVICE(grad_out, at::Device(at::kCPU));
+  check_attention_inputs(query, key, value, at::Device(at::kCPU));
+  check_attention_grad_out(grad_out, out, query, value);
   const int64_t batch = query.size(0), queries = query.size(1), keys = key.size(1);
   const int64_t dk = query.size(2), dv = value.size(2);
-  TORCH_CHECK(grad_out.size(0) == batch && grad_out.size(1) == queries && grad_out.size(2) == dv,
-              "grad_out must have shape [B, N, Dv] = [", batch, ", ", queries, ", ", dv, "], got ", grad_out.sizes());
-  TORCH_CHECK(out.sizes() == grad_out.sizes(), "out must have shape ", grad_out.sizes(), ", got ", out.sizes());
   TORCH_CHECK(softmax_state.dim() == 3 && softmax_state.size(0) == batch && softmax_state.size(1) == queries &&
                   softmax_state.size(2) == padded_keys(keys) && softmax_state.is_contiguous(),
               "softmax_state must be the forward's contiguous probabilities [", batch, ", ", queries, ", ",

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "launch_types.h"
+
 namespace annkernels {
 namespace cuda_kernels {
 
@@ -77,6 +79,44 @@ __host__ __device__ __forceinline__ int adaptive_bin_start(int i, int length, in
 }
 __host__ __device__ __forceinline__ int adaptive_bin_end(int i, int length, int bins) {
   return static_cast<int>(ceil_div(static_cast<int64_t>(i + 1) * length, bins));
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// The one mapping from a launch's DType to its storage type: returns launch(TypeTag<T>{}), or
+// cudaErrorInvalidValue for a dtype the kernels do not take (float64 unless kWithDouble).
+template <bool kWithDouble, typename Launch>
+cudaError_t dispatch_dtype(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch(TypeTag<float>{});
+    case DType::kFloat16:
+      return launch(TypeTag<__half>{});
+    case DType::kBFloat16:
+      return launch(TypeTag<__nv_bfloat16>{});
+    case DType::kFloat64:
+      if constexpr (kWithDouble) {
+        return launch(TypeTag<double>{});
+      }
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Every kernel launch goes through here. Under nvcc it is <<<grid, block, smem, stream>>>; when g++
+// compiles these sources against the CPU SIMT emulator (tests/simt), the emulator runs the grid.
+template <auto Kernel, typename... Args>
+cudaError_t launch_kernel(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+#if defined(__CUDACC__)
+  Kernel<<<grid, block, smem, stream>>>(args...);
+  return cudaGetLastError();
+#else
+  (void)stream;
+  return simt::launch_kernel(__PRETTY_FUNCTION__, Kernel, grid, block, smem, args...);
+#endif
 }
 
 // Launches that need more than the default 48 KiB of dynamic shared memory must opt in first.

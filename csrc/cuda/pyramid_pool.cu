@@ -264,11 +264,10 @@ cudaError_t launch_forward(const void* input, int64_t batch, int64_t channels, i
   if (status != cudaSuccess) {
     return status;
   }
-  pyramid_pool_forward_kernel<T><<<static_cast<unsigned>(blocks), kPoolThreads, smem, stream>>>(
-      static_cast<const T*>(input), static_cast<int>(channels), static_cast<int>(height), static_cast<int>(width),
-      strides[0], strides[1], strides[2], strides[3], scales, num_bins, planes, tile_rows, tile_cols,
-      static_cast<T*>(output));
-  return cudaGetLastError();
+  return launch_kernel<pyramid_pool_forward_kernel<T>>(
+      static_cast<unsigned>(blocks), kPoolThreads, smem, stream, static_cast<const T*>(input),
+      static_cast<int>(channels), static_cast<int>(height), static_cast<int>(width), strides[0], strides[1],
+      strides[2], strides[3], scales, num_bins, planes, tile_rows, tile_cols, static_cast<T*>(output));
 }
 
 template <typename T>
@@ -281,11 +280,10 @@ cudaError_t launch_backward(ConstView3 grad_output, int64_t batch, int64_t chann
   if (status != cudaSuccess) {
     return status;
   }
-  pyramid_pool_backward_kernel<T><<<static_cast<unsigned>(batch * channels), kPoolThreads, smem, stream>>>(
-      static_cast<const T*>(grad_output.data), grad_output.batch_stride, grad_output.row_stride,
-      grad_output.col_stride, static_cast<int>(channels), static_cast<int>(height), static_cast<int>(width), scales,
-      num_bins, static_cast<T*>(grad_input));
-  return cudaGetLastError();
+  return launch_kernel<pyramid_pool_backward_kernel<T>>(
+      static_cast<unsigned>(batch * channels), kPoolThreads, smem, stream, static_cast<const T*>(grad_output.data),
+      grad_output.batch_stride, grad_output.row_stride, grad_output.col_stride, static_cast<int>(channels),
+      static_cast<int>(height), static_cast<int>(width), scales, num_bins, static_cast<T*>(grad_input));
 }
 
 bool valid_extents(int64_t batch, int64_t channels, int64_t height, int64_t width) {
@@ -302,18 +300,10 @@ cudaError_t pyramid_pool_forward(DType dtype, const void* input, int64_t batch, 
   if (!valid_scales(scales) || !valid_extents(batch, channels, height, width)) {
     return cudaErrorInvalidValue;
   }
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_forward<float>(input, batch, channels, height, width, input_strides, scales, output, stream);
-    case DType::kFloat16:
-      return launch_forward<__half>(input, batch, channels, height, width, input_strides, scales, output, stream);
-    case DType::kBFloat16:
-      return launch_forward<__nv_bfloat16>(input, batch, channels, height, width, input_strides, scales, output,
-                                           stream);
-    case DType::kFloat64:
-      return launch_forward<double>(input, batch, channels, height, width, input_strides, scales, output, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype<true>(dtype, [&](auto tag) {
+    return launch_forward<typename decltype(tag)::type>(input, batch, channels, height, width, input_strides, scales,
+                                                        output, stream);
+  });
 }
 
 cudaError_t pyramid_pool_backward(DType dtype, ConstView3 grad_output, int64_t batch, int64_t channels,
@@ -322,17 +312,10 @@ cudaError_t pyramid_pool_backward(DType dtype, ConstView3 grad_output, int64_t b
   if (!valid_scales(scales) || !valid_extents(batch, channels, height, width)) {
     return cudaErrorInvalidValue;
   }
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_backward<float>(grad_output, batch, channels, scales, height, width, grad_input, stream);
-    case DType::kFloat16:
-      return launch_backward<__half>(grad_output, batch, channels, scales, height, width, grad_input, stream);
-    case DType::kBFloat16:
-      return launch_backward<__nv_bfloat16>(grad_output, batch, channels, scales, height, width, grad_input, stream);
-    case DType::kFloat64:
-      return launch_backward<double>(grad_output, batch, channels, scales, height, width, grad_input, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype<true>(dtype, [&](auto tag) {
+    return launch_backward<typename decltype(tag)::type>(grad_output, batch, channels, scales, height, width,
+                                                         grad_input, stream);
+  });
 }
 
 }  // namespace cuda_kernels

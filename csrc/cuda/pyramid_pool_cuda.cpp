@@ -55,14 +55,10 @@ at::Tensor pyramid_pool_forward_cuda(const at::Tensor& input, c10::IntArrayRef s
 
 at::Tensor pyramid_pool_backward_cuda(const at::Tensor& grad_output, c10::IntArrayRef scales, int64_t height,
                                       int64_t width) {
-  ANNK_CHECK_DIM(grad_output, 3);
-  ANNK_CHECK_NONEMPTY(grad_output);
   TORCH_CHECK(grad_output.is_cuda(), "grad_output must be a CUDA tensor, got device ", grad_output.device());
+  check_pyramid_backward_inputs(grad_output, scales, height, width, grad_output.device());
   const auto dtype = kernel_dtype(grad_output, /*allow_double=*/true);
   const auto kernel_scale_list = kernel_scales(scales);
-  const int64_t bins = pyramid_size(scales);
-  TORCH_CHECK(grad_output.size(2) == bins, "grad_output must have shape [B, C, ", bins, "] for scales ", scales,
-              ", got ", grad_output.sizes());
   const int64_t batch = grad_output.size(0), channels = grad_output.size(1);
   check_extent(height, "height");
   check_extent(width, "width");

@@ -325,6 +325,32 @@ __device__ void gemm_atb_to_workspace(const T* a, int ld_a, int rows_padded, con
   }
 }
 
+// Maximum and sum of exp2(x - maximum) over x = row[j] * scale_log2, j < keys; one warp per row, every lane
+// gets both. P_j = exp2(x_j - maximum) / sum: the largest P is exactly 1 when one key dominates, however
+// large the scores, which a P rebuilt from the log-sum-exp (about 1e3 for large scores, so its fp32
+// rounding shifts every exponent) would not give.
+struct RowStats {
+  float maximum;
+  float sum;
+};
+
+__device__ __forceinline__ RowStats row_stats(const float* row, int keys, float scale_log2, int lane) {
+  float maximum = -INFINITY;
+  for (int j = lane; j < keys; j += kWarpSize) {
+    maximum = fmaxf(maximum, row[j] * scale_log2);
+  }
+  maximum = warp_max(maximum);
+  float sum = 0.0f;
+  for (int j = lane; j < keys; j += kWarpSize) {
+    sum += exp2f(row[j] * scale_log2 - maximum);
+  }
+  return {maximum, warp_sum(sum)};
+}
+
+__device__ __forceinline__ float row_prob(float score, float scale_log2, RowStats stats) {
+  return exp2f(score * scale_log2 - stats.maximum) / stats.sum;
+}
+
 // Softmax of each scaled score row, in place: row r of `scores` (fp32, ld_s) becomes P in T with the
 // same byte offset per row (ld_s * 4 / sizeof(T) elements), keys..keys_padded set to zero. One warp per
 // row; P is written 32 entries at a time after the warp has read them, which is safe because entry j
@@ -339,22 +365,13 @@ __device__ void softmax_rows(float* scores, int ld_s, int keys, int keys_padded,
   for (int r = warp; r < BM; r += kWarps) {
     const float* row = scores + r * ld_s;
     T* prob = reinterpret_cast<T*>(scores) + r * ld_p;
-    float row_max = -INFINITY;
-    for (int j = lane; j < keys; j += kWarpSize) {
-      row_max = fmaxf(row_max, row[j] * scale_log2);
-    }
-    row_max = warp_max(row_max);
-    float row_sum = 0.0f;
-    for (int j = lane; j < keys; j += kWarpSize) {
-      row_sum += exp2f(row[j] * scale_log2 - row_max);
-    }
-    const float lse2 = row_max + log2f(warp_sum(row_sum));
+    const RowStats stats = row_stats(row, keys, scale_log2, lane);
     if (lane == 0 && r < rows_valid) {
-      lse[r] = lse2 * kLn2;
+      lse[r] = (stats.maximum + log2f(stats.sum)) * kLn2;
     }
     for (int j0 = 0; j0 < keys_padded; j0 += kWarpSize) {
       const int j = j0 + lane;
-      const float p = j < keys ? exp2f(row[j] * scale_log2 - lse2) : 0.0f;
+      const float p = j < keys ? row_prob(row[j], scale_log2, stats) : 0.0f;
       __syncwarp();
       if (j < keys_padded) {
         prob[j] = from_acc<T>(p);
@@ -364,13 +381,13 @@ __device__ void softmax_rows(float* scores, int ld_s, int keys, int keys_padded,
   }
 }
 
-// Backward of the softmax, in place: P = exp(s * scale - lse) replaces the score row and
-// dS = P * (dP - sum_j P_j dP_j) * scale replaces the dP row (both in T, same aliasing as softmax_rows).
-// sum_j P_j dP_j equals rowsum(dO * O) but comes from the fp32 tile, so `out` is not read.
-// Rows past the last query get P = dS = 0 and so add nothing to dK and dV.
+// Backward of the softmax, in place: P (recomputed from the score row exactly as the forward computes it)
+// replaces the score row and dS = P * (dP - sum_j P_j dP_j) * scale replaces the dP row (both in T, same
+// aliasing as softmax_rows). sum_j P_j dP_j equals rowsum(dO * O) but comes from the fp32 tile, so `out`
+// is not read. Rows past the last query get P = dS = 0 and so add nothing to dK and dV.
 template <typename T, int BM>
 __device__ void softmax_backward_rows(float* scores, float* dprob, int ld_s, int keys, int keys_padded, float scale,
-                                      const float* lse, int rows_valid) {
+                                      int rows_valid) {
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int ld_p = ld_s * static_cast<int>(sizeof(float) / sizeof(T));
@@ -381,11 +398,11 @@ __device__ void softmax_backward_rows(float* scores, float* dprob, int ld_s, int
     const float* dp_row = dprob + r * ld_s;
     T* p_out = reinterpret_cast<T*>(scores) + r * ld_p;
     T* ds_out = reinterpret_cast<T*>(dprob) + r * ld_p;
-    const float lse2 = valid ? lse[r] * kLog2e : 0.0f;
+    const RowStats stats = row_stats(s_row, keys, scale_log2, lane);
     float delta = 0.0f;
     if (valid) {
       for (int j = lane; j < keys; j += kWarpSize) {
-        delta += exp2f(s_row[j] * scale_log2 - lse2) * dp_row[j];
+        delta += row_prob(s_row[j], scale_log2, stats) * dp_row[j];
       }
     }
     delta = warp_sum(delta);
@@ -394,7 +411,7 @@ __device__ void softmax_backward_rows(float* scores, float* dprob, int ld_s, int
       float p = 0.0f;
       float ds = 0.0f;
       if (valid && j < keys) {
-        p = exp2f(s_row[j] * scale_log2 - lse2);
+        p = row_prob(s_row[j], scale_log2, stats);
         ds = p * (dp_row[j] - delta) * scale;
       }
       __syncwarp();
@@ -448,7 +465,6 @@ __global__ void __launch_bounds__(kThreads) short_attention_forward_kernel(Forwa
 struct BackwardParams {
   ConstView3 grad_out, query, key, value;
   View3 grad_query;
-  const float* lse;
   float* workspace_key;    // [B][chunks][S_pad][Dk_pad]
   float* workspace_value;  // [B][chunks][S_pad][Dv_pad]
   int queries, keys, key_dim, value_dim;
@@ -494,8 +510,7 @@ __global__ void __launch_bounds__(kThreads) short_attention_backward_kernel(Back
                             p.value.row_stride, p.value.col_stride, p.keys, p.value_dim, keys_padded, dprob, ld_s,
                             stage);
     __syncthreads();
-    softmax_backward_rows<T, BM>(scores, dprob, ld_s, p.keys, keys_padded, p.scale,
-                                 p.lse + static_cast<int64_t>(b) * p.queries + row0, rows_valid);
+    softmax_backward_rows<T, BM>(scores, dprob, ld_s, p.keys, keys_padded, p.scale, rows_valid);
     __syncthreads();
     const T* prob = reinterpret_cast<const T*>(scores);
     const T* dscore = reinterpret_cast<const T*>(dprob);
@@ -561,8 +576,7 @@ cudaError_t launch_forward_bm(const AttentionShape& shape, const ForwardParams& 
     return status;
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(shape.queries, BM)), static_cast<unsigned>(shape.batch));
-  short_attention_forward_kernel<T, BM><<<grid, kThreads, smem, stream>>>(params);
-  return cudaGetLastError();
+  return launch_kernel<short_attention_forward_kernel<T, BM>>(grid, kThreads, smem, stream, params);
 }
 
 // Query tile: 64 rows when the score rows are short and there are enough tiles to give every SM a block,
@@ -636,8 +650,7 @@ cudaError_t launch_backward_bm(const AttentionShape& shape, const AttentionBackw
     return status;
   }
   const dim3 grid(static_cast<unsigned>(plan.chunks_per_batch), static_cast<unsigned>(shape.batch));
-  short_attention_backward_kernel<T, BM><<<grid, kThreads, plan.smem_bytes, stream>>>(params);
-  return cudaGetLastError();
+  return launch_kernel<short_attention_backward_kernel<T, BM>>(grid, kThreads, plan.smem_bytes, stream, params);
 }
 
 template <typename T>
@@ -646,10 +659,9 @@ cudaError_t launch_reduce(const float* workspace, const AttentionShape& shape, c
   constexpr int kReduceThreads = 256;
   const int64_t total = shape.batch * shape.keys * cols;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kReduceThreads), 65535));
-  reduce_chunks_kernel<T><<<blocks, kReduceThreads, 0, stream>>>(workspace, plan.chunks_per_batch,
-                                                                 static_cast<int>(shape.keys), cols,
-                                                                 static_cast<int>(plan.keys_padded), ld, total, out);
-  return cudaGetLastError();
+  return launch_kernel<reduce_chunks_kernel<T>>(blocks, kReduceThreads, 0, stream, workspace, plan.chunks_per_batch,
+                                                static_cast<int>(shape.keys), cols,
+                                                static_cast<int>(plan.keys_padded), ld, total, out);
 }
 
 template <typename T>
@@ -696,37 +708,21 @@ cudaError_t short_attention_forward(DType dtype, const AttentionShape& shape, Co
                              static_cast<int>(shape.key_dim),
                              static_cast<int>(shape.value_dim),
                              scale};
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_forward<float>(shape, params, stream);
-    case DType::kFloat16:
-      return launch_forward<__half>(shape, params, stream);
-    case DType::kBFloat16:
-      return launch_forward<__nv_bfloat16>(shape, params, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype<false>(dtype, [&](auto tag) {
+    return launch_forward<typename decltype(tag)::type>(shape, params, stream);
+  });
 }
 
 cudaError_t short_attention_backward_plan(DType dtype, const AttentionShape& shape, AttentionBackwardPlan* plan) {
   if (!valid_shape(shape) || plan == nullptr) {
     return cudaErrorInvalidValue;
   }
-  switch (dtype) {
-    case DType::kFloat32:
-      return plan_backward<float>(shape, plan);
-    case DType::kFloat16:
-      return plan_backward<__half>(shape, plan);
-    case DType::kBFloat16:
-      return plan_backward<__nv_bfloat16>(shape, plan);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype<false>(dtype,
+                               [&](auto tag) { return plan_backward<typename decltype(tag)::type>(shape, plan); });
 }
 
 cudaError_t short_attention_backward(DType dtype, const AttentionShape& shape, ConstView3 grad_out, ConstView3 query,
-                                     ConstView3 key, ConstView3 value, const float* logsumexp, float scale,
-                                     View3 grad_query, View3 grad_key, View3 grad_value,
+                                     ConstView3 key, ConstView3 value, float scale, View3 grad_query, View3 grad_key, View3 grad_value,
                                      const AttentionBackwardPlan& plan, float* workspace, cudaStream_t stream) {
   if (!valid_shape(shape)) {
     return cudaErrorInvalidValue;
@@ -737,7 +733,6 @@ cudaError_t short_attention_backward(DType dtype, const AttentionShape& shape, C
                               key,
                               value,
                               grad_query,
-                              logsumexp,
                               workspace,
                               workspace + key_slots,
                               static_cast<int>(shape.queries),
@@ -747,16 +742,9 @@ cudaError_t short_attention_backward(DType dtype, const AttentionShape& shape, C
                               static_cast<int>(plan.key_dim_padded),
                               static_cast<int>(plan.value_dim_padded),
                               scale};
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_backward<float>(shape, params, grad_key, grad_value, plan, stream);
-    case DType::kFloat16:
-      return launch_backward<__half>(shape, params, grad_key, grad_value, plan, stream);
-    case DType::kBFloat16:
-      return launch_backward<__nv_bfloat16>(shape, params, grad_key, grad_value, plan, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype<false>(dtype, [&](auto tag) {
+    return launch_backward<typename decltype(tag)::type>(shape, params, grad_key, grad_value, plan, stream);
+  });
 }
 
 }  // namespace cuda_kernels

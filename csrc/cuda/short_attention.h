@@ -45,10 +45,12 @@ struct AttentionBackwardPlan {
 // Fills *plan for the current device. Returns cudaErrorInvalidValue for unsupported shapes.
 cudaError_t short_attention_backward_plan(DType dtype, const AttentionShape& shape, AttentionBackwardPlan* plan);
 
-// Gradients of short_attention_forward; logsumexp is the forward's. Each gradient may have any strides.
+// Gradients of short_attention_forward. The softmax statistics are recomputed from the score rows in shared
+// memory (not rebuilt from the forward's logsumexp), so P matches the forward's bit for bit. Each gradient
+// may have any strides.
 cudaError_t short_attention_backward(DType dtype, const AttentionShape& shape, ConstView3 grad_out, ConstView3 query,
-                                     ConstView3 key, ConstView3 value, const float* logsumexp, float scale,
-                                     View3 grad_query, View3 grad_key, View3 grad_value,
+                                     ConstView3 key, ConstView3 value, float scale, View3 grad_query,
+                                     View3 grad_key, View3 grad_value,
                                      const AttentionBackwardPlan& plan, float* workspace, cudaStream_t stream);
 
 }  // namespace cuda_kernels

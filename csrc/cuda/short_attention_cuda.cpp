@@ -15,27 +15,14 @@
 namespace annkernels {
 namespace {
 
-// Shapes shared by forward and backward: query [B, N, Dk], key [B, S, Dk], value [B, S, Dv].
-cuda_kernels::AttentionShape check_attention_inputs(const at::Tensor& query, const at::Tensor& key,
-                                                    const at::Tensor& value) {
-  ANNK_CHECK_DIM(query, 3);
-  ANNK_CHECK_DIM(key, 3);
-  ANNK_CHECK_DIM(value, 3);
-  ANNK_CHECK_NONEMPTY(query);
-  ANNK_CHECK_NONEMPTY(key);
-  ANNK_CHECK_NONEMPTY(value);
+// Shapes shared by forward and backward: query [B, N, Dk], key [B, S, Dk], value [B, S, Dv], checked, plus
+// the CUDA kernels' own limits.
+cuda_kernels::AttentionShape kernel_shape(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value) {
   TORCH_CHECK(query.is_cuda(), "query must be a CUDA tensor, got device ", query.device());
-  ANNK_CHECK_DEVICE(key, query.device());
-  ANNK_CHECK_DEVICE(value, query.device());
-  ANNK_CHECK_SAME_DTYPE(query, key);
-  ANNK_CHECK_SAME_DTYPE(query, value);
+  check_attention_inputs(query, key, value, query.device());
   kernel_dtype(query, /*allow_double=*/false);
   const int64_t batch = query.size(0), queries = query.size(1), key_dim = query.size(2);
   const int64_t keys = key.size(1), value_dim = value.size(2);
-  TORCH_CHECK(key.size(0) == batch && key.size(2) == key_dim, "key must have shape [", batch, ", S, ", key_dim,
-              "] to match query ", query.sizes(), ", got ", key.sizes());
-  TORCH_CHECK(value.size(0) == batch && value.size(1) == keys, "value must have shape [", batch, ", ", keys,
-              ", Dv] to match key ", key.sizes(), ", got ", value.sizes());
   TORCH_CHECK(keys <= cuda_kernels::kMaxAttentionKeys, "key: the CUDA kernel supports at most ",
               cuda_kernels::kMaxAttentionKeys, " keys (S = key.size(1)), got ", keys);
   TORCH_CHECK(batch <= 65535, "query: the CUDA kernel supports batch <= 65535, got ", batch);
@@ -51,7 +38,7 @@ void check_same_shape(const at::Tensor& t, const char* name, at::IntArrayRef exp
 
 std::tuple<at::Tensor, at::Tensor> short_attention_forward_cuda(const at::Tensor& query, const at::Tensor& key,
                                                                 const at::Tensor& value, double scale) {
-  const auto shape = check_attention_inputs(query, key, value);
+  const auto shape = kernel_shape(query, key, value);
   const auto dtype = kernel_dtype(query, /*allow_double=*/false);
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor out = empty_like_layout(query, shape.batch, shape.queries, shape.value_dim, query.scalar_type());
@@ -66,13 +53,12 @@ std::tuple<at::Tensor, at::Tensor> short_attention_forward_cuda(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& out, const at::Tensor& logsumexp, double scale) {
-  const auto shape = check_attention_inputs(query, key, value);
+  const auto shape = kernel_shape(query, key, value);
   const auto dtype = kernel_dtype(query, /*allow_double=*/false);
-  check_same_shape(grad_out, "grad_out", {shape.batch, shape.queries, shape.value_dim}, query);
-  ANNK_CHECK_SAME_DTYPE(grad_out, query);
-  // The kernel takes sum_j P_j dP_j from its fp32 tile instead of rowsum(grad_out * out); out is only
-  // validated so the op keeps the same contract on every backend.
-  check_same_shape(out, "out", {shape.batch, shape.queries, shape.value_dim}, query);
+  check_attention_grad_out(grad_out, out, query, value);
+  // The kernel takes sum_j P_j dP_j from its fp32 tile instead of rowsum(grad_out * out), and recomputes the
+  // softmax statistics from the score rows; out and logsumexp are only validated so the op keeps the same
+  // contract on every backend.
   check_same_shape(logsumexp, "logsumexp", {shape.batch, shape.queries}, query);
   TORCH_CHECK(logsumexp.scalar_type() == at::kFloat, "logsumexp must be float32, got ", logsumexp.scalar_type());
 
@@ -81,14 +67,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cuda(
   cudaError_t status = cuda_kernels::short_attention_backward_plan(dtype, shape, &plan);
   ANNK_CHECK_CUDA_STATUS(status, "short_attention_backward (planning; S too large for shared memory?)");
 
-  const at::Tensor lse = logsumexp.contiguous();
   at::Tensor grad_query = empty_like_layout(query, shape.batch, shape.queries, shape.key_dim, query.scalar_type());
   at::Tensor grad_key = empty_like_layout(key, shape.batch, shape.keys, shape.key_dim, query.scalar_type());
   at::Tensor grad_value = empty_like_layout(value, shape.batch, shape.keys, shape.value_dim, query.scalar_type());
   at::Tensor workspace = at::empty({plan.workspace_floats}, query.options().dtype(at::kFloat));
   status = cuda_kernels::short_attention_backward(
       dtype, shape, const_view3(grad_out), const_view3(query), const_view3(key), const_view3(value),
-      lse.const_data_ptr<float>(), static_cast<float>(scale), view3(grad_query), view3(grad_key), view3(grad_value),
+      static_cast<float>(scale), view3(grad_query), view3(grad_key), view3(grad_value),
       plan, workspace.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   ANNK_CHECK_CUDA_STATUS(status, "short_attention_backward");
   return {grad_query, grad_key, grad_value};

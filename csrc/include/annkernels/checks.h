@@ -47,4 +47,54 @@ inline int64_t pyramid_size(c10::IntArrayRef scales) {
   return total;
 }
 
+// query [B, N, Dk], key [B, S, Dk], value [B, S, Dv]: 3-D, non-empty, one floating dtype, all on `device`,
+// shapes that agree. Each backend adds its own limits (dtypes, sizes) after this.
+inline void check_attention_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                   const at::Device& device) {
+  ANNK_CHECK_DIM(query, 3);
+  ANNK_CHECK_DIM(key, 3);
+  ANNK_CHECK_DIM(value, 3);
+  ANNK_CHECK_FLOATING(query);
+  ANNK_CHECK_SAME_DTYPE(query, key);
+  ANNK_CHECK_SAME_DTYPE(query, value);
+  ANNK_CHECK_DEVICE(query, device);
+  ANNK_CHECK_DEVICE(key, device);
+  ANNK_CHECK_DEVICE(value, device);
+  ANNK_CHECK_NONEMPTY(query);
+  ANNK_CHECK_NONEMPTY(key);
+  ANNK_CHECK_NONEMPTY(value);
+  TORCH_CHECK(key.size(0) == query.size(0) && key.size(2) == query.size(2), "key must have shape [B, S, Dk] = [",
+              query.size(0), ", S, ", query.size(2), "] to match query ", query.sizes(), ", got ", key.sizes());
+  TORCH_CHECK(value.size(0) == key.size(0) && value.size(1) == key.size(1), "value must have shape [B, S, Dv] = [",
+              key.size(0), ", ", key.size(1), ", Dv] to match key ", key.sizes(), ", got ", value.sizes());
+}
+
+// The attention backward's grad_out [B, N, Dv] and the forward's out, once check_attention_inputs passed.
+inline void check_attention_grad_out(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& query,
+                                     const at::Tensor& value) {
+  ANNK_CHECK_DIM(grad_out, 3);
+  ANNK_CHECK_SAME_DTYPE(query, grad_out);
+  ANNK_CHECK_DEVICE(grad_out, query.device());
+  ANNK_CHECK_DEVICE(out, query.device());
+  const int64_t batch = query.size(0), queries = query.size(1), value_dim = value.size(2);
+  TORCH_CHECK(grad_out.size(0) == batch && grad_out.size(1) == queries && grad_out.size(2) == value_dim,
+              "grad_out must have shape [B, N, Dv] = [", batch, ", ", queries, ", ", value_dim, "], got ",
+              grad_out.sizes());
+  TORCH_CHECK(out.sizes() == grad_out.sizes(), "out must have shape ", grad_out.sizes(), ", got ", out.sizes());
+}
+
+// Pyramid pooling's backward: grad_output [B, C, S] on `device` back to [B, C, height, width]. Returns S.
+inline int64_t check_pyramid_backward_inputs(const at::Tensor& grad_output, c10::IntArrayRef scales, int64_t height,
+                                             int64_t width, const at::Device& device) {
+  ANNK_CHECK_DIM(grad_output, 3);
+  ANNK_CHECK_FLOATING(grad_output);
+  ANNK_CHECK_DEVICE(grad_output, device);
+  ANNK_CHECK_NONEMPTY(grad_output);
+  TORCH_CHECK(height > 0 && width > 0, "height and width must be positive, got ", height, " and ", width);
+  const int64_t pyramid = pyramid_size(scales);
+  TORCH_CHECK(grad_output.size(2) == pyramid, "grad_output must have shape [B, C, ", pyramid, "] for scales ",
+              scales, ", got ", grad_output.sizes());
+  return pyramid;
+}
+
 }  // namespace annkernels

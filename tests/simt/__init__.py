@@ -1,0 +1,233 @@
+"""The CUDA launchers of csrc/cuda, run on CPU tensors by the SIMT emulator (see runtime.cpp).
+
+Emulator(...) builds (or takes from the cache) the kernels compiled for the emulator and calls the
+launchers declared in pyramid_pool.h and short_attention.h on host memory, mirroring what the torch
+glue does on a GPU: output layouts, fp32 log-sum-exp, the backward's plan and workspace. Outputs and the
+workspace start as NaN, so an element a kernel forgets to write shows up. Any report of the checker
+(out-of-bounds access, shared-memory race or uninitialised read, bad launch) raises EmulatorError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import build
+
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
+PLAN_FIELDS = ("block_m", "chunks_per_batch", "keys_padded", "key_dim_padded", "value_dim_padded",
+               "workspace_floats", "smem_bytes")
+
+_i64p = ctypes.POINTER(ctypes.c_int64)
+_vp = ctypes.c_void_p
+
+
+class EmulatorError(AssertionError):
+    """The emulator's checker found a problem in a kernel (the message lists every report)."""
+
+
+@dataclass
+class Launch:
+    kernel: str
+    grid: tuple
+    block: tuple
+    dynamic_smem: int
+    read_bytes: int
+    written_bytes: int
+
+
+def _int64s(values):
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _span(tensor):
+    """(address, bytes) of the memory a strided view reaches."""
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr(), (last + 1) * tensor.element_size()
+
+
+def _guarded_nan(shape, dtype, transpose=False):
+    """A NaN-filled tensor inside a larger allocation: a kernel that writes past its ends hits the margins
+    (which belong to no registered buffer, so the checker reports it) instead of the process's heap."""
+    numel = math.prod(shape)
+    margin = max(1 << 14, numel // 4)
+    storage = torch.full((numel + 2 * margin,), float("nan"), dtype=dtype)
+    tensor = storage[margin:margin + numel].view(shape)
+    return tensor.transpose(1, 2) if transpose else tensor
+
+
+def _nan_like_layout(like, rows, cols):
+    """Output in the layout the glue gives it (empty_like_layout): channel-first if `like` is."""
+    channel_first = like.shape[1] > 1 and like.shape[2] > 1 and like.stride(1) == 1
+    if channel_first:
+        return _guarded_nan((like.shape[0], cols, rows), like.dtype, transpose=True)
+    return _guarded_nan((like.shape[0], rows, cols), like.dtype)
+
+
+class Emulator:
+    def __init__(self, overrides: dict[str, str] | None = None, device: str = "h100", order: str = "forward",
+                 seed: int = 0):
+        self._kernels = ctypes.CDLL(str(build.kernel_library(overrides)))
+        self._runtime = ctypes.CDLL(str(build.runtime_library()))
+        rt = self._runtime
+        rt.simt_set_device.argtypes = [ctypes.c_char_p]
+        rt.simt_set_order.argtypes = [ctypes.c_int, ctypes.c_uint64]
+        rt.simt_register_buffer.argtypes = [_vp, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_int]
+        rt.simt_report.restype = ctypes.c_char_p
+        rt.simt_launch.restype = ctypes.c_char_p
+        rt.simt_launch.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
+        k = self._kernels
+        k.simt_short_attention_forward.argtypes = [ctypes.c_int, _i64p, *([_vp, _i64p] * 3), ctypes.c_float, _vp,
+                                                   _i64p, _vp]
+        k.simt_short_attention_backward_plan.argtypes = [ctypes.c_int, _i64p, _i64p]
+        k.simt_short_attention_backward.argtypes = [ctypes.c_int, _i64p, *([_vp, _i64p] * 4), ctypes.c_float,
+                                                    *([_vp, _i64p] * 3), _i64p, _vp]
+        k.simt_pyramid_pool_forward.argtypes = [ctypes.c_int, _vp, _i64p, _i64p, ctypes.c_int,
+                                                ctypes.POINTER(ctypes.c_int), _vp]
+        k.simt_pyramid_pool_backward.argtypes = [ctypes.c_int, _vp, _i64p, _i64p, ctypes.c_int,
+                                                 ctypes.POINTER(ctypes.c_int), _vp]
+        self.launches: list[Launch] = []
+        self.configure(device, order, seed)
+
+    def configure(self, device: str = "h100", order: str = "forward", seed: int = 0):
+        """Device profile (h100, h200, a100) and the fiber order between barriers."""
+        if self._runtime.simt_set_device(device.encode()) != 0:
+            raise ValueError(f"unknown device profile {device!r}")
+        self._runtime.simt_set_order(ORDERS[order], seed)
+        return self
+
+    def plant(self, bug: int):
+        """Switches on planted bug `bug` (0: none) in a scratch copy of a kernel built with simt_planted_bug()."""
+        self._runtime.simt_set_planted_bug(bug)
+        return self
+
+    # ---- one launcher call ----
+
+    def _call(self, function, args, inputs, outputs):
+        rt = self._runtime
+        rt.simt_reset()
+        for name, tensor in inputs:
+            rt.simt_register_buffer(*_span(tensor), name.encode(), 0)
+        for name, tensor in outputs:
+            rt.simt_register_buffer(*_span(tensor), name.encode(), 1)
+        status = function(*args)
+        numbers = (ctypes.c_uint64 * 9)()
+        launches = []
+        for i in range(rt.simt_launch_count()):
+            name = rt.simt_launch(i, numbers).decode()
+            n = list(numbers)
+            launches.append(Launch(name, tuple(n[0:3]), tuple(n[3:6]), n[6], n[7], n[8]))
+        self.launches.extend(launches)
+        reports = [rt.simt_report(i).decode() for i in range(rt.simt_report_count())]
+        suppressed = rt.simt_suppressed_reports()
+        if reports:
+            more = f"\n(and {suppressed} more)" if suppressed else ""
+            raise EmulatorError("\n".join(reports) + more)
+        if status != 0:
+            raise RuntimeError(f"launcher returned cudaError_t {status}")
+        return launches
+
+    # ---- short attention ----
+
+    def attention_forward(self, query, key, value, scale):
+        batch, queries, key_dim = query.shape
+        keys, value_dim = key.shape[1], value.shape[2]
+        out = _nan_like_layout(query, queries, value_dim)
+        lse = _guarded_nan((batch, queries), torch.float32)
+        shape = _int64s([batch, queries, keys, key_dim, value_dim])
+        args = [DTYPES[query.dtype], shape]
+        for t in (query, key, value):
+            args += [t.data_ptr(), _int64s(t.stride())]
+        args += [scale, out.data_ptr(), _int64s(out.stride()), lse.data_ptr()]
+        self._call(self._kernels.simt_short_attention_forward, args,
+                   [("query", query), ("key", key), ("value", value)], [("out", out), ("logsumexp", lse)])
+        return out, lse
+
+    def attention_backward_plan(self, dtype, shape):
+        plan = (ctypes.c_int64 * 7)()
+        status = self._kernels.simt_short_attention_backward_plan(DTYPES[dtype], _int64s(shape), plan)
+        if status != 0:
+            raise RuntimeError(f"short_attention_backward_plan returned cudaError_t {status}")
+        return dict(zip(PLAN_FIELDS, list(plan)))
+
+    def attention_backward(self, grad_out, query, key, value, scale):
+        batch, queries, key_dim = query.shape
+        keys, value_dim = key.shape[1], value.shape[2]
+        shape = [batch, queries, keys, key_dim, value_dim]
+        plan = self.attention_backward_plan(query.dtype, shape)
+        grads = (_nan_like_layout(query, queries, key_dim), _nan_like_layout(key, keys, key_dim),
+                 _nan_like_layout(value, keys, value_dim))
+        workspace = _guarded_nan((plan["workspace_floats"],), torch.float32)
+        args = [DTYPES[query.dtype], _int64s(shape)]
+        for t in (grad_out, query, key, value):
+            args += [t.data_ptr(), _int64s(t.stride())]
+        args.append(scale)
+        for t in grads:
+            args += [t.data_ptr(), _int64s(t.stride())]
+        args += [_int64s([plan[f] for f in PLAN_FIELDS]), workspace.data_ptr()]
+        self._call(self._kernels.simt_short_attention_backward, args,
+                   [("grad_out", grad_out), ("query", query), ("key", key), ("value", value)],
+                   [("grad_query", grads[0]), ("grad_key", grads[1]), ("grad_value", grads[2]),
+                    ("workspace", workspace)])
+        return grads
+
+    def short_attention(self, query, key, value, scale=None):
+        """Differentiable op on the emulated kernels."""
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        return _EmulatedAttention.apply(self, query, key, value, scale)
+
+    # ---- pyramid pooling ----
+
+    def pyramid_forward(self, x, scales):
+        batch, channels, height, width = x.shape
+        out = _guarded_nan((batch, channels, sum(s * s for s in scales)), x.dtype)
+        sizes = (ctypes.c_int * len(scales))(*scales)
+        self._call(self._kernels.simt_pyramid_pool_forward,
+                   [DTYPES[x.dtype], x.data_ptr(), _int64s(x.shape), _int64s(x.stride()), len(scales), sizes,
+                    out.data_ptr()], [("input", x)], [("output", out)])
+        return out
+
+    def pyramid_backward(self, grad, scales, height, width):
+        batch, channels, _ = grad.shape
+        grad_input = _guarded_nan((batch, channels, height, width), grad.dtype)
+        sizes = (ctypes.c_int * len(scales))(*scales)
+        self._call(self._kernels.simt_pyramid_pool_backward,
+                   [DTYPES[grad.dtype], grad.data_ptr(), _int64s(grad.stride()),
+                    _int64s([batch, channels, height, width]), len(scales), sizes, grad_input.data_ptr()],
+                   [("grad_output", grad)], [("grad_input", grad_input)])
+        return grad_input
+
+    def pyramid_pool(self, x, scales):
+        """Differentiable op on the emulated kernels."""
+        return _EmulatedPyramidPool.apply(self, x, tuple(scales))
+
+
+class _EmulatedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, emulator, query, key, value, scale):
+        out, _ = emulator.attention_forward(query.detach(), key.detach(), value.detach(), scale)
+        ctx.save_for_backward(query, key, value)
+        ctx.emulator, ctx.scale = emulator, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value = ctx.saved_tensors
+        grads = ctx.emulator.attention_backward(grad_out.detach(), query.detach(), key.detach(), value.detach(),
+                                                ctx.scale)
+        return (None, *grads, None)
+
+
+class _EmulatedPyramidPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, emulator, x, scales):
+        ctx.emulator, ctx.scales, ctx.size = emulator, scales, x.shape[2:]
+        return emulator.pyramid_forward(x.detach(), scales)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, ctx.emulator.pyramid_backward(grad.detach(), ctx.scales, *ctx.size), None

@@ -1,0 +1,104 @@
+// C entry points to the raw-pointer launchers of csrc/cuda, for the emulated tests (loaded with ctypes).
+// Compiled without instrumentation: this is host code, as the torch glue is on a GPU build.
+#include <cstdint>
+
+#include "pyramid_pool.h"
+#include "short_attention.h"
+
+using namespace annkernels::cuda_kernels;
+
+extern "C" int simt_bind_module(const void* address_in_module, void* const* dynamic, const size_t* capacity,
+                                int count);
+// Defined by the build, one buffer per `extern __shared__` array of the kernels.
+extern "C" int simt_dynamic_shared_buffers(void** bases, size_t* capacities, int max_count);
+
+namespace {
+
+// Binds this module's thread-local segment (the kernels' shared memory) before every launcher call.
+int bind() {
+  void* bases[8];
+  size_t capacities[8];
+  const int count = simt_dynamic_shared_buffers(bases, capacities, 8);
+  return simt_bind_module(reinterpret_cast<const void*>(&bind), bases, capacities, count);
+}
+
+ConstView3 const_view(const void* data, const int64_t strides[3]) { return {data, strides[0], strides[1], strides[2]}; }
+View3 view(void* data, const int64_t strides[3]) { return {data, strides[0], strides[1], strides[2]}; }
+AttentionShape attention_shape(const int64_t shape[5]) { return {shape[0], shape[1], shape[2], shape[3], shape[4]}; }
+
+PyramidScales pyramid_scales(int count, const int* sizes) {
+  PyramidScales scales{};
+  scales.count = count;
+  for (int k = 0; k < count && k < kMaxPyramidScales; ++k) {
+    scales.sizes[k] = sizes[k];
+  }
+  return scales;
+}
+
+}  // namespace
+
+extern "C" {
+
+int simt_pyramid_pool_forward(int dtype, const void* input, const int64_t sizes[4], const int64_t strides[4],
+                              int scale_count, const int* scales, void* output) {
+  if (bind() != 0) {
+    return cudaErrorInitializationError;
+  }
+  return pyramid_pool_forward(static_cast<DType>(dtype), input, sizes[0], sizes[1], sizes[2], sizes[3], strides,
+                              pyramid_scales(scale_count, scales), output, nullptr);
+}
+
+int simt_pyramid_pool_backward(int dtype, const void* grad_output, const int64_t grad_strides[3],
+                               const int64_t sizes[4], int scale_count, const int* scales, void* grad_input) {
+  if (bind() != 0) {
+    return cudaErrorInitializationError;
+  }
+  return pyramid_pool_backward(static_cast<DType>(dtype), const_view(grad_output, grad_strides), sizes[0], sizes[1],
+                               pyramid_scales(scale_count, scales), sizes[2], sizes[3], grad_input, nullptr);
+}
+
+int simt_short_attention_forward(int dtype, const int64_t shape[5], const void* query, const int64_t query_strides[3],
+                                 const void* key, const int64_t key_strides[3], const void* value,
+                                 const int64_t value_strides[3], float scale, void* out, const int64_t out_strides[3],
+                                 float* logsumexp) {
+  if (bind() != 0) {
+    return cudaErrorInitializationError;
+  }
+  return short_attention_forward(static_cast<DType>(dtype), attention_shape(shape), const_view(query, query_strides),
+                                 const_view(key, key_strides), const_view(value, value_strides), scale,
+                                 view(out, out_strides), logsumexp, nullptr);
+}
+
+// plan: block_m, chunks_per_batch, keys_padded, key_dim_padded, value_dim_padded, workspace_floats, smem_bytes.
+int simt_short_attention_backward_plan(int dtype, const int64_t shape[5], int64_t plan[7]) {
+  AttentionBackwardPlan p{};
+  const cudaError_t status = short_attention_backward_plan(static_cast<DType>(dtype), attention_shape(shape), &p);
+  const int64_t values[7] = {p.block_m,          p.chunks_per_batch, p.keys_padded,
+                             p.key_dim_padded,   p.value_dim_padded, p.workspace_floats,
+                             static_cast<int64_t>(p.smem_bytes)};
+  for (int i = 0; i < 7; ++i) {
+    plan[i] = values[i];
+  }
+  return status;
+}
+
+int simt_short_attention_backward(int dtype, const int64_t shape[5], const void* grad_out,
+                                  const int64_t grad_out_strides[3], const void* query, const int64_t query_strides[3],
+                                  const void* key, const int64_t key_strides[3], const void* value,
+                                  const int64_t value_strides[3], float scale, void* grad_query,
+                                  const int64_t grad_query_strides[3], void* grad_key, const int64_t grad_key_strides[3],
+                                  void* grad_value, const int64_t grad_value_strides[3], const int64_t plan[7],
+                                  float* workspace) {
+  if (bind() != 0) {
+    return cudaErrorInitializationError;
+  }
+  const AttentionBackwardPlan p{static_cast<int>(plan[0]), plan[1], plan[2], plan[3], plan[4], plan[5],
+                                static_cast<size_t>(plan[6])};
+  return short_attention_backward(static_cast<DType>(dtype), attention_shape(shape),
+                                  const_view(grad_out, grad_out_strides), const_view(query, query_strides),
+                                  const_view(key, key_strides), const_view(value, value_strides), scale,
+                                  view(grad_query, grad_query_strides), view(grad_key, grad_key_strides),
+                                  view(grad_value, grad_value_strides), p, workspace, nullptr);
+}
+
+}  // extern "C"

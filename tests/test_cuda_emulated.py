@@ -1,0 +1,244 @@
+"""The CUDA kernels of csrc/cuda, run by the CPU SIMT emulator (tests/simt) against the float64 reference.
+
+The emulator runs every launch the launchers make, on the paths the planning code picks for a device
+profile (H100: 132 SMs, 227 KiB of opt-in shared memory; A100: 108 SMs, 163 KiB), and fails a test on
+any checker report: global access outside the launch's tensors, shared-memory race or read of
+never-written shared memory, bad launch configuration. Fiber order between barriers varies over the
+tests (forward, reverse, seeded shuffle). Tolerances are the GPU tests' (tests/test_short_attention.py,
+tests/test_pyramid_pool.py). Skipped without a C++ compiler or the CUDA toolkit's headers.
+"""
+
+import math
+import shutil
+
+import pytest
+import torch
+from conftest import assert_close, assert_within_reference_error
+from test_pyramid_pool import FLOAT32_TOLERANCE as POOL_TOLERANCE
+from test_pyramid_pool import SCALES, SHAPES
+from test_short_attention import CASES
+from test_short_attention import FLOAT32_TOLERANCE as ATTENTION_TOLERANCE
+
+from annkernels.ops import reference
+
+try:
+    from simt import Emulator, EmulatorError, build
+
+    build.cuda_include_dir()
+    SKIP = None if shutil.which(build.CXX) and shutil.which("readelf") else "no g++ or readelf"
+except FileNotFoundError as error:
+    SKIP = str(error)
+
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=f"emulator unavailable: {SKIP}")
+ORDERS = ["forward", "reverse", "shuffle"]
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    return Emulator()
+
+
+def _make(shape, layout, dtype):
+    batch, rows, dim = shape
+    if layout == "channel_first":
+        return torch.randn(batch, dim, rows, dtype=dtype).transpose(1, 2)
+    return torch.randn(batch, rows, dim, dtype=dtype)
+
+
+def _attention_inputs(case, layout, dtype=torch.float32):
+    batch, n, s, dk, dv = case
+    return [_make(shape, layout, dtype).requires_grad_(True) for shape in ((batch, n, dk), (batch, s, dk), (batch, s, dv))]
+
+
+def _attention_oracle(leaves, grad, scale):
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    out = reference.short_attention(*leaves64, scale)
+    return (out, *torch.autograd.grad(out, leaves64, grad.double()))
+
+
+def _attention_run(emulator, leaves, scale=None):
+    scale = leaves[0].shape[-1] ** -0.5 if scale is None else scale
+    out = emulator.short_attention(*leaves, scale)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad)
+    return scale, grad, (out, *grads)
+
+
+NAMES = ("out", "grad_query", "grad_key", "grad_value")
+
+
+def _check_attention_fp32(emulator, case, layout, scale=None, **tolerance):
+    leaves = _attention_inputs(case, layout)
+    scale, grad, actual = _attention_run(emulator, leaves, scale)
+    for name, got, wanted in zip(NAMES, actual, _attention_oracle(leaves, grad, scale)):
+        assert_close(got, wanted, name=f"{name} {case} {layout}", **(tolerance or ATTENTION_TOLERANCE))
+
+
+@pytest.mark.parametrize("layout", ["channel_first", "contiguous"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_attention_fp32_matches_reference(emulator, case, layout):
+    emulator.configure(order=ORDERS[CASES.index(case) % 3], seed=CASES.index(case))
+    _check_attention_fp32(emulator, case, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case, layout", [((2, 91, 110, 32, 24), "channel_first"), ((1, 97, 17, 72, 72), "contiguous")])
+def test_attention_half_precision_within_twice_reference_error(emulator, case, layout, dtype):
+    emulator.configure(order="shuffle", seed=7)
+    leaves = _attention_inputs(case, layout, dtype)
+    scale, grad, actual = _attention_run(emulator, leaves)
+    lowp_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    lowp_out = reference.short_attention(*lowp_leaves, scale)
+    lowp = (lowp_out, *torch.autograd.grad(lowp_out, lowp_leaves, grad))
+    for name, got, lowp_ref, wanted in zip(NAMES, actual, lowp, _attention_oracle(leaves, grad, scale)):
+        assert got.dtype == dtype
+        assert_within_reference_error(got, lowp_ref, wanted, f"{name} {dtype}")
+
+
+def test_attention_explicit_scale_and_mixed_layouts(emulator):
+    emulator.configure(order="reverse")
+    leaves = [_make((2, 33, 16), "contiguous", torch.float32), _make((2, 50, 16), "channel_first", torch.float32),
+              _make((2, 50, 8), "contiguous", torch.float32)]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    scale, grad, actual = _attention_run(emulator, leaves, 0.7)
+    for name, got, wanted in zip(NAMES, actual, _attention_oracle(leaves, grad, scale)):
+        assert_close(got, wanted, name=name, **ATTENTION_TOLERANCE)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_large_scores_do_not_overflow(emulator, seed):
+    # tests/test_short_attention.py's case over many draws: scaled scores of several hundred, where a P
+    # rebuilt from the fp32 log-sum-exp misses 1 for the dominant key and the gradients drift (the kernel
+    # did that once and failed 24 of 40 draws). At these scores fp32 rounding of the scores alone moves
+    # `out` by up to ~6e-4 (the CPU kernel misses the shared test's 2e-5 on 4 of 40 draws too), so `out`
+    # gets the gradients' tolerance here.
+    torch.manual_seed(seed)
+    emulator.configure(order=ORDERS[seed % 3], seed=seed)
+    leaves = _attention_inputs((1, 40, 110, 16, 16), "contiguous")
+    with torch.no_grad():
+        leaves[0].mul_(30)
+        leaves[1].mul_(30)
+    scale, grad, actual = _attention_run(emulator, leaves)
+    for name, got, wanted in zip(NAMES, actual, _attention_oracle(leaves, grad, scale)):
+        assert torch.isfinite(got).all(), name
+        assert_close(got, wanted, name=name, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_backward_is_bitwise_deterministic_across_fiber_orders(emulator, dtype):
+    # The workspace slots are summed in a fixed order, so the fiber order must not change a bit.
+    leaves = _attention_inputs((2, 600, 110, 32, 32), "channel_first", dtype)
+    out = emulator.configure(order="forward").short_attention(*leaves)
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    emulator.configure(order="shuffle", seed=3)
+    second = torch.autograd.grad(out, leaves, grad)
+    for name, a, b in zip(NAMES[1:], first, second):
+        assert torch.equal(a, b), name
+
+
+# ---- the plan paths real shapes take ----
+
+
+def _kernels(emulator, start):
+    return [launch.kernel for launch in emulator.launches[start:]]
+
+
+@pytest.mark.parametrize("device, block_m", [("a100", 64), ("h100", 16)])
+def test_forward_query_tile_follows_the_sm_count(emulator, device, block_m):
+    # ceil(3451 / 64) * 2 = 108 tiles: enough for every SM of an A100 (BM=64), not of an H100 (BM=16).
+    # 3451 is not a multiple of either tile.
+    emulator.configure(device=device, order="reverse")
+    start = len(emulator.launches)
+    _check_attention_fp32(emulator, (2, 3451, 50, 16, 8), "channel_first")
+    forward = [k for k in _kernels(emulator, start) if k.startswith("short_attention_forward_kernel")]
+    assert forward == [f"short_attention_forward_kernel<float, {block_m}>"]
+
+
+# Several tiles per block: more tiles than the 2 x 132 / B workspace slots per batch.
+@pytest.mark.parametrize("case, block_m", [((16, 300, 130, 8, 8), 16), ((16, 1100, 100, 8, 8), 64)], ids=str)
+def test_backward_with_several_query_tiles_per_block(emulator, case, block_m):
+    emulator.configure(device="h100", order="shuffle", seed=5)
+    plan = emulator.attention_backward_plan(torch.float32, case)
+    tiles = math.ceil(case[1] / plan["block_m"])
+    assert plan["block_m"] == block_m and tiles > plan["chunks_per_batch"] > 1, plan
+    _check_attention_fp32(emulator, case, "contiguous")
+
+
+def test_fp32_with_s_near_1024_uses_the_shared_memory_opt_in(emulator):
+    emulator.configure(device="h100", order="forward")
+    start = len(emulator.launches)
+    _check_attention_fp32(emulator, (1, 40, 1000, 24, 16), "channel_first")
+    big = [launch for launch in emulator.launches[start:] if launch.dynamic_smem > 48 * 1024]
+    assert {launch.kernel.split("<")[0] for launch in big} == {"short_attention_forward_kernel",
+                                                                "short_attention_backward_kernel"}
+
+
+def test_fp32_backward_with_s_near_1024_does_not_fit_an_a100(emulator):
+    # Two fp32 score buffers of 16 x 1012 plus the staging area need 165 KiB; the A100 offers 163.
+    emulator.configure(device="a100")
+    with pytest.raises(RuntimeError, match="cudaError_t 1"):
+        emulator.attention_backward_plan(torch.float32, (1, 40, 1000, 24, 16))
+    assert emulator.attention_backward_plan(torch.bfloat16, (1, 40, 1000, 24, 16))["block_m"] == 16
+
+
+@pytest.mark.slow
+def test_real_shape_end_to_end(emulator):
+    # A 769 x 769 crop at stride 8 (97 x 97 = 9409 queries), ANN's S = 110 and channel counts; ~1.5 min.
+    emulator.configure(device="h100", order="forward")
+    _check_attention_fp32(emulator, (1, 9409, 110, 256, 256), "channel_first")
+
+
+# ---- pyramid pooling ----
+
+
+def _pool_check(emulator, x, scales):
+    """((out, expected), (grad_x, expected_grad), grad) for one input."""
+    x = x.requires_grad_(True)
+    out = emulator.pyramid_pool(x, scales)
+    grad = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, x, grad)
+    x64 = x.detach().double().requires_grad_(True)
+    expected = reference.pyramid_pool(x64, list(scales))
+    (expected_grad,) = torch.autograd.grad(expected, x64, grad.double())
+    return (out, expected), (grad_x, expected_grad), grad
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("scales", SCALES, ids=str)
+def test_pyramid_pool_matches_reference(emulator, scales, channels_last):
+    emulator.configure(order=ORDERS[SCALES.index(scales) % 3], seed=11)
+    for shape in SHAPES:
+        x = torch.randn(shape)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        for name, (got, wanted) in zip(("out", "grad_x"), _pool_check(emulator, x, scales)[:2]):
+            assert_close(got, wanted, name=f"{name} {shape}", **POOL_TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_pyramid_pool_other_dtypes(emulator, dtype):
+    emulator.configure(order="shuffle", seed=2)
+    scales = (1, 3, 6, 8)
+    x = torch.randn(2, 8, 31, 37, dtype=dtype)
+    out_pair, grad_pair, grad = _pool_check(emulator, x, scales)
+    if dtype == torch.float64:
+        for name, (got, wanted) in (("out", out_pair), ("grad_x", grad_pair)):
+            assert_close(got, wanted, name=name, atol=1e-12, rtol=1e-12)
+        return
+    lowp_x = x.detach().clone().requires_grad_(True)
+    lowp_out = reference.pyramid_pool(lowp_x, list(scales))
+    (lowp_grad,) = torch.autograd.grad(lowp_out, lowp_x, grad)
+    assert_within_reference_error(out_pair[0], lowp_out, out_pair[1], "out")
+    assert_within_reference_error(grad_pair[0], lowp_grad, grad_pair[1], "grad_x")
+
+
+def test_pyramid_pool_strided_grad_output_and_determinism(emulator):
+    x = torch.randn(2, 5, 9, 11)
+    grad = torch.randn(2, 110, 5).transpose(1, 2)
+    first = emulator.configure(order="forward").pyramid_backward(grad, (1, 3, 6, 8), 9, 11)
+    second = emulator.configure(order="reverse").pyramid_backward(grad, (1, 3, 6, 8), 9, 11)
+    x64 = x.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(reference.pyramid_pool(x64, [1, 3, 6, 8]), x64, grad.double())
+    assert_close(first, expected, name="grad_x", **POOL_TOLERANCE)
+    assert torch.equal(first, second)
