@@ -1,5 +1,5 @@
 """models.load_checkpoint / load_pretrained_backbone on checkpoints laid out as mmseg, ImageNet backbones and
-our trainer store them, checked against an independent functional forward written from ann-spec §1.
+our trainer store them, checked against an independent functional forward written from docs/ann-spec.md §1.
 
 The mmseg-format checkpoints are generated here: random tensors under the R-50-D8 ADE20K key names and
 shapes (taken from a meta-device model, which test_model.py checks against the spec), with APNB's shared
@@ -65,7 +65,7 @@ def r50_model(r50_state_dict, tmp_path_factory):
     return model
 
 
-# ---------------------------------------------------------------- independent functional forward (ann-spec §1)
+# ---------------------------------------------------------------- independent functional forward (docs/ann-spec.md §1)
 
 def _bn(x, sd, prefix):
     return F.batch_norm(x, sd[f"{prefix}.running_mean"], sd[f"{prefix}.running_var"], sd[f"{prefix}.weight"],
@@ -93,7 +93,7 @@ def _attention(sd, prefix, query_source, key_source):
 
 
 def _decode_head(sd, c3, c4):
-    """ann-spec §1.1 table in eval mode (Dropout2d is the identity)."""
+    """docs/ann-spec.md §1.1 table in eval mode (Dropout2d is the identity)."""
     p = "decode_head"
     context = _attention(sd, f"{p}.fusion.stages.0", query_source=c4, key_source=c3)
     x = _conv_bn(torch.cat([context, c4], 1), sd, f"{p}.fusion.bottleneck", relu=False)
@@ -109,7 +109,7 @@ def _auxiliary_head(sd, c3):
 
 
 def _backbone_r50(sd, images):
-    """ResNet-V1c-50-D8 per ann-spec §1: deep stem, stride on the 3x3 conv, strides (1,2,1,1), dilations
+    """ResNet-V1c-50-D8 per docs/ann-spec.md §1: deep stem, stride on the 3x3 conv, strides (1,2,1,1), dilations
     (1,1,2,4) with the first block of a dilated stage at half the dilation."""
     x = images
     for index in (0, 3, 6):

@@ -38,7 +38,7 @@ def records(work_dir, kind):
 
 
 def poly(iteration, total, lr=0.04, min_lr=1e-4, power=0.9):
-    """lr of 1-based iteration `iteration` (ann-spec §3: t = iteration - 1, T = total - 1)."""
+    """lr of 1-based iteration `iteration` (docs/ann-spec.md §3: t = iteration - 1, T = total - 1)."""
     return (lr - min_lr) * (1 - (iteration - 1) / (total - 1)) ** power + min_lr
 
 

@@ -24,7 +24,7 @@ class PointwiseModel(nn.Module):
 
 
 def test_slide_window_grid_matches_mmseg_for_769_cityscapes():
-    # 2049x1025 input, crop 769, stride 513: a 2x4 grid of full-size windows (ann-spec §4).
+    # 2049x1025 input, crop 769, stride 513: a 2x4 grid of full-size windows (docs/ann-spec.md §4).
     model = PointwiseModel()
     with torch.no_grad():
         slide_logits(model, torch.zeros(1, 3, 1025, 2049), (769, 769), (513, 513), 3)

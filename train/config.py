@@ -1,4 +1,4 @@
-"""Per-dataset recipe defaults (ann-spec §2-3) and config resolution: recipe < --config FILE < command line."""
+"""Per-dataset recipe defaults (docs/ann-spec.md §2-3) and config resolution: recipe < --config FILE < command line."""
 
 import json
 from pathlib import Path

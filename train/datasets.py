@@ -1,4 +1,4 @@
-"""Readers for the on-disk layouts of ADE20K, Cityscapes and PASCAL VOC 2012 + SBD aug (ann-spec §2).
+"""Readers for the on-disk layouts of ADE20K, Cityscapes and PASCAL VOC 2012 + SBD aug (docs/ann-spec.md §2).
 
 Each dataset checks its layout when it is built and raises `DatasetLayoutError` naming the expected layout and
 the first missing path. A file that cannot be decoded raises `CorruptFileError` naming it.

@@ -1,5 +1,5 @@
 """Evaluate a checkpoint (ours or an mmseg ANN checkpoint) on a validation set: mIoU, aAcc and per-class IoU
-exactly as mmseg's IoUMetric (ann-spec §5), printed as a table and written as JSON.
+exactly as mmseg's IoUMetric (docs/ann-spec.md §5), printed as a table and written as JSON.
 
     python train/eval.py --checkpoint work_dirs/cityscapes_ann_r50_d8/latest.pth --dataset cityscapes
     python train/eval.py --checkpoint ann_r50-d8_512x1024_40k_cityscapes --dataset cityscapes   # mmseg's release

@@ -1,4 +1,4 @@
-"""Dataset-level IoU metric with mmseg IoUMetric semantics (ann-spec §5)."""
+"""Dataset-level IoU metric with mmseg IoUMetric semantics (docs/ann-spec.md §5)."""
 
 import math
 

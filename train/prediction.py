@@ -1,4 +1,4 @@
-"""Test-time inference as mmseg does it (ann-spec §4): keep-ratio resize to the test scale, whole-image or
+"""Test-time inference as mmseg does it (docs/ann-spec.md §4): keep-ratio resize to the test scale, whole-image or
 sliding-window logits, resize back to the original size; multi-scale + flip averages softmax probabilities."""
 
 import torch

@@ -1,4 +1,5 @@
-"""Paired (image, label) transforms for semantic segmentation, following mmsegmentation's pipelines (ann-spec §2).
+"""Paired (image, label) transforms for semantic segmentation, following mmsegmentation's pipelines
+(docs/ann-spec.md §2).
 
 Images are HxWx3 uint8 RGB numpy arrays and labels HxW uint8 numpy arrays until `ToTensor`, which normalises the
 image and returns (float32 [3,H,W] tensor, int64 [H,W] tensor). Randomness comes from Python's `random` module,
@@ -258,7 +259,7 @@ class ToUint8Tensor:
 
 
 def train_transforms(scale, crop_size, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, photometric=True):
-    """The mmseg training pipeline (ann-spec §2) ending in normalised, padded tensors."""
+    """The mmseg training pipeline (docs/ann-spec.md §2) ending in normalised, padded tensors."""
     steps = [
         RandomResize(scale, ratio_range),
         RandomCrop(crop_size, cat_max_ratio),
