@@ -9,6 +9,7 @@ from models.checkpoint import (
     read_checkpoint,
     unwrap_model,
 )
+from models.optimize import InferenceModel, fold_batchnorms, optimize_for_inference
 from models.resnet import ResNetV1c
 
 __all__ = [
@@ -18,11 +19,14 @@ __all__ = [
     "ANNSegmentor",
     "CheckpointError",
     "FCNHead",
+    "InferenceModel",
     "LoadResult",
     "ResNetV1c",
     "build_segmentor",
+    "fold_batchnorms",
     "load_checkpoint",
     "load_pretrained_backbone",
+    "optimize_for_inference",
     "read_checkpoint",
     "segmentation_loss",
     "unwrap_model",
