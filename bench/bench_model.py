@@ -21,7 +21,7 @@ unoptimised model on the reference backend, which computes as mmsegmentation doe
     python -m bench.bench_model eval --model ann_r50_d8 --size 512 512 --rounds 9
     python -m bench.bench_model train --model ann_r50_d8 --batch 2 --size 256 512 --rounds 7
     python -m bench.bench_model memory --model ann_r50_d8 --batch 2 --size 512 1024
-    python -m bench.bench_model profile --model ann_r50_d8 --size 512 512
+    python -m bench.bench_model profile --mode eval --model ann_r50_d8 --size 512 512
 """
 
 from __future__ import annotations
@@ -195,7 +195,11 @@ def test_model(bench_case):
 
 def interleaved(configs: dict[str, Callable[[], object]], rounds: int, baseline: str) -> dict:
     """Times each configuration once per round, in an order rotated by the round; per-round ratios to
-    ``baseline``. The first call of each (compiles, one-time set-up) is timed apart as ``first_call_s``."""
+    ``baseline``. The first call of each (compiles, one-time set-up) is timed apart as ``first_call_s``.
+
+    Wall time and process CPU time are both kept. On a loaded machine the wall time includes the time the OS
+    gave to other jobs; the CPU time does not, and with one thread it is the work a call did (with more
+    threads it also counts their waits at barriers)."""
     names = list(configs)
     first = {}
     for name in names:
@@ -203,20 +207,22 @@ def interleaved(configs: dict[str, Callable[[], object]], rounds: int, baseline:
         configs[name]()
         first[name] = time.perf_counter() - start
         print(f"  warm-up {name}: {first[name]:.1f} s", flush=True)
-    times = defaultdict(list)
+    wall, cpu = defaultdict(list), defaultdict(list)
     for index in range(rounds):
         for name in names[index % len(names):] + names[:index % len(names)]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             configs[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
-        print(f"  round {index + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.0f}" for n in names) + " ms",
-              flush=True)
+            wall[name].append((time.perf_counter() - start) * 1e3)
+            cpu[name].append((time.process_time() - start_cpu) * 1e3)
+        print(f"  round {index + 1}/{rounds} wall (cpu) ms: "
+              + ", ".join(f"{n} {wall[n][-1]:.0f} ({cpu[n][-1]:.0f})" for n in names), flush=True)
     rows = {}
     for name in names:
-        ratios = [b / t for b, t in zip(times[baseline], times[name], strict=True)]
-        rows[name] = dict(quantiles(times[name]), first_call_s=first[name], times_ms=times[name],
-                          speedup_median=statistics.median(ratios), speedup_min=min(ratios),
-                          speedup_max=max(ratios))
+        rows[name] = dict(first_call_s=first[name], wall_ms=wall[name], cpu_ms=cpu[name])
+        for clock, times in (("wall", wall), ("cpu", cpu)):
+            ratios = [b / t for b, t in zip(times[baseline], times[name], strict=True)]
+            rows[name][clock] = dict(quantiles(times[name]), speedup_median=statistics.median(ratios),
+                                     speedup_min=min(ratios), speedup_max=max(ratios))
     return rows
 
 
@@ -244,9 +250,11 @@ def _eval_configs(args, device) -> dict:
         except Unsupported as exc:
             print(f"  onnxruntime left out: {exc}")
     expected = configs["reference"]()
+    scale = expected.abs().max().item()
     for name, run in configs.items():
         error = (run() - expected).abs().max().item()
-        print(f"  {name}: max |logits - reference| = {error:.2e}", flush=True)
+        print(f"  {name}: max |logits - reference| = {error:.2e} ({error / scale:.1e} of the largest logit)",
+              flush=True)
     return configs
 
 
@@ -288,6 +296,7 @@ def _memory(args, device) -> dict:
 LAYER_TYPES = (
     ("convolution", ("conv", "mkldnn")),
     ("batch_norm", ("batch_norm",)),
+    ("loss", ("nll_loss", "log_softmax", "cross_entropy")),
     ("attention", ("short_attention", "bmm", "matmul", "softmax")),
     ("pyramid_pool", ("pyramid_pool", "adaptive_avg_pool")),
     ("relu_add_dropout", ("relu", "add", "dropout", "threshold", "mul")),
@@ -334,15 +343,17 @@ def _seconds(fn) -> float:
 
 
 def _profile(args, device) -> dict:
-    """Where an eval forward and a training step of the eager model spend their time, split by layer type,
-    and the convolutions' FLOP rate against the measured GEMM peak."""
+    """Where an eval forward or a training step of the eager model spend their time, split by layer type, on
+    each backend, and the convolutions' FLOP rate against the measured GEMM peak."""
     from torch.profiler import ProfilerActivity, profile
 
     result = {"gemm_peak_gflops": _matmul_peak_flops() / 1e9}
     print(f"  measured fp32 GEMM peak: {result['gemm_peak_gflops']:.1f} GFLOP/s", flush=True)
     images, target = _batch(args.batch, *args.size, device)
-    for mode in ("eval", "train"):
-        model = _build(args.model, None, device)
+    mode = args.mode
+    for backend in (REFERENCE, None):
+        name = f"{mode}-{backend or 'default'}"
+        model = _build(args.model, backend, device)
         if mode == "eval":
             model.eval()
 
@@ -361,23 +372,25 @@ def _profile(args, device) -> dict:
                 split[_layer_type(event.key)] += event.self_cpu_time_total / 1e3
         profiled = sum(split.values())
         conv_ms = split["convolution"]
-        result[mode] = {"wall_ms": wall * 1e3, "conv_gflop": flops / 1e9,
+        result[name] = {"wall_ms": wall * 1e3, "conv_gflop": flops / 1e9,
                         "conv_gflops_rate": flops / 1e9 / (conv_ms / 1e3) if conv_ms else None,
                         "split_ms": dict(sorted(split.items(), key=lambda item: -item[1]))}
-        print(f"  {mode}: {wall * 1e3:.0f} ms (profiled); conv {flops / 1e9:.1f} GFLOP in {conv_ms:.0f} ms = "
-              f"{result[mode]['conv_gflops_rate'] or 0:.1f} GFLOP/s", flush=True)
-        for layer_type, ms in result[mode]["split_ms"].items():
+        print(f"  {name}: {wall * 1e3:.0f} ms (profiled); conv {flops / 1e9:.1f} GFLOP in {conv_ms:.0f} ms = "
+              f"{result[name]['conv_gflops_rate'] or 0:.1f} GFLOP/s", flush=True)
+        for layer_type, ms in result[name]["split_ms"].items():
             print(f"    {layer_type:<18} {ms:9.1f} ms  {100 * ms / profiled:5.1f}%")
     return result
 
 
 def _print_rows(rows: dict, baseline: str) -> None:
-    print(f"\n{'config':<18} {'median ms':>10} {'p20':>9} {'p80':>9} {'first s':>8}  speedup vs {baseline} "
-          "(median [min, max] over rounds)")
-    for name, row in rows.items():
-        print(f"{name:<18} {row['median_ms']:10.1f} {row['p20_ms']:9.1f} {row['p80_ms']:9.1f} "
-              f"{row['first_call_s']:8.1f}  {row['speedup_median']:.3f} [{row['speedup_min']:.3f}, "
-              f"{row['speedup_max']:.3f}]")
+    for clock in ("wall", "cpu"):
+        print(f"\n{clock} time   {'median ms':>10} {'p20':>9} {'p80':>9} {'first s':>8}  speedup vs {baseline} "
+              "(median [min, max] of the per-round ratios)")
+        for name, row in rows.items():
+            stats = row[clock]
+            print(f"{name:<18} {stats['median_ms']:10.1f} {stats['p20_ms']:9.1f} {stats['p80_ms']:9.1f} "
+                  f"{row['first_call_s']:8.1f}  {stats['speedup_median']:.3f} [{stats['speedup_min']:.3f}, "
+                  f"{stats['speedup_max']:.3f}]")
 
 
 def main(argv=None) -> int:
@@ -390,6 +403,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--configs", nargs="*", help="train: a subset of ours_eager ours_cl ours_compile "
                         "ours_cl_compile (the reference is always timed)")
+    parser.add_argument("--mode", choices=("eval", "train"), default="eval", help="profile: what to profile")
     parser.add_argument("--no-onnx", action="store_true", help="eval: leave ONNX Runtime out")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="also write the result here")
