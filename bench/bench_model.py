@@ -243,6 +243,7 @@ def _eval_configs(args, device) -> dict:
     folded = models.optimize_for_inference(ours, compile=False)
     configs = {"reference": eager(reference), "ours_eager": eager(ours), "ours_folded_cl": lambda: folded(images),
                "ours_fast": lambda: fast(images)}
+    configs = _chosen(configs, args.configs)
     if not args.no_onnx:
         try:
             ort = onnxruntime_logits(ours, *args.size)
@@ -263,8 +264,7 @@ def _train_configs(args, device) -> dict:
     state = _build(args.model, REFERENCE, device).state_dict()
     variants = {"reference": (REFERENCE, False, False), "ours_eager": (None, False, False),
                 "ours_cl": (None, True, False), "ours_compile": (None, False, True), "ours_cl_compile": (None, True, True)}
-    if args.configs:
-        variants = {name: variants[name] for name in ["reference", *args.configs] if name in variants}
+    variants = _chosen(variants, args.configs)
     configs = {}
     for name, (backend, channels_last, compiled) in variants.items():
         model = _build(args.model, backend, device)
@@ -279,12 +279,23 @@ def _train_configs(args, device) -> dict:
     return configs
 
 
+def _chosen(configs: dict, names: list | None) -> dict:
+    """The baseline plus the configurations named (all when ``names`` is empty)."""
+    if not names:
+        return configs
+    unknown = set(names) - set(configs)
+    if unknown:
+        raise SystemExit(f"unknown configurations {sorted(unknown)}; choose from {sorted(configs)}")
+    return {name: run for name, run in configs.items() if name == "reference" or name in names}
+
+
 def _memory(args, device) -> dict:
     rows = {}
     images, target = _batch(args.batch, *args.size, device)
     for name, backend in (("reference", REFERENCE), ("ours", None)):
         step = training_step(_build(args.model, backend, device), images, target)
-        step()  # creates the momentum buffers, which a steady-state step already holds
+        # The momentum buffers appear in the first step's optimizer.step(), after the backward has freed the
+        # activations, so they do not move the peak: no warm-up step.
         delta, total = peak_memory_bytes(step, device)
         rows[name] = {"peak_step_mb": delta / 2**20, "peak_total_mb": None if total is None else total / 2**20}
         print(f"  {name}: peak memory of a step {delta / 2**20:.0f} MiB above the model, optimizer and batch",
@@ -401,8 +412,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help="eval 512 512, train 256 512, memory 512 1024, profile 512 512")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--configs", nargs="*", help="train: a subset of ours_eager ours_cl ours_compile "
-                        "ours_cl_compile (the reference is always timed)")
+    parser.add_argument("--configs", nargs="*", help="a subset to time (the reference always runs): eval "
+                        "ours_eager ours_folded_cl ours_fast; train ours_eager ours_cl ours_compile ours_cl_compile")
     parser.add_argument("--mode", choices=("eval", "train"), default="eval", help="profile: what to profile")
     parser.add_argument("--no-onnx", action="store_true", help="eval: leave ONNX Runtime out")
     parser.add_argument("--threads", type=int, default=None)
