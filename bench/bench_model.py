@@ -262,8 +262,10 @@ def _eval_configs(args, device) -> dict:
 def _train_configs(args, device) -> dict:
     images, target = _batch(args.batch, *args.size, device)
     state = _build(args.model, REFERENCE, device).state_dict()
+    # name: (backend, channels_last, compile)
     variants = {"reference": (REFERENCE, False, False), "ours_eager": (None, False, False),
-                "ours_cl": (None, True, False), "ours_compile": (None, False, True), "ours_cl_compile": (None, True, True)}
+                "ours_cl": (None, True, False), "ours_compile": (None, False, True),
+                "ours_cl_compile": (None, True, True)}
     variants = _chosen(variants, args.configs)
     configs = {}
     for name, (backend, channels_last, compiled) in variants.items():
@@ -405,7 +407,8 @@ def _print_rows(rows: dict, baseline: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[2], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[2],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("what", choices=("eval", "train", "memory", "profile"))
     parser.add_argument("--model", default="ann_r50_d8")
     parser.add_argument("--batch", type=int, default=None, help="images per call (eval 1, otherwise 2)")
