@@ -240,9 +240,10 @@ def _eval_configs(args, device) -> dict:
         return run
 
     fast = models.optimize_for_inference(ours)
-    folded = models.optimize_for_inference(ours, compile=False)
-    configs = {"reference": eager(reference), "ours_eager": eager(ours), "ours_folded_cl": lambda: folded(images),
-               "ours_fast": lambda: fast(images)}
+    folded_cl = models.optimize_for_inference(ours, compile=False)
+    folded = models.optimize_for_inference(ours, channels_last=False, compile=False)
+    configs = {"reference": eager(reference), "ours_eager": eager(ours), "ours_folded": lambda: folded(images),
+               "ours_folded_cl": lambda: folded_cl(images), "ours_fast": lambda: fast(images)}
     configs = _chosen(configs, args.configs)
     if not args.no_onnx:
         try:
@@ -416,7 +417,7 @@ def main(argv=None) -> int:
                         help="eval 512 512, train 256 512, memory 512 1024, profile 512 512")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--configs", nargs="*", help="a subset to time (the reference always runs): eval "
-                        "ours_eager ours_folded_cl ours_fast; train ours_eager ours_cl ours_compile ours_cl_compile")
+                        "ours_eager ours_folded ours_folded_cl ours_fast; train ours_eager ours_cl ours_compile ours_cl_compile")
     parser.add_argument("--mode", choices=("eval", "train"), default="eval", help="profile: what to profile")
     parser.add_argument("--no-onnx", action="store_true", help="eval: leave ONNX Runtime out")
     parser.add_argument("--threads", type=int, default=None)
