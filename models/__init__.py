@@ -10,6 +10,7 @@ from models.checkpoint import (
     read_checkpoint,
     unwrap_model,
 )
+from models.optimize import InferenceModel, fold_batchnorms, optimize_for_inference
 from models.resnet import ResNetV1c
 
 __all__ = [
@@ -19,12 +20,15 @@ __all__ = [
     "ANNSegmentor",
     "CheckpointError",
     "FCNHead",
+    "InferenceModel",
     "LoadResult",
     "ResNetV1c",
     "build_segmentor",
     "checkpoint_file",
+    "fold_batchnorms",
     "load_checkpoint",
     "load_pretrained_backbone",
+    "optimize_for_inference",
     "read_checkpoint",
     "segmentation_loss",
     "unwrap_model",

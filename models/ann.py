@@ -10,16 +10,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from annkernels.nn import AFNB, APNB, ConvModule
+from annkernels.nn import AFNB, APNB, ConvModule, NormLayer
 from models.resnet import ResNetV1c
-
-NormLayer = Callable[[int], nn.Module]
 
 POOL_SCALES = (1, 3, 6, 8)
 

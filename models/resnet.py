@@ -8,12 +8,12 @@ The layout follows mmseg's ``ResNetV1c`` (deep 3x3 stem, pytorch-style stride on
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-NormLayer = Callable[[int], nn.Module]
+from annkernels.nn import NormLayer
 
 
 class BasicBlock(nn.Module):
@@ -65,7 +65,8 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-ARCHITECTURES: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+# depth -> (residual block, blocks per stage)
+STAGE_LAYOUTS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
     50: (Bottleneck, (3, 4, 6, 3)),
     101: (Bottleneck, (3, 4, 23, 3)),
@@ -94,9 +95,9 @@ class ResNetV1c(nn.Module):
                  contract_dilation: bool = True, stem_channels: int = 64, maxpool_ceil_mode: bool = False,
                  norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
-        if depth not in ARCHITECTURES:
-            raise ValueError(f"ResNetV1c depth must be one of {sorted(ARCHITECTURES)}, got {depth}")
-        block, num_blocks = ARCHITECTURES[depth]
+        if depth not in STAGE_LAYOUTS:
+            raise ValueError(f"ResNetV1c depth must be one of {sorted(STAGE_LAYOUTS)}, got {depth}")
+        block, num_blocks = STAGE_LAYOUTS[depth]
         half = stem_channels // 2
         self.stem = nn.Sequential(
             nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False), norm_layer(half), nn.ReLU(inplace=True),

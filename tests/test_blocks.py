@@ -103,3 +103,18 @@ def test_non_local_baseline_matches_its_definition(attention):
     context = block.out_project(context.transpose(1, 2).reshape(2, 6, 5, 7))
     expected = block.bottleneck(torch.cat([context, feats], 1))
     assert_close(block(feats), expected, atol=1e-5, rtol=1e-5, name="non-local")
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_value_projection_runs_on_pooled_positions(device, backend):
+    # The value conv is applied to the S pooled positions (the reorder), except on the reference backend,
+    # which projects every pixel as mmseg does; the equivalence itself is the _compare tests above.
+    block = annkernels.APNB(16, 16, key_channels=8, value_channels=8).to(device)
+    pixelwise_calls = []
+    block.stages[0].value_project.register_forward_hook(lambda *args: pixelwise_calls.append(1))
+    feats = torch.randn(1, 16, 7, 5, device=device)
+    _with_backend(block, backend)(feats)
+    assert pixelwise_calls == []
+    _with_backend(block, "reference")(feats)
+    assert pixelwise_calls == [1]
+

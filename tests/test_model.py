@@ -1,5 +1,6 @@
 """models.build_segmentor: structure (exact mmseg parameter counts and state_dict keys), output shapes,
-dropout placement, loss, input checks, backends, torch.compile / channels_last / bf16 autocast.
+dropout placement, loss, input checks, backends, torch.compile / channels_last / bf16 autocast, and the
+inference fast path (optimize_for_inference).
 
 R-50/R-101 are built on the meta device (shapes only, no memory or init cost) or run on tiny inputs;
 everything that runs many forwards uses ann_r18_d8.
@@ -12,9 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import annkernels
 import models
+from models.optimize import fold_batchnorms
 
 # ann-spec §1.2 (counted from mmseg 1.2.2's model; APNB's shared key/query projection counted once).
 BACKBONE_PARAMS = {"ann_r50_d8": 23_527_264, "ann_r101_d8": 42_519_392}
@@ -350,6 +353,28 @@ def test_torch_compile_fullgraph_aot_eager(r18):
         assert_close(compiled(images), r18(images), 1e-5, 1e-5, "compiled logits")
 
 
+def test_torch_compile_fullgraph_training_step():
+    # The training step (train-mode forward with BatchNorm updates, loss, backward through the custom ops'
+    # registered autograd) traces as one graph. Dropout off: compiled and eager dropout masks differ.
+    model = _randomise_(models.build_segmentor("ann_r18_d8", 5, dropout=0.0)).train()
+    compiled_model = copy.deepcopy(model)
+    images, target = torch.randn(2, 3, 33, 35), torch.randint(0, 5, (2, 33, 35))
+
+    def loss_of(network):
+        return models.segmentation_loss(network(images), target, align_corners=network.align_corners)[0]
+
+    compiled = torch.compile(loss_of, backend="aot_eager", fullgraph=True)
+    expected, actual = loss_of(model), compiled(compiled_model)
+    expected.backward()
+    actual.backward()
+    assert_close(actual, expected, 1e-5, 1e-5, "compiled loss")
+    grads = dict(model.named_parameters())
+    for name, parameter in compiled_model.named_parameters():
+        assert_close(parameter.grad, grads[name].grad, 1e-5, 1e-4, f"{name}.grad")
+    bn, compiled_bn = model.backbone.stem[1], compiled_model.backbone.stem[1]
+    assert_close(compiled_bn.running_mean, bn.running_mean, 1e-6, 1e-5, "BatchNorm running mean")
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor(r18):
     compiled = torch.compile(r18, fullgraph=True)
@@ -377,3 +402,81 @@ def test_bf16_autocast_on_cpu(r18):
     # bf16 keeps 8 mantissa bits; through ~20 layers the logits stay within a few % of their range.
     error = (actual.float() - expected).abs().max().item()
     assert error <= 0.05 * expected.abs().max().item(), f"bf16 error {error:.3g} vs scale {expected.abs().max():.3g}"
+
+
+# ---------------------------------------------------------------- optimize_for_inference
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+def test_folded_model_gives_the_same_logits(r18, channels_last):
+    fast = models.optimize_for_inference(r18, channels_last=channels_last, compile=False)
+    assert not any(isinstance(module, _BatchNorm) for module in fast.modules())
+    fusion = fast.network.decode_head.fusion  # out_project folded into the fuse: 64 + 512 inputs, not 1024
+    assert isinstance(fusion.stages[0].out_project, torch.nn.Identity)
+    assert fusion.bottleneck.conv.in_channels == 64 + 512
+    assert all(not parameter.requires_grad for parameter in fast.parameters())
+    images = torch.randn(2, 3, 37, 29)
+    with torch.no_grad():
+        expected = r18(images)
+        expected_full = r18.predict(images)
+    actual = fast(images)
+    assert actual.requires_grad is False
+    assert_close(actual, expected, 1e-4, 1e-4, "logits")
+    assert_close(fast.predict(images), expected_full, 1e-4, 1e-4, "predict")
+    if channels_last:
+        first_conv = fast.network.backbone.stem[0]
+        assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_original_model_is_left_alone(r18):
+    model = copy.deepcopy(r18).train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    models.optimize_for_inference(model, compile=False)
+    assert model.training
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert isinstance(model.backbone.stem[1], _BatchNorm)
+
+
+def test_authors_variant_folds_into_biased_convs():
+    torch.manual_seed(1)
+    model = _randomise_(models.build_segmentor("ann_r18_d8", 5, variant="authors")).eval()
+    assert model.decode_head.bottleneck.conv.bias is not None
+    fast = models.optimize_for_inference(model, compile=False)
+    images = torch.randn(1, 3, 41, 33)
+    with torch.no_grad():
+        assert_close(fast(images), model(images), 1e-4, 1e-4, "authors-variant logits")
+
+
+def test_mmseg_checkpoint_loads_before_optimisation(r18, tmp_path):
+    path = tmp_path / "ann_r18.pth"
+    torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": r18.state_dict()}, path)
+    model = models.build_segmentor("ann_r18_d8", 7)
+    models.load_checkpoint(model, path)
+    fast = models.optimize_for_inference(model.eval(), compile=False)
+    images = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        assert_close(fast(images), r18(images), 1e-4, 1e-4, "logits after checkpoint load")
+
+
+def test_bad_uses_are_rejected(r18):
+    with pytest.raises(TypeError, match="ANNSegmentor"):
+        models.optimize_for_inference(torch.nn.Conv2d(3, 3, 1), compile=False)
+    with pytest.raises(ValueError, match="eval-mode BatchNorms"):
+        fold_batchnorms(copy.deepcopy(r18).train())
+    unfoldable = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.BatchNorm2d(3)).eval()
+    with pytest.raises(ValueError, match="do not follow a conv: 1"):
+        fold_batchnorms(unfoldable)
+    fast = models.optimize_for_inference(r18, compile=False)
+    with pytest.raises(RuntimeError, match="cannot train"):
+        fast.train()
+
+
+@pytest.mark.slow
+def test_compiled_fast_path_gives_the_same_logits(r18):
+    notices = []
+    fast = models.optimize_for_inference(r18, log=notices.append)
+    images = torch.randn(1, 3, 33, 35)
+    with torch.no_grad():
+        expected = r18(images)
+    assert_close(fast(images), expected, 1e-4, 1e-4, "compiled logits")
+    assert_close(fast(images), expected, 1e-4, 1e-4, "compiled logits, second call")
+    assert len(notices) == 1 and "compiles" in notices[0]

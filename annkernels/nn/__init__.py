@@ -1,3 +1,3 @@
-from annkernels.nn.blocks import AFNB, APNB, ConvModule, NonLocal2d, PyramidAttention
+from annkernels.nn.blocks import AFNB, APNB, ConvModule, NonLocal2d, NormLayer, PyramidAttention
 
-__all__ = ["AFNB", "APNB", "ConvModule", "NonLocal2d", "PyramidAttention"]
+__all__ = ["AFNB", "APNB", "ConvModule", "NonLocal2d", "NormLayer", "PyramidAttention"]
