@@ -30,10 +30,10 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
     "ann_r101_d8": dict(depth=101, channels=512, project_channels=256, aux_channels=256),
 }
 
-# "mmseg" is the compatibility target (ann-spec §1). "authors" follows MendelXu/ANN (ann-spec §7): a 128-wide
-# stem with a ceil-mode max-pool, biased 1x1/3x3 convs in the head, Dropout2d(0.05) at the end of each block
-# instead of the head's two Dropout2d(0.1), an auxiliary conv as wide as the head (512 for) and
-# align_corners=True. `dropout` and `align_corners` options override the variant's defaults.
+# "mmseg" is the compatibility target (docs/ann-spec.md §1). "authors" follows MendelXu/ANN (docs/ann-spec.md
+# §7): a 128-wide stem with a ceil-mode max-pool, biased 1x1/3x3 convs in the head, Dropout2d(0.05) at the end
+# of each block instead of the head's two Dropout2d(0.1), an auxiliary conv as wide as the head (512 for
+# ) and align_corners=True. `dropout` and `align_corners` options override the variant's defaults.
 VARIANTS: dict[str, dict] = {
     "mmseg": dict(stem_channels=64, maxpool_ceil_mode=False, project_bias=False, head_dropout=True,
                   dropout=0.1, align_corners=False, wide_aux=False),

@@ -19,7 +19,7 @@ import annkernels
 import models
 from models.optimize import fold_batchnorms
 
-# ann-spec §1.2 (counted from mmseg 1.2.2's model; APNB's shared key/query projection counted once).
+# docs/ann-spec.md §1.2 (counted from mmseg 1.2.2's model; APNB's shared key/query projection counted once).
 BACKBONE_PARAMS = {"ann_r50_d8": 23_527_264, "ann_r101_d8": 42_519_392}
 DECODE_HEAD_PARAMS = {19: 20_336_659, 21: 20_337_685, 150: 20_403_862}
 AUX_HEAD_PARAMS = {19: 2_364_691, 21: 2_365_205, 150: 2_398_358}
@@ -85,7 +85,7 @@ def _attention_stage(prefix, key_in, query_in, out_channels):
                (f"{prefix}.out_project.bias", (out_channels,))])
 
 
-# ann-spec §1.3, decode_head and auxiliary_head of R-50-D8 ADE20K (K=150), in mmseg's state_dict order.
+# docs/ann-spec.md §1.3, decode_head and auxiliary_head of R-50-D8 ADE20K (K=150), in mmseg's state_dict order.
 SPEC_HEAD_KEYS = (
     [("decode_head.conv_seg.weight", (150, 512, 1, 1)), ("decode_head.conv_seg.bias", (150,))]
     + _attention_stage("decode_head.fusion.stages.0", 1024, 2048, 2048)
@@ -129,7 +129,7 @@ def test_state_dict_keys_and_shapes_equal_mmseg(name, blocks, total):
     assert backbone == _spec_backbone_keys(blocks)
     assert heads == SPEC_HEAD_KEYS
     conv_biases = [k for k in state_dict if k.endswith(".bias") and state_dict[k[:-4] + "weight"].dim() == 4]
-    # Only value_project, out_project (x2 blocks) and conv_seg (x2 heads) have conv biases (ann-spec §1.3).
+    # Only value_project, out_project (x2 blocks) and conv_seg (x2 heads) have conv biases (docs/ann-spec.md §1.3).
     assert sorted(k.rsplit(".", 2)[-2] for k in conv_biases) == ["conv_seg"] * 2 + ["out_project"] * 2 + \
         ["value_project"] * 2
 
