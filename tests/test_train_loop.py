@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import models
@@ -209,3 +210,32 @@ def test_diverging_run_exits_with_one_line_and_keeps_the_last_good_checkpoint(tm
     kept = torch.load(work_dir / "latest.pth", weights_only=True)
     assert kept["iteration"] == failed_at - 1
     assert all(torch.isfinite(value).all() for value in kept["model"].values() if value.is_floating_point())
+
+
+def test_fast_flag_evaluates_and_infers_with_the_optimised_model(tmp_path):
+    """eval.py and infer.py --fast go through models.optimize_for_inference and score as the plain model does.
+    Dynamo is disabled so the wiring is checked without minutes of inductor compiling on a CPU."""
+    work_dir = tmp_path / "run"
+    trained = run_train(*TINY, "--iterations", "2", "--eval-interval", "2", "--ckpt-interval", "2",
+                        "--work-dir", str(work_dir))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    environment = dict(os.environ, TORCHDYNAMO_DISABLE="1")
+    scores = {}
+    for fast in (False, True):
+        out = tmp_path / f"eval-{fast}.json"
+        result = subprocess.run([sys.executable, "train/eval.py", "--checkpoint", str(work_dir / "latest.pth"),
+                                 "--workers", "0", "--no-progress", "--out", str(out), *(["--fast"] if fast else [])],
+                                cwd=REPO, capture_output=True, text=True, timeout=300, env=environment)
+        assert result.returncode == 0, result.stderr[-3000:]
+        scores[fast] = json.loads(out.read_text())
+    assert scores[True]["pixels"] == scores[False]["pixels"]
+    assert scores[True]["mIoU"] == pytest.approx(scores[False]["mIoU"], abs=0.2)
+
+    image = tmp_path / "scene.png"
+    Image.fromarray(SyntheticScenes("val", length=1, size=32, seed=0)[0][0]).save(image)
+    inferred = subprocess.run([sys.executable, "train/infer.py", str(image), "--checkpoint",
+                               str(work_dir / "latest.pth"), "--fast", "--out-dir", str(tmp_path / "predictions")],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=environment)
+    assert inferred.returncode == 0, inferred.stderr[-3000:]
+    assert "torch.compile (inductor, freezing)" in inferred.stdout
+    assert (tmp_path / "predictions" / "scene_mask.png").is_file()

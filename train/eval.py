@@ -51,6 +51,9 @@ def get_args_parser():
     parser.add_argument("--align-corners", action=flag, help="align_corners (mmseg's 769x769 Cityscapes models)")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype")
     parser.add_argument("--channels-last", action=flag, help="channels_last inputs and weights")
+    parser.add_argument("--fast", action="store_true",
+                        help="models.optimize_for_inference: BatchNorm folded into the convs, channels_last, "
+                             "inductor-compiled (compiles once per input size: best with one test scale)")
     parser.add_argument("--backend", help="annkernels backend")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -78,7 +81,9 @@ def main(args) -> int:
         model = build_model(dict(config, sync_bn=False), context)
         models.load_checkpoint(model, checkpoint)  # strict: every key must fit
         model.to(device)
-        if config["channels_last"]:
+        if args.fast:
+            model = models.optimize_for_inference(model.eval())
+        elif config["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
         metrics = evaluate(model, loader, config, context, class_names_for(config),
                            progress=args.progress is not False, aug_test=args.aug_test)

@@ -49,6 +49,9 @@ def get_args_parser():
     parser.add_argument("--opacity", type=float, default=0.5, help="mask opacity in the overlay")
     parser.add_argument("--out-dir", default="predictions", help="output folder")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--fast", action="store_true",
+                        help="models.optimize_for_inference: BatchNorm folded into the convs, channels_last, "
+                             "inductor-compiled (compiles once per input size)")
     return parser
 
 
@@ -73,6 +76,8 @@ def main(args) -> int:
     model = build_model(dict(config, sync_bn=False), DistributedContext(device=device))
     models.load_checkpoint(model, checkpoint)
     model.to(device).eval()
+    if args.fast:
+        model = models.optimize_for_inference(model)
     palette = PALETTES[dataset] if len(PALETTES[dataset]) >= config["num_classes"] else PALETTES["ade20k"]
     crop_size, stride = slide_windows(config)
     out_dir = Path(args.out_dir)
