@@ -27,9 +27,15 @@ def test_opcheck_short_attention(device, backend, layout):
 
     query, key, value = make(2, 9, 8), make(2, 5, 8), make(2, 5, 4)
     torch.library.opcheck(torch.ops.annkernels.short_attention.default, (query, key, value, 0.3, backend))
+    with torch.no_grad():
+        out, softmax_state = torch.ops.annkernels.short_attention(query, key, value, 0.3, backend)
+    grad_out = torch.randn_like(out)
+    inputs = [tensor.detach() for tensor in (query, key, value)]
+    torch.library.opcheck(torch.ops.annkernels.short_attention_grad.default,
+                          (grad_out, *inputs, out, softmax_state, 0.3, backend))
 
 
-@pytest.mark.parametrize("device, backend", [case for case in KERNEL_BACKENDS if case.values[1] != "triton"])
+@pytest.mark.parametrize("device, backend", KERNEL_BACKENDS)
 def test_compiled_block_has_no_graph_break(device, backend):
     block = annkernels.APNB(16, 16, key_channels=8, value_channels=8, backend=backend).to(device)
     with torch.no_grad():

@@ -30,11 +30,10 @@ from annkernels.triton.common import INTERPRET, autotune, dot, padded_block, siz
 
 # Query chunks of the backward are multiples of this; it must be a multiple of every BLOCK_N below.
 _CHUNK_ALIGN = 64
-# Budgets for the config prune: fp32 values per thread held in registers by the tiles named in each
-# kernel's estimate, and shared memory (the H100 allows 227 KB per block). The estimate is rough; the
-# configs below are the ones tests/test_triton_aot.py compiles for sm_90 without register spills at
-# ANN's S.
-_MAX_VALUES_PER_THREAD = 128
+# Budgets for the config prune: 32-bit registers per thread held by the tiles named in each kernel's
+# estimate (two per fp64 value), and shared memory (sm_90 allows 227 KB per block). The estimate is
+# rough; tests/test_triton_aot.py checks that no config it keeps spills registers on sm_90 at ANN's S.
+_MAX_REGISTERS_PER_THREAD = 80
 _MAX_SHARED_BYTES = 200 * 1024
 
 
@@ -66,14 +65,15 @@ def _split_scale(scale: float) -> tuple[float, float]:
 def _pruner(tensor_core_configs, fma_configs, register_values):
     """Config prune: the config list for the dtype's dot path, minus configs whose
     ``register_values(BLOCK_N, BLOCK_S, BLOCK_D)`` or pipelined operand tiles exceed the budgets
-    (rough estimates; tests/test_triton_aot.py checks the compiled shared memory)."""
+    (rough estimates; tests/test_triton_aot.py checks the compiled shared memory and spills)."""
 
     def fits(config, block_s, elem_bytes):
         block_n, block_d = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
-        values_per_thread = register_values(block_n, block_s, block_d) / (32 * config.num_warps)
+        registers_per_value = 2 if elem_bytes == 8 else 1  # statistics are fp32, fp64 for fp64 inputs
+        registers = registers_per_value * register_values(block_n, block_s, block_d) / (32 * config.num_warps)
         # One query-side and one key-side operand tile per stage, plus the [BLOCK_N, BLOCK_S] operand.
         shared = (max(config.num_stages, 1) * (block_n + block_s) * block_d + block_n * block_s) * elem_bytes
-        return values_per_thread <= _MAX_VALUES_PER_THREAD and shared <= _MAX_SHARED_BYTES
+        return registers <= _MAX_REGISTERS_PER_THREAD and shared <= _MAX_SHARED_BYTES
 
     def prune(configs, args):
         block_s, elem_bytes = args["BLOCK_S"], args["q_ptr"].element_size()
