@@ -4,9 +4,10 @@ The interpreter runs the kernels' math on CPU but accepts code the GPU compiler 
 layouts, shared-memory overflow, dtype rules that differ between Triton versions). Here each kernel is
 lowered to PTX and a cubin for sm_90 with the autotune configs it can run with, in every dtype; the
 compiled shared memory is checked against the per-block limit, fp16/bf16 dots must lower to
-tensor-core instructions, and no config may spill registers at ANN's S (ptxas's report, which the
-compiled kernel's metadata does not carry). Wider S (1024, the widest supported) keeps only the
-narrowest tiles, whose spills are reported but allowed.
+tensor-core instructions, and no config may spill registers at ANN's S in the dtypes that run for speed
+(ptxas's report; the compiled kernel's metadata does not carry it). Two cases keep only the narrowest
+tile and may spill, which the test prints: S = 1024, the widest supported score row, and fp64, which
+exists for gradcheck (its backward spills under Triton 3.6 even at 16 x 16).
 
 Compilation runs in a subprocess with TRITON_INTERPRET and the autotune switch unset (the interpreter
 flag is read when ``@triton.jit`` runs, and the conftest sets both for the whole test session), and
@@ -173,8 +174,11 @@ def _check(results: list[dict]) -> None:
     assert not failures, "\n".join(f"{r['case']} {r['config']}: {r['error']}" for r in failures)
     too_big = [r for r in results if r["shared"] > SM90_MAX_SHARED_PER_BLOCK]
     assert not too_big, "\n".join(f"{r['case']} {r['config']}: {r['shared']} B shared" for r in too_big)
-    spilling = [r for r in results if r["spill_bytes"] and r["case"][2] == ANN_KEYS]
-    assert not spilling, "\n".join(f"{r['case']} {r['config']}: {r['spill_bytes']} B spilled" for r in spilling)
+    spilling = [r for r in results if r["spill_bytes"]]
+    for r in spilling:
+        print(f"{r['case']} {r['config']}: {r['spill_bytes']} B spilled")
+    not_allowed = [r for r in spilling if r["case"][2] == ANN_KEYS and r["case"][1] != "fp64"]
+    assert not not_allowed, "\n".join(f"{r['case']} {r['config']}: {r['spill_bytes']} B spilled" for r in not_allowed)
     # fp16/bf16 products must run on tensor cores (mma/wgmma); so do fp32 pooling products (tf32x3).
     # fp64 products, and fp32 attention products ("ieee"), are plain FMA.
     scalar = [r for r in results if r["has_dot"] and not r["tensor_cores"] and r["case"][1] != "fp64"
