@@ -82,13 +82,13 @@ def dot(a, b, acc, FP32_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
         return tl.dot(a, b, acc, out_dtype=acc.dtype)
 
 
-SUM_CHUNKS_CONFIGS = [
+_SUM_CHUNKS_CONFIGS = [
     triton.Config({"BLOCK": 256}, num_warps=2),
     triton.Config({"BLOCK": 1024}, num_warps=4),
 ]
 
 
-@autotune(configs=SUM_CHUNKS_CONFIGS, key=["size", "num_chunks"])
+@autotune(configs=_SUM_CHUNKS_CONFIGS, key=["size", "num_chunks"])
 @triton.jit
 def _sum_chunks_kernel(
     partial_ptr,  # [B, num_chunks, size] contiguous (size = R * D)
