@@ -11,6 +11,9 @@ import torch
 # so it must be set before annkernels.triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Correctness tests take the first fitting autotune config instead of timing them all (a JIT compile
+# each); the switch is read by annkernels/triton/common.py.
+os.environ.setdefault("ANNKERNELS_TRITON_AUTOTUNE", "0")
 
 # models/ and train/ are imported from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,6 +33,11 @@ def backend_cases(include_reference: bool = False):
             marks = [pytest.mark.cuda] if device == "cuda" else []
             cases.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
     return cases
+
+
+def interpreted(backend: str) -> bool:
+    """True when ``backend``'s kernels run in the Triton interpreter (slow: small shapes only)."""
+    return backend == "triton" and annkernels._backend.TRITON_INTERPRET
 
 
 @contextlib.contextmanager

@@ -27,9 +27,15 @@ def test_opcheck_short_attention(device, backend, layout):
 
     query, key, value = make(2, 9, 8), make(2, 5, 8), make(2, 5, 4)
     torch.library.opcheck(torch.ops.annkernels.short_attention.default, (query, key, value, 0.3, backend))
+    with torch.no_grad():
+        out, softmax_state = torch.ops.annkernels.short_attention(query, key, value, 0.3, backend)
+    grad_out = torch.randn_like(out)
+    inputs = [tensor.detach() for tensor in (query, key, value)]
+    torch.library.opcheck(torch.ops.annkernels.short_attention_grad.default,
+                          (grad_out, *inputs, out, softmax_state, 0.3, backend))
 
 
-@pytest.mark.parametrize("device, backend", [case for case in KERNEL_BACKENDS if case.values[1] != "triton"])
+@pytest.mark.parametrize("device, backend", KERNEL_BACKENDS)
 def test_compiled_block_has_no_graph_break(device, backend):
     block = annkernels.APNB(16, 16, key_channels=8, value_channels=8, backend=backend).to(device)
     with torch.no_grad():
@@ -59,3 +65,25 @@ def test_auto_never_picks_an_unverified_gpu_kernel():
 
     resolved = _backend.resolve("auto", torch.device("cuda"))
     assert resolved == "reference" or resolved in annkernels.GPU_VERIFIED
+
+
+def test_triton_autotune_switch_keeps_the_first_fitting_config(monkeypatch):
+    pytest.importorskip("triton")
+    from annkernels.triton import common, pyramid_pool
+
+    kernel = pyramid_pool._pyramid_pool_forward_kernel
+    monkeypatch.setattr(common, "INTERPRET", False)  # as on a GPU
+    monkeypatch.setenv(common.AUTOTUNE_SWITCH, "1")
+    assert kernel.early_config_prune(kernel.configs, {}) == kernel.configs
+    monkeypatch.setenv(common.AUTOTUNE_SWITCH, "0")
+    assert kernel.early_config_prune(kernel.configs, {}) == kernel.configs[:1]
+
+
+def test_triton_attention_is_tuned_per_size_class():
+    pytest.importorskip("triton")
+    from annkernels.triton import common, short_attention
+
+    assert common.size_class(2048) < common.size_class(8192)  # timed separately
+    assert common.size_class(9409) == common.size_class(16384)  # one timing per power of two
+    for kernel in (short_attention._short_attention_forward_kernel, short_attention._short_attention_backward_kernel):
+        assert "rows_class" in kernel.keys

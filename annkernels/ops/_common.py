@@ -1,4 +1,5 @@
-"""Input validation and kernel lookup shared by the op wrappers."""
+"""Input validation, the output-layout rule and kernel lookup shared by the op wrappers and the Triton
+launchers."""
 
 from __future__ import annotations
 
@@ -53,6 +54,15 @@ def check_scale(scale) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r} (it would turn every score into NaN or inf)")
     return float(scale)
+
+
+def empty_like_layout(like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[B, rows, cols] in ``like``'s dtype, device and layout: a transposed [B, cols, rows] buffer when
+    ``like`` is a channel-first view, so outputs and gradients keep the layout of the tensor they stand
+    for. The Python side of annkernels::empty_like_layout (csrc/include/annkernels/checks.h)."""
+    if like.shape[1] > 1 and like.shape[2] > 1 and like.stride(1) == 1:
+        return like.new_empty((like.shape[0], cols, rows)).transpose(1, 2)
+    return like.new_empty((like.shape[0], rows, cols))
 
 
 def kernel(backend: str, name: str):

@@ -12,7 +12,7 @@ import torch
 
 from annkernels import _backend
 from annkernels.ops import reference
-from annkernels.ops._common import check_same, check_scale, check_tensor, kernel
+from annkernels.ops._common import check_same, check_scale, check_tensor, empty_like_layout, kernel
 
 
 def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
@@ -52,15 +52,6 @@ def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return reference.short_attention(query, key, value, scale)
     out, _ = torch.ops.annkernels.short_attention(query, key, value, scale, name)
     return out
-
-
-def empty_like_layout(like: torch.Tensor, rows, cols, dtype=None) -> torch.Tensor:
-    """Mirror of annkernels::empty_like_layout (csrc/include/annkernels/checks.h): outputs and gradients
-    take the layout of the tensor they stand for, channel-first views included."""
-    dtype = like.dtype if dtype is None else dtype
-    if like.shape[1] > 1 and like.shape[2] > 1 and like.stride(1) == 1:
-        return like.new_empty((like.shape[0], cols, rows), dtype=dtype).transpose(1, 2)
-    return like.new_empty((like.shape[0], rows, cols), dtype=dtype)
 
 
 @torch.library.custom_op("annkernels::short_attention", mutates_args=())

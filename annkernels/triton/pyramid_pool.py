@@ -19,11 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from annkernels.triton import first_config_when_interpreting, interpreting, target_programs
-from annkernels.triton.short_attention import sum_chunks
+from annkernels.triton.common import INTERPRET, autotune, dot, padded_block, sum_chunks, target_programs
 
-# The interpreter multiplies bf16 bit patterns in tl.dot, so under it dot operands are upcast.
-_INTERPRET = interpreting()
 # The forward splits the pixels of a plane over several programs when B * C alone cannot fill the GPU;
 # splits are multiples of every BLOCK_P and hold at least this many pixels.
 _SPLIT_ALIGN = 128
@@ -51,28 +48,22 @@ def _bin_bounds(t, H, W, SCALES: tl.constexpr):
 def _membership_dot(values, member, acc, INTERPRET: tl.constexpr):
     """acc + values @ member for a boolean ``member``; fp32-accurate for fp32 values."""
     if INTERPRET and values.dtype != tl.float64:
-        # Also sidesteps the interpreter's wrong bool -> bf16 cast.
-        values = values.to(tl.float32)
-    member = member.to(values.dtype)
-    if values.dtype == tl.float64:
-        return tl.dot(values, member, acc, input_precision="ieee")
-    elif values.dtype == tl.float32:
-        return tl.dot(values, member, acc, input_precision="tf32x3")
+        # dot upcasts half operands to fp32 there anyway, and the interpreter's bool -> bf16 cast is wrong.
+        member = member.to(tl.float32)
     else:
-        return tl.dot(values, member, acc)
+        member = member.to(values.dtype)
+    return dot(values, member, acc, "tf32x3", INTERPRET)
 
 
+# Spill-free on sm_90 in every dtype (tests/test_triton_aot.py). Wider or fewer-warp tiles spill for
+# fp32, whose tf32x3 split triples the operands (32/64 with 4 warps, 64/64 with 8), and for fp64.
 _FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_C": 64, "BLOCK_P": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_C": 64, "BLOCK_P": 32}, num_warps=8, num_stages=1),
 ]
 
 
-@triton.autotune(
-    configs=_FORWARD_CONFIGS,
-    key=["C", "H", "W", "BLOCK_S"],
-    prune_configs_by={"early_config_prune": first_config_when_interpreting},
-)
+@autotune(configs=_FORWARD_CONFIGS, key=["C", "H", "W", "BLOCK_S"])
 @triton.jit
 def _pyramid_pool_forward_kernel(
     x_ptr, out_ptr,  # x [B, C, H, W] any strides; out [B, num_splits, C, S] contiguous
@@ -118,17 +109,14 @@ def _pyramid_pool_forward_kernel(
              out.to(out_ptr.dtype.element_ty), mask=(c[:, None] < C) & (t[None, :] < S))
 
 
+# 16/128 spills with 4 warps, 64/64 even with 8.
 _BACKWARD_CONFIGS = [
     triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=8, num_stages=1),
 ]
 
 
-@triton.autotune(
-    configs=_BACKWARD_CONFIGS,
-    key=["C", "H", "W", "BLOCK_S"],
-    prune_configs_by={"early_config_prune": first_config_when_interpreting},
-)
+@autotune(configs=_BACKWARD_CONFIGS, key=["C", "H", "W", "BLOCK_S"])
 @triton.jit
 def _pyramid_pool_backward_kernel(
     grad_out_ptr, grad_in_ptr,  # grad_out [B, C, S] any strides; grad_in [B, C, H, W] contiguous
@@ -171,7 +159,7 @@ def _pyramid_block(scales) -> tuple[tuple[int, ...], int, int]:
     scales = tuple(int(s) for s in scales)
     size = sum(s * s for s in scales)
     assert scales and min(scales) > 0, "scales are validated by annkernels.ops"
-    return scales, size, max(16, triton.next_power_of_2(size))
+    return scales, size, padded_block(size)
 
 
 def pyramid_pool_forward(input: torch.Tensor, scales: list[int]) -> torch.Tensor:
@@ -201,7 +189,7 @@ def pyramid_pool_forward(input: torch.Tensor, scales: list[int]) -> torch.Tensor
 
     _pyramid_pool_forward_kernel[grid](
         input, partial, channels, height, width, size, pixels_per_split, *input.stride(),
-        SCALES=scales, BLOCK_S=block_s, INTERPRET=_INTERPRET,
+        SCALES=scales, BLOCK_S=block_s, INTERPRET=INTERPRET,
     )
     # Each split already divided by the bin area; adding them in split order stays deterministic.
     return out if num_splits == 1 else sum_chunks(partial, out)
@@ -222,6 +210,6 @@ def pyramid_pool_backward(grad_output: torch.Tensor, scales: list[int], height: 
 
     _pyramid_pool_backward_kernel[grid](
         grad_output, grad_input, channels, height, width, size, *grad_output.stride(),
-        SCALES=scales, BLOCK_S=block_s, INTERPRET=_INTERPRET,
+        SCALES=scales, BLOCK_S=block_s, INTERPRET=INTERPRET,
     )
     return grad_input

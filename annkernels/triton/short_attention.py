@@ -25,28 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-from annkernels.triton import first_config_when_interpreting, interpreting, target_programs
+from annkernels.ops._common import empty_like_layout
+from annkernels.triton.common import INTERPRET, autotune, dot, padded_block, size_class, sum_chunks, target_programs
 
-# The interpreter multiplies bf16 bit patterns in tl.dot, so under it half dot operands are upcast.
-_INTERPRET = interpreting()
 # Query chunks of the backward are multiples of this; it must be a multiple of every BLOCK_N below.
 _CHUNK_ALIGN = 64
-# Budgets for the early config prune: fp32 values per thread held in registers by the tiles named
-# in each kernel's estimate, and shared memory (the H100 allows 227 KB per block).
-_MAX_VALUES_PER_THREAD = 128
+# Budgets for the config prune: 32-bit registers per thread held by the tiles named in each kernel's
+# estimate (two per fp64 value), and shared memory (sm_90 allows 227 KB per block). The estimate is
+# rough; tests/test_triton_aot.py checks that no config it keeps spills registers on sm_90 at ANN's S.
+_MAX_REGISTERS_PER_THREAD = 80
 _MAX_SHARED_BYTES = 200 * 1024
-
-
-@triton.jit
-def _dot(a, b, acc, INTERPRET: tl.constexpr):
-    """acc + a @ b: tensor cores for fp16/bf16, exact fp32/fp64 FMA otherwise."""
-    if INTERPRET and a.dtype != tl.float64:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if a.dtype == tl.float32 or a.dtype == tl.float64:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -75,25 +63,24 @@ def _split_scale(scale: float) -> tuple[float, float]:
 
 
 def _pruner(tensor_core_configs, fma_configs, register_values):
-    """early_config_prune: the config list for the dtype's dot path, minus configs whose
+    """Config prune: the config list for the dtype's dot path, minus configs whose
     ``register_values(BLOCK_N, BLOCK_S, BLOCK_D)`` or pipelined operand tiles exceed the budgets
-    (rough estimates; tests/test_triton_aot.py checks the compiled shared memory)."""
+    (rough estimates; tests/test_triton_aot.py checks the compiled shared memory and spills)."""
 
     def fits(config, block_s, elem_bytes):
         block_n, block_d = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
-        values_per_thread = register_values(block_n, block_s, block_d) / (32 * config.num_warps)
+        registers_per_value = 2 if elem_bytes == 8 else 1  # statistics are fp32, fp64 for fp64 inputs
+        registers = registers_per_value * register_values(block_n, block_s, block_d) / (32 * config.num_warps)
         # One query-side and one key-side operand tile per stage, plus the [BLOCK_N, BLOCK_S] operand.
         shared = (max(config.num_stages, 1) * (block_n + block_s) * block_d + block_n * block_s) * elem_bytes
-        return values_per_thread <= _MAX_VALUES_PER_THREAD and shared <= _MAX_SHARED_BYTES
+        return registers <= _MAX_REGISTERS_PER_THREAD and shared <= _MAX_SHARED_BYTES
 
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
+    def prune(configs, args):
         block_s, elem_bytes = args["BLOCK_S"], args["q_ptr"].element_size()
         # The interpreter computes exactly either way and runs fewer, larger steps with the wide tiles.
-        candidates = fma_configs if elem_bytes >= 4 and not interpreting() else tensor_core_configs
+        candidates = fma_configs if elem_bytes >= 4 and not INTERPRET else tensor_core_configs
         # The last config of each list is the narrowest; it is kept for very wide S even if it spills.
-        fitting = [c for c in candidates if fits(c, block_s, elem_bytes)] or candidates[-1:]
-        return first_config_when_interpreting(fitting)
+        return [c for c in candidates if fits(c, block_s, elem_bytes)] or candidates[-1:]
 
     return prune
 
@@ -101,8 +88,8 @@ def _pruner(tensor_core_configs, fma_configs, register_values):
 # fp16/bf16 dots run on tensor cores and like wide BLOCK_D; fp32/fp64 dots are unrolled FMA code
 # whose size grows with BLOCK_N * BLOCK_S * BLOCK_D, so their chunks stay narrow.
 _FORWARD_TENSOR_CORE_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 16, "BLOCK_D": 32}, num_warps=8, num_stages=1),
 ]
 _FORWARD_FMA_CONFIGS = [
@@ -114,15 +101,13 @@ _prune_forward_configs = _pruner(_FORWARD_TENSOR_CORE_CONFIGS, _FORWARD_FMA_CONF
                                 lambda block_n, block_s, block_d: block_n * (block_s + block_d))
 
 
-@triton.autotune(
-    configs=_FORWARD_TENSOR_CORE_CONFIGS + _FORWARD_FMA_CONFIGS,
-    key=["BLOCK_S", "Dk", "Dv"],
-    prune_configs_by={"early_config_prune": _prune_forward_configs},
-)
+@autotune(configs=_FORWARD_TENSOR_CORE_CONFIGS + _FORWARD_FMA_CONFIGS, key=["rows_class", "BLOCK_S", "Dk", "Dv"],
+          prune=_prune_forward_configs)
 @triton.jit
 def _short_attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,  # q [B,N,Dk], k [B,S,Dk], v [B,S,Dv], out [B,N,Dv], lse [B,N] fp32
     N, S, Dk, Dv,
+    rows_class,  # size_class(B * N): read only by the autotune key
     scale_hi, scale_lo,
     stride_qb, stride_qn, stride_qd,
     stride_kb, stride_ks, stride_kd,
@@ -151,7 +136,7 @@ def _short_attention_forward_kernel(
                     mask=(n[:, None] < N) & (dk[None, :] < Dk), other=0.0)
         k_t = tl.load(k_base + s[None, :] * stride_ks + dk[:, None] * stride_kd,
                       mask=(s[None, :] < S) & (dk[:, None] < Dk), other=0.0)
-        scores = _dot(q, k_t, scores, INTERPRET)
+        scores = dot(q, k_t, scores, "ieee", INTERPRET)
 
     p, lse = _softmax_rows(scores, s < S, scale_hi, scale_lo)
     tl.store(lse_ptr + b * N + n, lse.to(tl.float32), mask=n < N)
@@ -161,37 +146,30 @@ def _short_attention_forward_kernel(
         dv = d0 + d
         v = tl.load(v_base + s[:, None] * stride_vs + dv[None, :] * stride_vd,
                     mask=(s[:, None] < S) & (dv[None, :] < Dv), other=0.0)
-        out = _dot(p, v, tl.zeros([BLOCK_N, BLOCK_D], dtype=stat_dtype), INTERPRET)
+        out = dot(p, v, tl.zeros([BLOCK_N, BLOCK_D], dtype=stat_dtype), "ieee", INTERPRET)
         tl.store(out_ptr + b * stride_ob + n[:, None] * stride_on + dv[None, :] * stride_od,
                  out.to(out_ptr.dtype.element_ty), mask=(n[:, None] < N) & (dv[None, :] < Dv))
 
 
-_BACKWARD_TENSOR_CORE_CONFIGS = [
-    triton.Config({"BLOCK_N": 32, "BLOCK_D": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=8, num_stages=1),
-]
-_BACKWARD_FMA_CONFIGS = [
-    triton.Config({"BLOCK_N": 32, "BLOCK_D": 16}, num_warps=4, num_stages=1),
+# One list serves both dot paths: wider tiles (32/32 with 4 warps, 64/32 with 8) spill on sm_90.
+_BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_N": 32, "BLOCK_D": 16}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=8, num_stages=1),
 ]
 # Registers: P and dP tiles, a dQ tile and a dK/dV workspace tile.
 _prune_backward_configs = _pruner(
-    _BACKWARD_TENSOR_CORE_CONFIGS, _BACKWARD_FMA_CONFIGS,
+    _BACKWARD_CONFIGS, _BACKWARD_CONFIGS,
     lambda block_n, block_s, block_d: 2 * block_n * block_s + (block_n + block_s) * block_d)
 
 
-@triton.autotune(
-    configs=_BACKWARD_TENSOR_CORE_CONFIGS + _BACKWARD_FMA_CONFIGS,
-    key=["BLOCK_S", "Dk", "Dv"],
-    prune_configs_by={"early_config_prune": _prune_backward_configs},
-)
+@autotune(configs=_BACKWARD_CONFIGS, key=["rows_class", "BLOCK_S", "Dk", "Dv"], prune=_prune_backward_configs)
 @triton.jit
 def _short_attention_backward_kernel(
     grad_out_ptr, q_ptr, k_ptr, v_ptr,  # grad_out [B,N,Dv], q [B,N,Dk], k/v [B,S,D]
     grad_q_ptr,  # [B, N, Dk], any strides
     dk_partial_ptr, dv_partial_ptr,  # fp32 workspaces [B, num_chunks, S, Dk] / [..., Dv], contiguous
     N, S, Dk, Dv, CHUNK_N,
+    rows_class,  # size_class(B * N): read only by the autotune key
     scale_hi, scale_lo,
     stride_gb, stride_gn, stride_gd,
     stride_qb, stride_qn, stride_qd,
@@ -242,7 +220,7 @@ def _short_attention_backward_kernel(
                         mask=row_ok[:, None] & (dk[None, :] < Dk), other=0.0)
             k_t = tl.load(k_base + s[None, :] * stride_ks + dk[:, None] * stride_kd,
                           mask=(s[None, :] < S) & (dk[:, None] < Dk), other=0.0)
-            scores = _dot(q, k_t, scores, INTERPRET)
+            scores = dot(q, k_t, scores, "ieee", INTERPRET)
         p, _ = _softmax_rows(scores, s < S, scale_hi, scale_lo)
         p = tl.where(row_ok[:, None], p, 0.0)
 
@@ -255,13 +233,13 @@ def _short_attention_backward_kernel(
                         mask=row_ok[:, None] & (dv[None, :] < Dv), other=0.0)
             v_t = tl.load(v_base + s[None, :] * stride_vs + dv[:, None] * stride_vd,
                           mask=(s[None, :] < S) & (dv[:, None] < Dv), other=0.0)
-            grad_p = _dot(g, v_t, grad_p, INTERPRET)
+            grad_p = dot(g, v_t, grad_p, "ieee", INTERPRET)
             dv_ptrs = dv_slice + dv[None, :]
             dv_mask = (s[:, None] < S) & (dv[None, :] < Dv)
             dv_acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=stat_dtype)
             if accumulate:
                 dv_acc = tl.load(dv_ptrs, mask=dv_mask, other=0.0).to(stat_dtype)
-            dv_acc = _dot(p_t, g, dv_acc, INTERPRET)
+            dv_acc = dot(p_t, g, dv_acc, "ieee", INTERPRET)
             tl.store(dv_ptrs, dv_acc, mask=dv_mask)
 
         # rowsum(dO * O) == rowsum(P * dP) since O = P V; the latter needs no pass over O.
@@ -274,7 +252,7 @@ def _short_attention_backward_kernel(
             dk = d0 + d
             k = tl.load(k_base + s[:, None] * stride_ks + dk[None, :] * stride_kd,
                         mask=(s[:, None] < S) & (dk[None, :] < Dk), other=0.0)
-            grad_q = _dot(grad_s, k, tl.zeros([BLOCK_N, BLOCK_D], dtype=stat_dtype), INTERPRET)
+            grad_q = dot(grad_s, k, tl.zeros([BLOCK_N, BLOCK_D], dtype=stat_dtype), "ieee", INTERPRET)
             tl.store(dq_base + n[:, None] * stride_dqn + dk[None, :] * stride_dqd,
                      grad_q.to(grad_q_ptr.dtype.element_ty), mask=row_ok[:, None] & (dk[None, :] < Dk))
             q = tl.load(q_base + n[:, None] * stride_qn + dk[None, :] * stride_qd,
@@ -284,67 +262,8 @@ def _short_attention_backward_kernel(
             dk_acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=stat_dtype)
             if accumulate:
                 dk_acc = tl.load(dk_ptrs, mask=dk_mask, other=0.0).to(stat_dtype)
-            dk_acc = _dot(grad_s_t, q, dk_acc, INTERPRET)
+            dk_acc = dot(grad_s_t, q, dk_acc, "ieee", INTERPRET)
             tl.store(dk_ptrs, dk_acc, mask=dk_mask)
-
-
-_REDUCE_CONFIGS = [
-    triton.Config({"BLOCK": 256}, num_warps=2),
-    triton.Config({"BLOCK": 1024}, num_warps=4),
-]
-
-
-@triton.autotune(
-    configs=_REDUCE_CONFIGS,
-    key=["size", "num_chunks"],
-    prune_configs_by={"early_config_prune": first_config_when_interpreting},
-)
-@triton.jit
-def _sum_chunks_kernel(
-    partial_ptr,  # [B, num_chunks, size] contiguous (size = R * D)
-    out_ptr,  # [B, R, D], any strides
-    num_chunks, size, D,
-    stride_ob, stride_or, stride_od,
-    BLOCK: tl.constexpr,
-):
-    # Grid: (cdiv(size, BLOCK), B). Adds the chunk partials in index order: deterministic.
-    b = tl.program_id(1).to(tl.int64)
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < size
-    acc = tl.zeros([BLOCK], dtype=partial_ptr.dtype.element_ty)
-    for chunk in range(num_chunks):
-        acc += tl.load(partial_ptr + (b * num_chunks + chunk) * size + idx, mask=mask, other=0.0)
-    tl.store(out_ptr + b * stride_ob + (idx // D) * stride_or + (idx % D) * stride_od,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def sum_chunks(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[b] = sum over c of partial[b, c], in index order (bitwise reproducible, no atomics).
-
-    partial: [B, num_chunks, R, D] contiguous; out: [B, R, D], any strides (written, and returned).
-    """
-    batch, num_chunks, rows, cols = partial.shape
-    assert partial.is_contiguous() and out.shape == (batch, rows, cols)
-    size = rows * cols
-
-    def grid(meta):
-        return (triton.cdiv(size, meta["BLOCK"]), batch)
-
-    _sum_chunks_kernel[grid](partial, out, num_chunks, size, cols, *out.stride())
-    return out
-
-
-def _empty_like_layout(like: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, rows, cols] in ``like``'s layout: a transposed [B, cols, rows] buffer when ``like`` is a
-    channel-first view (mirrors annkernels::empty_like_layout in checks.h)."""
-    batch = like.size(0)
-    if like.size(1) > 1 and like.size(2) > 1 and like.stride(1) == 1:
-        return torch.empty((batch, cols, rows), dtype=dtype, device=like.device).transpose(1, 2)
-    return torch.empty((batch, rows, cols), dtype=dtype, device=like.device)
-
-
-def _key_block(num_keys: int) -> int:
-    return max(16, triton.next_power_of_2(num_keys))
 
 
 def short_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -355,11 +274,11 @@ def short_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch
         query: [B, N, Dk], key: [B, S, Dk], value: [B, S, Dv]; any strides, one floating dtype.
         scale: multiplier of the scores.
     Returns:
-        out [B, N, Dv] in query's layout (see _empty_like_layout), lse [B, N] fp32 contiguous.
+        out [B, N, Dv] in query's layout (see empty_like_layout), lse [B, N] fp32 contiguous.
     """
     batch, num_queries, key_dim = query.shape
     num_keys, value_dim = value.shape[1], value.shape[2]
-    out = _empty_like_layout(query, num_queries, value_dim, query.dtype)
+    out = empty_like_layout(query, num_queries, value_dim)
     lse = torch.empty((batch, num_queries), dtype=torch.float32, device=query.device)
     if out.numel() == 0:
         return out, lse
@@ -369,9 +288,9 @@ def short_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch
 
     _short_attention_forward_kernel[grid](
         query, key, value, out, lse,
-        num_queries, num_keys, key_dim, value_dim, *_split_scale(scale),
+        num_queries, num_keys, key_dim, value_dim, size_class(batch * num_queries), *_split_scale(scale),
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-        BLOCK_S=_key_block(num_keys), INTERPRET=_INTERPRET,
+        BLOCK_S=padded_block(num_keys), INTERPRET=INTERPRET,
     )
     return out, lse
 
@@ -389,9 +308,9 @@ def short_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: t
     """
     batch, num_queries, key_dim = query.shape
     num_keys, value_dim = value.shape[1], value.shape[2]
-    grad_query = _empty_like_layout(query, num_queries, key_dim, query.dtype)
-    grad_key = _empty_like_layout(key, num_keys, key_dim, key.dtype)
-    grad_value = _empty_like_layout(value, num_keys, value_dim, value.dtype)
+    grad_query = empty_like_layout(query, num_queries, key_dim)
+    grad_key = empty_like_layout(key, num_keys, key_dim)
+    grad_value = empty_like_layout(value, num_keys, value_dim)
     if num_queries == 0 or num_keys == 0 or batch == 0:
         return grad_query, grad_key.zero_(), grad_value.zero_()
 
@@ -404,9 +323,9 @@ def short_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: t
 
     _short_attention_backward_kernel[(num_chunks, batch)](
         grad_out, query, key, value, grad_query, dk_partial, dv_partial,
-        num_queries, num_keys, key_dim, value_dim, chunk_n, *_split_scale(scale),
+        num_queries, num_keys, key_dim, value_dim, chunk_n, size_class(batch * num_queries), *_split_scale(scale),
         *grad_out.stride(), *query.stride(), *key.stride(), *value.stride(), *grad_query.stride(),
-        BLOCK_S=_key_block(num_keys), INTERPRET=_INTERPRET,
+        BLOCK_S=padded_block(num_keys), INTERPRET=INTERPRET,
     )
     sum_chunks(dk_partial, grad_key)
     sum_chunks(dv_partial, grad_value)
