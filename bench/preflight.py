@@ -52,7 +52,7 @@ def _toolchain() -> list:
             "torch", "triton", "numpy", "pytest", "pytest-timeout", "pytest-xdist", "pytest-benchmark",
             "setuptools"))),
         ("environment", lambda: ", ".join(f"{key}={os.environ.get(key, '')}" for key in (
-            "TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "TRITON_INTERPRET", "ANNKERNELS_AUTOTUNE", "CUDA_HOME"))),
+            "TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "TRITON_INTERPRET", "ANNKERNELS_TRITON_AUTOTUNE", "CUDA_HOME"))),
     ]
 
 

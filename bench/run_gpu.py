@@ -54,7 +54,7 @@ KILL_GRACE_S = 3
 SOFT_STOP_S = 15
 STEP_DEADLINE_ENV = "ANNKERNELS_STEP_DEADLINE"
 # Correctness runs take one autotune config per kernel: the timing comes from the bench step.
-TEST_ENV = {"ANNKERNELS_AUTOTUNE": "first"}
+TEST_ENV = {"ANNKERNELS_TRITON_AUTOTUNE": "0"}  # annkernels/triton/common.py: AUTOTUNE_SWITCH
 NO_NETWORK_PIP = {"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
 
 

@@ -47,7 +47,8 @@ def _make(shape, layout, dtype):
 
 def _attention_inputs(case, layout, dtype=torch.float32):
     batch, n, s, dk, dv = case
-    return [_make(shape, layout, dtype).requires_grad_(True) for shape in ((batch, n, dk), (batch, s, dk), (batch, s, dv))]
+    shapes = ((batch, n, dk), (batch, s, dk), (batch, s, dv))
+    return [_make(shape, layout, dtype).requires_grad_(True) for shape in shapes]
 
 
 def _attention_oracle(leaves, grad, scale):
@@ -75,9 +76,9 @@ def _check_attention_fp32(emulator, case, layout, scale=None, **tolerance):
 
 
 @pytest.mark.parametrize("layout", ["channel_first", "contiguous"])
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_attention_fp32_matches_reference(emulator, case, layout):
-    emulator.configure(order=ORDERS[CASES.index(case) % 3], seed=CASES.index(case))
+@pytest.mark.parametrize("index, case", [pytest.param(i, *param.values, id=param.id) for i, param in enumerate(CASES)])
+def test_attention_fp32_matches_reference(emulator, index, case, layout):
+    emulator.configure(order=ORDERS[index % 3], seed=index)
     _check_attention_fp32(emulator, case, layout)
 
 
@@ -206,14 +207,14 @@ def _pool_check(emulator, x, scales):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("scales", SCALES, ids=str)
-def test_pyramid_pool_matches_reference(emulator, scales, channels_last):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pyramid_pool_matches_reference(emulator, shape, scales, channels_last):
     emulator.configure(order=ORDERS[SCALES.index(scales) % 3], seed=11)
-    for shape in SHAPES:
-        x = torch.randn(shape)
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        for name, (got, wanted) in zip(("out", "grad_x"), _pool_check(emulator, x, scales)[:2]):
-            assert_close(got, wanted, name=f"{name} {shape}", **POOL_TOLERANCE)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    for name, (got, wanted) in zip(("out", "grad_x"), _pool_check(emulator, x, scales)[:2]):
+        assert_close(got, wanted, name=f"{name} {shape}", **POOL_TOLERANCE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
