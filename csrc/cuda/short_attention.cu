@@ -156,6 +156,49 @@ __device__ __forceinline__ void store_tile(T* __restrict__ dst, int64_t row_stri
   }
 }
 
+// A warp's accumulators in the two tile GEMMs below: all BM rows by its kFragsN 16-column fragments.
+template <typename T, int BM>
+using WarpAccumulators = typename Mma<T>::Acc[BM / 16][kFragsN];
+
+template <typename T, int BM>
+__device__ __forceinline__ void zero_accumulators(WarpAccumulators<T, BM>& acc) {
+#pragma unroll
+  for (int m = 0; m < BM / 16; ++m) {
+#pragma unroll
+    for (int f = 0; f < kFragsN; ++f) {
+      wmma::fill_fragment(acc[m][f], 0.0f);
+    }
+  }
+}
+
+// One k step (Mma<T>::kK deep) of a warp's row block: acc[m][f] += A[16m, 16m + 16) x B(col_f) for the warp's
+// columns col_f = (warp * kFragsN + f) * 16 with n0 + col_f < cols. A is row-major at `a` (already at this k
+// step, leading dimension ld_a); load_b(fragment, col) loads B's fragment for column col.
+template <typename T, int BM, typename LayoutB, typename LoadB>
+__device__ __forceinline__ void mma_k_step(WarpAccumulators<T, BM>& acc, const T* a, int ld_a, int n0, int cols,
+                                           LoadB load_b) {
+  using M = Mma<T>;
+  constexpr int kRowFrags = BM / 16;
+  const int warp = threadIdx.x / kWarpSize;
+  typename M::template A<wmma::row_major> a_frag[kRowFrags];
+#pragma unroll
+  for (int m = 0; m < kRowFrags; ++m) {
+    M::load(a_frag[m], a + 16 * m * ld_a, ld_a);
+  }
+#pragma unroll
+  for (int f = 0; f < kFragsN; ++f) {
+    const int col = (warp * kFragsN + f) * 16;
+    if (n0 + col < cols) {
+      typename M::template B<LayoutB> b_frag;
+      load_b(b_frag, col);
+#pragma unroll
+      for (int m = 0; m < kRowFrags; ++m) {
+        M::mma(acc[m][f], a_frag[m], b_frag);
+      }
+    }
+  }
+}
+
 // out[BM x cols_padded] (fp32, shared) = A[BM x depth] * B[b_rows x depth]^T, both operands global.
 // A is the block's query tile (a_rows valid), B the keys (b_rows valid); columns b_rows..cols_padded
 // come out zero. Warp w owns columns [32w, 32w + 32) of each 128-column pass and all BM rows.
@@ -170,14 +213,8 @@ __device__ void gemm_abt_to_smem(const T* a, int64_t a_rs, int64_t a_cs, int a_r
   T* b_tile = stage + BM * ld;
   const int warp = threadIdx.x / kWarpSize;
   for (int n0 = 0; n0 < cols_padded; n0 += kTileN) {
-    typename M::Acc acc[kRowFrags][kFragsN];
-#pragma unroll
-    for (int m = 0; m < kRowFrags; ++m) {
-#pragma unroll
-      for (int f = 0; f < kFragsN; ++f) {
-        wmma::fill_fragment(acc[m][f], 0.0f);
-      }
-    }
+    WarpAccumulators<T, BM> acc;
+    zero_accumulators<T, BM>(acc);
     for (int k0 = 0; k0 < depth; k0 += kChunkK) {
       __syncthreads();  // the previous tiles are no longer read
       load_tile<T, BM, kChunkK>(a_tile, ld, a + k0 * a_cs, a_rs, a_cs, a_rows, depth - k0);
@@ -185,23 +222,9 @@ __device__ void gemm_abt_to_smem(const T* a, int64_t a_rs, int64_t a_cs, int a_r
       __syncthreads();
       const int k_end = min(kChunkK, static_cast<int>(round_up(depth - k0, M::kK)));
       for (int kk = 0; kk < k_end; kk += M::kK) {
-        typename M::template A<wmma::row_major> a_frag[kRowFrags];
-#pragma unroll
-        for (int m = 0; m < kRowFrags; ++m) {
-          M::load(a_frag[m], a_tile + 16 * m * ld + kk, ld);
-        }
-#pragma unroll
-        for (int f = 0; f < kFragsN; ++f) {
-          const int col = (warp * kFragsN + f) * 16;
-          if (n0 + col < cols_padded) {
-            typename M::template B<wmma::col_major> b_frag;
-            M::load(b_frag, b_tile + col * ld + kk, ld);
-#pragma unroll
-            for (int m = 0; m < kRowFrags; ++m) {
-              M::mma(acc[m][f], a_frag[m], b_frag);
-            }
-          }
-        }
+        mma_k_step<T, BM, wmma::col_major>(acc, a_tile + kk, ld, n0, cols_padded, [&](auto& b_frag, int col) {
+          M::load(b_frag, b_tile + col * ld + kk, ld);
+        });
       }
     }
 #pragma unroll
@@ -231,37 +254,17 @@ __device__ void gemm_ab_to_global(const T* a, int ld_a, int depth_padded, const 
   const int ld_out = stage_col_major ? BM + 4 : kTileN + 4;
   const int warp = threadIdx.x / kWarpSize;
   for (int n0 = 0; n0 < cols; n0 += kTileN) {
-    typename M::Acc acc[kRowFrags][kFragsN];
-#pragma unroll
-    for (int m = 0; m < kRowFrags; ++m) {
-#pragma unroll
-      for (int f = 0; f < kFragsN; ++f) {
-        wmma::fill_fragment(acc[m][f], 0.0f);
-      }
-    }
+    WarpAccumulators<T, BM> acc;
+    zero_accumulators<T, BM>(acc);
     for (int k0 = 0; k0 < depth_padded; k0 += kChunkS) {
       __syncthreads();
       load_tile<T, kChunkS, kTileN>(b_tile, ld_b, b + k0 * b_rs + n0 * b_cs, b_rs, b_cs, b_rows - k0, cols - n0);
       __syncthreads();
       const int k_end = min(kChunkS, depth_padded - k0);
       for (int kk = 0; kk < k_end; kk += M::kK) {
-        typename M::template A<wmma::row_major> a_frag[kRowFrags];
-#pragma unroll
-        for (int m = 0; m < kRowFrags; ++m) {
-          M::load(a_frag[m], a + 16 * m * ld_a + k0 + kk, ld_a);
-        }
-#pragma unroll
-        for (int f = 0; f < kFragsN; ++f) {
-          const int col = (warp * kFragsN + f) * 16;
-          if (n0 + col < cols) {
-            typename M::template B<wmma::row_major> b_frag;
-            M::load(b_frag, b_tile + kk * ld_b + col, ld_b);
-#pragma unroll
-            for (int m = 0; m < kRowFrags; ++m) {
-              M::mma(acc[m][f], a_frag[m], b_frag);
-            }
-          }
-        }
+        mma_k_step<T, BM, wmma::row_major>(acc, a + k0 + kk, ld_a, n0, cols, [&](auto& b_frag, int col) {
+          M::load(b_frag, b_tile + kk * ld_b + col, ld_b);
+        });
       }
     }
     __syncthreads();  // b_tile is dead; out_stage overlays it
