@@ -20,7 +20,7 @@ SHAPES = (
     Shape("small_kv", dict(B=1, C=512, H=32, W=64)),
     # mmseg training (512x1024 crops, B=2): K or V after the 256-channel projection.
     Shape("train_k", dict(B=2, C=256, H=64, W=128)),
-    # K and V pooled in one launch; also the CPU target shape.
+    # K and V pooled in one launch; the CPU speed-up target's shape (README, Performance).
     Shape("train_kv", dict(B=2, C=512, H=64, W=128)),
     # mmseg training at B=4 with 512x512 crops (ADE20K), K and V together.
     Shape("train_b4_kv", dict(B=4, C=512, H=64, W=64)),
