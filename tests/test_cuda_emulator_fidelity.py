@@ -57,3 +57,67 @@ def test_async_copy_bug_is_reported(async_copy, variant, what, report):
     with pytest.raises(EmulatorError, match=report) as caught:
         _staged_sum(async_copy, variant)
     print(f"{what}: {caught.value}")
+
+
+@pytest.fixture()
+def wmma():
+    from simt.probe import Probe
+
+    probe = Probe("wmma")
+    yield probe
+    probe.scramble_fragments(1)  # the runtime's default, for the tests that follow
+
+
+def _aligned(tensor):
+    assert tensor.data_ptr() % 32 == 0, "the probe needs 32-byte aligned buffers"
+    return tensor
+
+
+def _tile_product(probe, variant):
+    """Runs the WMMA probe; returns (its output, the expected output)."""
+    torch.manual_seed(0)
+    a, b = (_aligned(torch.randn(16, 16).half()) for _ in range(2))
+    c = _aligned(torch.randn(16, 16))
+    out = _aligned(torch.full((16 * 16 + 8,), float("nan")))
+    probe.run("probe_wmma", variant, a, b, c, out, inputs=[("a", a), ("b", b), ("c", c)], outputs=[("out", out)])
+    expected = 2 * (a.double() @ b.double()) + c.double()
+    if variant == 5:  # the product, rounded to half, times B again
+        expected = expected.float().half().double() @ b.double()
+    return out[:256].view(16, 16).double(), expected
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_wmma_correct_use_passes_in_every_placement(wmma, seed):
+    out, expected = _tile_product(wmma.scramble_fragments(seed), 0)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+PLACEMENT_BUGS = [(3, "C added to x[e] by assumed position"),
+                  (5, "accumulator reused elementwise as a matrix_a fragment")]
+
+
+@pytest.mark.parametrize("variant, what", PLACEMENT_BUGS, ids=[b[1] for b in PLACEMENT_BUGS])
+def test_wmma_placement_bug_passes_in_identity_placement_only(wmma, variant, what):
+    out, expected = _tile_product(wmma.scramble_fragments(0), variant)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-3)
+    for seed in (1, 2):
+        out, expected = _tile_product(wmma.scramble_fragments(seed), variant)
+        error = (out - expected).abs().max().item()
+        print(f"{what}, placement seed {seed}: max error {error:.3g}")
+        assert error > 1.0, f"{what}: a scrambled fragment placement does not change the result"
+
+
+WMMA_BUGS = [
+    (1, "matrix_a loaded from 16 bytes into its tile", r"load_matrix_sync: pointer 0x[0-9a-f]+ is not 256-bit"),
+    (2, "ldm of 20 halves", "load_matrix_sync: ldm 20 is not a multiple of 16 bytes"),
+    (4, "accumulator stored from 16 bytes past the start of out", "store_matrix_sync: pointer .* is not 256-bit"),
+]
+
+
+@pytest.mark.parametrize("variant, what, report", WMMA_BUGS, ids=[b[1] for b in WMMA_BUGS])
+def test_wmma_alignment_bug_is_reported(wmma, variant, what, report):
+    from simt import EmulatorError
+
+    with pytest.raises(EmulatorError, match=report) as caught:
+        _tile_product(wmma, variant)
+    print(f"{what}: {caught.value}")

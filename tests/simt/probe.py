@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ctypes
 
-from . import EmulatorError, build
+from . import EmulatorError, build, set_fragment_seed
 
 
 class Probe:
@@ -16,6 +16,11 @@ class Probe:
         self._runtime.simt_register_buffer.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p,
                                                        ctypes.c_int]
         self._runtime.simt_report.restype = ctypes.c_char_p
+
+    def scramble_fragments(self, seed: int):
+        """Seeds the WMMA fragment placement (0: identity; the runtime starts at 1)."""
+        set_fragment_seed(self._runtime, seed)
+        return self
 
     def run(self, entry: str, *args, inputs=(), outputs=()):
         """Calls entry(*args) (tensors pass as pointers) with `inputs` and `outputs` ((name, tensor) pairs)

@@ -15,7 +15,10 @@
 //            __pipeline_wait_prior that retires its batch (a missing commit or wait);
 //   launch   more than 1024 threads, grid y or z above 65535, dynamic shared memory above 48 KiB
 //            without the opt-in or above the device profile's opt-in limit;
-//   misuse   deadlocks at barriers, partial warp masks, collectives with exited lanes.
+//   misuse   deadlocks at barriers, partial warp masks, collectives with exited lanes; a WMMA load or
+//            store whose pointer is not 256-bit aligned or whose ldm is not a multiple of 16 bytes.
+// WMMA fragments hold their elements in a placement scrambled per fragment type (mma.h;
+// simt_set_fragment_seed), so kernels that read fragment elements by position compute wrong results.
 // It also counts the global bytes each launch reads and writes.
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
