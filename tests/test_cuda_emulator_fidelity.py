@@ -3,8 +3,13 @@ stores miss: asynchronous copies (<cuda_pipeline_primitives.h>) that are never w
 aligned; WMMA pointers and leading dimensions without the 256-bit alignment load/store_matrix_sync need;
 and code that reads fragment elements by position, whose placement CUDA leaves unspecified. Each check
 has a probe kernel (tests/simt/probes) with a correct variant that must pass and buggy variants that must
-fail, by a checker report or a wrong result.
+fail, by a checker report or a wrong result. nvcc compiles the same probes, so the emulator's headers
+keep the toolkit's signatures.
 """
+
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,17 @@ from test_cuda_emulated import SKIP
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=f"emulator unavailable: {SKIP}")
 
 TILE = 256
+PROBES = sorted((Path(__file__).resolve().parent / "simt" / "probes").glob("*.cu"))
+
+
+def test_nvcc_compiles_the_probes(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    proc = subprocess.run([nvcc, "-c", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Werror",
+                           "all-warnings", "-odir", str(tmp_path), *map(str, PROBES)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"nvcc failed on the probes:\n{proc.stderr}"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +63,7 @@ ASYNC_BUGS = [
     (4, "16-byte copies from a source 4 bytes off", "must both be 16-byte aligned"),
     (5, "no __syncthreads between the wait and reading other threads' copies", "async copy in flight|shared race"),
     (6, "a 12-byte copy", "the size must be 4, 8 or 16"),
+    (8, "a copy past the launch's dynamic shared memory", "shared out of bounds: .* write of 16 bytes"),
 ]
 
 

@@ -1,5 +1,5 @@
-// Asynchronous copies (<cuda_pipeline_primitives.h>): a tile of floats staged through shared memory in
-// two batches, then read back by other threads. Variant 0 is correct; the others plant one bug each.
+// Asynchronous copies (<cuda_pipeline_primitives.h>): two tiles of floats staged through shared memory (one
+// static, one dynamic) in two batches, then read back by other threads. Variant 0 is correct; the others plant one bug each.
 #include <cuda_pipeline_primitives.h>
 
 #include "probe.h"
@@ -15,6 +15,7 @@ enum Variant {
   kNoBarrier = 5,       // waits, but reads other threads' copies without __syncthreads
   kBadSize = 6,         // a 12-byte copy
   kZeroFill = 7,        // correct: the last 8 bytes of every 16-byte copy of the second batch are zeros
+  kSmallDynamic = 8,    // the launch's dynamic shared memory is 16 bytes short of the second tile
 };
 
 constexpr int kThreads = 64;
@@ -24,7 +25,7 @@ constexpr int kTile = kThreads * kFloatsPerCopy;
 // out[i] = first[kTile - 1 - i] + second[kTile - 1 - i]: every thread reads what another thread copied.
 __global__ void staged_sum_kernel(const float* in, float* out, int variant) {
   __shared__ __align__(16) float first[kTile];
-  __shared__ __align__(16) float second[kTile];
+  extern __shared__ __align__(16) float second[];  // kTile floats
   const int t = threadIdx.x;
   const float* source = in + (variant == kMisalignedSource ? 1 : 0);
   __pipeline_memcpy_async(&first[t * kFloatsPerCopy], source + t * kFloatsPerCopy, 16);
@@ -60,5 +61,7 @@ __global__ void staged_sum_kernel(const float* in, float* out, int variant) {
 
 // `in` holds 2 * 256 + 1 floats, `out` 256.
 extern "C" int probe_async_copy(int variant, const float* in, float* out) {
-  return launch_probe("staged_sum_kernel", staged_sum_kernel, dim3(1), dim3(kThreads), 0, in, out, variant);
+  const size_t dynamic_smem = kTile * sizeof(float) - (variant == kSmallDynamic ? 16 : 0);
+  return launch_probe("staged_sum_kernel", staged_sum_kernel, dim3(1), dim3(kThreads), dynamic_smem, in, out,
+                      variant);
 }
