@@ -2,8 +2,9 @@
 
 g++ compiles each .cu file as C++ against include/ (stand-ins for <cuda_runtime.h> and <mma.h>) and the
 toolkit's own headers (cuda_fp16.h, cuda_bf16.h, cuda_runtime_api.h), with -fsanitize=kernel-address and
-outline checks, so every load and store of kernel code calls the emulator's checker. The results are
-cached by the hash of everything that goes into them.
+outline checks, so every load and store of kernel code calls the emulator's checker. probe_library builds
+the small kernels of probes/ the same way (the tests that show each check catching its bug). The results
+are cached by the hash of everything that goes into them.
 """
 
 from __future__ import annotations
