@@ -138,3 +138,17 @@ def test_wmma_alignment_bug_is_reported(wmma, variant, what, report):
     with pytest.raises(EmulatorError, match=report) as caught:
         _tile_product(wmma, variant)
     print(f"{what}: {caught.value}")
+
+
+@pytest.mark.parametrize("fragment_seed", [0, 2])
+def test_attention_kernels_hold_in_other_fragment_placements(fragment_seed):
+    """The emulated suite runs in placement 1; the real kernels must not depend on that one either."""
+    from simt import Emulator
+    from test_cuda_emulated import _check_attention_fp32
+
+    torch.manual_seed(0)
+    emulator = Emulator(fragment_seed=fragment_seed)
+    try:
+        _check_attention_fp32(emulator, (2, 91, 110, 32, 24), "channel_first")
+    finally:
+        emulator.configure()  # the runtime is shared: back to the default placement for the tests that follow

@@ -518,10 +518,17 @@ void warp_collective(unsigned mask, void* mine, Combine combine) {
 
 void check_access(const void* address, size_t bytes, bool is_write) { on_access(address, bytes, is_write); }
 
+// The thread calling a device-only function, or null (reported) when host code calls it.
+Fiber* device_thread(const char* function) {
+  if (g.current == nullptr) {
+    report("misuse", "%s called from host code", function);
+  }
+  return g.current;
+}
+
 void async_copy_issue(void* dst_shared, const void* src_global, size_t size_and_align, size_t zfill) {
-  Fiber* fiber = g.current;
+  Fiber* fiber = device_thread("__pipeline_memcpy_async");
   if (fiber == nullptr) {
-    report("misuse", "__pipeline_memcpy_async called from host code");
     return;
   }
   const auto dst = reinterpret_cast<uintptr_t>(dst_shared);
@@ -564,10 +571,17 @@ void async_copy_issue(void* dst_shared, const void* src_global, size_t size_and_
   }
 }
 
-void async_copy_commit() { ++g.current->committed_batches; }
+void async_copy_commit() {
+  if (Fiber* fiber = device_thread("__pipeline_commit")) {
+    ++fiber->committed_batches;
+  }
+}
 
 void async_copy_wait(size_t prior) {
-  Fiber* fiber = g.current;
+  Fiber* fiber = device_thread("__pipeline_wait_prior");
+  if (fiber == nullptr) {
+    return;
+  }
   const uint64_t pending_allowed = std::min<size_t>(prior, 8);  // the toolkit's header waits on at most 8
   if (fiber->committed_batches < pending_allowed) {
     return;
@@ -585,10 +599,10 @@ void async_copy_wait(size_t prior) {
       g.shadow[dst + i - g.shared_begin].in_flight_block = 0;
     }
     shared_access(dst, copy.bytes, true);  // the landing is this thread's write
-    const size_t read = copy.bytes - copy.zfill;
+    const size_t fetched = copy.bytes - copy.zfill;
     if (copy.readable_source) {
-      std::memcpy(copy.dst, copy.src, read);
-      std::memset(copy.dst + read, 0, copy.zfill);
+      std::memcpy(copy.dst, copy.src, fetched);
+      std::memset(copy.dst + fetched, 0, copy.zfill);
     }
   }
   copies.resize(kept);
