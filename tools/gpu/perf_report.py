@@ -117,10 +117,12 @@ def _widths(counts: dict) -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"# Static performance report, H200 (modelled), {report['date']}", "",
-             f"Commit {report['commit']}; made on {report['host']} without a GPU by `python -m tools.gpu.perf_report`.",
-             "**Every time here is modelled** (docs/performance.md, \"The static model\"), never measured.", "",
+             f"Commit {report['commit']}; made on {report['host']} without a GPU by "
+             "`python -m tools.gpu.perf_report`.",
+             "**Every time here is modelled** (docs/performance.md section 3, the static model), never measured.", "",
              "## Modelled time against the H200 floor", "",
-             "| case | floor µs | CUDA modelled µs | bound | CUDA % floor | Triton modelled µs | bound | Triton % floor |",
+             "| case | floor µs | CUDA modelled µs | bound | CUDA % floor "
+             "| Triton modelled µs | bound | Triton % floor |",
              "|---|---|---|---|---|---|---|---|"]
     cuda_cases = report["cuda"].get("cases", {})
     triton_cases = report.get("triton", {}).get("cases", {})
@@ -146,8 +148,9 @@ def markdown(report: dict) -> str:
 
 def _cuda_markdown(cuda: dict) -> list[str]:
     lines = ["", "## CUDA kernels (sm_90a)", "",
-             "Loads in flight: for each global load site in a loop, the other global loads in flight with it before "
-             "its first use (histogram `in flight: sites`). Fragment loads: shared (LDS, of which LDSM) / generic LD.", "",
+             "Loads in flight: for each global load site in a loop, the other global loads in flight with it "
+             "before its first use (histogram `in flight: sites`). Fragment loads: shared (LDS, of which LDSM) / "
+             "generic LD.", "",
              "| kernel | regs | spill B | static smem | global loads | global stores | loads in flight (hot sites) "
              "| fragment loads LDS(LDSM)/LD | HMMA | wgmma | cp.async | TMA |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -158,7 +161,8 @@ def _cuda_markdown(cuda: dict) -> list[str]:
                      f"{k['shared_fragment_loads']}({k['ldsm']})/{k['generic_loads']} | {k['hmma']} | {k['wgmma']} | "
                      f"{k['async_copies']} | {k['tma']} |")
     lines += ["", "## CUDA launches at the key shapes (plans from the launchers, via the emulator)", "",
-              "| case | kernel | CTAs | threads | smem | CTAs/SM (limit) | waves | SM fill | loads/thread | round trips |",
+              "| case | kernel | CTAs | threads | smem | CTAs/SM (limit) | waves | SM fill | loads/thread "
+              "| round trips |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name, case in cuda["cases"].items():
         for launch in case["launches"]:
@@ -171,7 +175,8 @@ def _cuda_markdown(cuda: dict) -> list[str]:
               "|---|---|---|---|---|---|"]
     for name, case in cuda["cases"].items():
         lines.append(f"| {name} | {_us(case['bytes_s'])} | {_us(case['compute_s'])} ({case['unit']}) | "
-                     f"{_us(case['latency_s'])} | {case['global_bytes'] / 1e6:.1f} | {case['minimal_bytes'] / 1e6:.1f} |")
+                     f"{_us(case['latency_s'])} | {case['global_bytes'] / 1e6:.1f} | "
+                     f"{case['minimal_bytes'] / 1e6:.1f} |")
     return lines
 
 
