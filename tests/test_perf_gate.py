@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.gpu import cuda_static, gate, sass
+from tools.gpu import cuda_static, gate, model, sass
 from tools.gpu.perf_report import build_report, fractions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,3 +182,19 @@ def test_loads_in_flight_are_counted_along_the_worst_path():
     # The U16 load is used with no other load on the branch that skips 0x80: none in flight at worst.
     assert sites[0x60].in_flight == 0 and sites[0x60].first_use == 0x90
     assert all(site.in_loop for site in sites.values())
+
+
+# ---- the model's arithmetic ----
+
+def test_occupancy_and_floors_match_hand_counts():
+    # The bf16 attention forward: 128 registers x 128 threads allow 4 CTAs, its 63 KiB of shared memory 3.
+    assert model.ctas_per_sm(128, 128, 64512) == (3, "shared memory")
+    assert model.ctas_per_sm(255, 256, 0) == (1, "registers")
+    assert model.ctas_per_sm(16, 1024, 0) == (2, "threads")
+    # Floors of docs/performance.md section 6: Q read and O written at 4.3 TB/s; the backward adds dO and dQ.
+    forward = model.Case("attention", "forward", "bf16", (2, 8192))
+    assert forward.floor_s == pytest.approx(2 * 2 * 8192 * 256 * 2 / 4.3e12, rel=0.02)
+    backward = model.Case("attention", "backward", "fp32", (1, 32768))
+    assert backward.floor_s == pytest.approx(3 * 32768 * 256 * 4 / 4.3e12, rel=0.02)
+    pool = model.Case("pool", "forward", "bf16", (2, 256, 64, 128))
+    assert pool.floor_s == pytest.approx(2 * 256 * 64 * 128 * 2 / 4.3e12, rel=0.02)
