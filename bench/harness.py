@@ -12,8 +12,9 @@ dtype and pass form a group, and a group is timed by ``time_group``, the one tim
   * GPU: CUDA events around each call, with the L2 evicted before each call ("cold").
 
 Peak memory is one extra call per provider, outside the timed rounds (on CPU it is also the warm-up call):
-the peak above what was allocated before the call (GPU: torch.cuda.max_memory_allocated; CPU: the torch profiler's allocation events, whose
-running sum peaks at the live tensor bytes; tracemalloc cannot see torch allocations).
+the peak above what was allocated before the call (GPU: torch.cuda.max_memory_allocated; CPU: the torch
+profiler's allocation events, whose running sum peaks at the live tensor bytes; tracemalloc cannot see torch
+allocations).
 """
 
 from __future__ import annotations

@@ -215,7 +215,8 @@ def performance_table() -> list:
             if item["shape"] != "paper" or item["apnb"].provider != "cpu":
                 continue
             lines.append(f"- The paper's shape [1, 2048, 128, 256], fp32 eval forward, APNB (cpu backend) against "
-                         f"{item['nonlocal'].provider}: **{fmt(item['time'])}x** faster ({fmt(item['time_net'])}x net of the shared fuse), "
+                         f"{item['nonlocal'].provider}: **{fmt(item['time'])}x** faster "
+                         f"({fmt(item['time_net'])}x net of the shared fuse), "
                          f"**{fmt(item['memory'])}x** less peak memory ({fmt(item['memory_net'])}x net); the paper: "
                          f"{PAPER_SPEEDUP:g}x / {PAPER_MEMORY_RATIO:g}x on a GPU. {_source(path, env)}")
     return lines
