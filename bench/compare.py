@@ -129,8 +129,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = get_args_parser().parse_args(argv)
     if args.report:
-        written = [path for json_path in sorted(glob.glob(os.path.join(args.out_dir, "*.json")))
-                   for path in report.write_report(json_path)]
+        written = []
+        for path in sorted(glob.glob(os.path.join(args.out_dir, "*.json"))):
+            try:
+                written += report.write_report(path)
+            except (ValueError, KeyError) as exc:  # another tool's file (e.g. a static GPU report) stays as it is
+                print(f"left {os.path.basename(path)} alone: {exc}")
         print("wrote", ", ".join(written + report.update_readmes()))
         return
     run(args)
