@@ -30,6 +30,11 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def times(value) -> str:
+    """A ratio as "2.95x", or "-" where there is none."""
+    return "-" if value is None else f"{fmt(value)}x"
+
+
 def dims_text(row: Row) -> str:
     return " ".join(f"{k}={v}" for k, v in row.dims.items())
 
@@ -128,8 +133,8 @@ def paper_table(comparisons: list) -> list:
         lines.append(
             f"| {d['H'] * d['W']} = {d['H']}x{d['W']} | {d['C']} | {apnb.provider} | {peer.provider} | "
             f"{fmt(apnb.median_ms)} | {fmt(peer.median_ms)} | {fmt(base.median_ms if base else None)} | "
-            f"**{fmt(item['time'])}x** | {fmt(item['time_net'])}x | {fmt(apnb.peak_mib)} | {fmt(peer.peak_mib)} | "
-            f"{fmt(base.peak_mib if base else None)} | **{fmt(item['memory'])}x** | {fmt(item['memory_net'])}x |")
+            f"**{times(item['time'])}** | {times(item['time_net'])} | {fmt(apnb.peak_mib)} | {fmt(peer.peak_mib)} | "
+            f"{fmt(base.peak_mib if base else None)} | **{times(item['memory'])}** | {times(item['memory_net'])} |")
     return lines
 
 
@@ -151,9 +156,10 @@ def plot_paper(comparisons: list, env: dict, path: str) -> bool:
             items = [i for i in comparisons if (i["apnb"].provider, i["nonlocal"].provider) == (apnb, peer)]
             n = [i["dims"]["H"] * i["dims"]["W"] for i in items]
             line, = axis.plot(n, [i[key] for i in items], "o-", label=f"{apnb} vs {peer}")
-            net = [i[f"{key}_net"] for i in items]
-            if all(value is not None for value in net):
-                axis.plot(n, net, "s--", color=line.get_color(), alpha=0.6, label=f"{apnb} vs {peer}, net of fuse")
+            net = [(x, i[f"{key}_net"]) for x, i in zip(n, items, strict=True) if i[f"{key}_net"] is not None]
+            if net:  # a round where APNB was no slower than the fuse alone leaves that point out
+                axis.plot(*zip(*net, strict=True), "s--", color=line.get_color(), alpha=0.6,
+                          label=f"{apnb} vs {peer}, net of fuse")
         axis.axhline(paper, color="tab:red", linestyle=":", label=f"paper {paper:g}x (N = 32768, GPU)")
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -215,9 +221,9 @@ def performance_table() -> list:
             if item["shape"] != "paper" or item["apnb"].provider != "cpu":
                 continue
             lines.append(f"- The paper's shape [1, 2048, 128, 256], fp32 eval forward, APNB (cpu backend) against "
-                         f"{item['nonlocal'].provider}: **{fmt(item['time'])}x** faster "
-                         f"({fmt(item['time_net'])}x net of the shared fuse), "
-                         f"**{fmt(item['memory'])}x** less peak memory ({fmt(item['memory_net'])}x net); the paper: "
+                         f"{item['nonlocal'].provider}: **{times(item['time'])}** faster "
+                         f"({times(item['time_net'])} net of the shared fuse), "
+                         f"**{times(item['memory'])}** less peak memory ({times(item['memory_net'])} net); the paper: "
                          f"{PAPER_SPEEDUP:g}x / {PAPER_MEMORY_RATIO:g}x on a GPU. {_source(path, env)}")
     return lines
 
