@@ -2,9 +2,12 @@
 
 op "apnb": APNB on each annkernels backend, plus the peers "nonlocal_matmul" (N x N scores materialised,
 the paper's baseline) and "nonlocal_sdpa" (the same block through F.scaled_dot_product_attention). The
-"paper" shape is the authors' efficiency setting: [1, 2048, 128, 256], APNB(2048 -> 2048, key 256,
-value 256) against non-local, eval mode, fp32, forward only; compare.py reports time and memory ratios
-next to the paper's ~6x / ~28x. op "afnb": AFNB(low 1024, high 2048 -> 2048) as in mmseg's ann_r50_d8.
+"paper" shapes are the authors' efficiency setting: APNB(2048 -> 2048, key 256, value 256) against non-local,
+eval mode, fp32, forward only, at [1, 2048, 128, 256] and at two smaller maps of the same block (N = 2048,
+8192) that show how the ratio grows with N. The peer "fuse_only" is the authors' baseline: a block that only
+concatenates and fuses (the 1x1 conv + BN + ReLU both blocks end with); report.py gives the ratios raw and
+with it subtracted, next to the paper's ~6x / ~28x. op "afnb": AFNB(low 1024, high 2048 -> 2048) as in
+mmseg's ann_r50_d8.
 
 Training shapes run in train mode (BatchNorm batch statistics); "eval" shapes in eval mode.
 Gradients are taken with respect to the input maps and every parameter.
@@ -13,8 +16,7 @@ Gradients are taken with respect to the input maps and every parameter.
 from __future__ import annotations
 
 import torch
-
-from bench.utils import OpBench, Provider, Shape, Unsupported, Workload, autograd_passes, registered_backends
+from harness import OpBench, Provider, Shape, Unsupported, Workload, autograd_passes, registered_backends
 
 INFERENCE = ("fwd",)
 
@@ -26,13 +28,14 @@ APNB_SHAPES = (
     Shape("crop769", dict(B=2, C=512, H=97, W=97, mode="train"), cpu=False),
     # Cityscapes inference at 1024x2048 (N = 32768).
     Shape("infer", dict(B=1, C=512, H=128, W=256, mode="eval"), passes=INFERENCE, cpu=False),
-    # The ANN paper's efficiency setting (GPU; fp32 only, forward only).
-    Shape("paper", dict(B=1, C=2048, H=128, W=256, mode="eval"), passes=INFERENCE, cpu=False, dtypes=("float32",)),
-    # CPU-sized stand-ins with the same channels: training on a 16x32 map (128x256 crop); the non-local
-    # comparison on a 32x64 map, where N x N scores (N = 2048) already cost as much as the convolutions.
+    # The ANN paper's efficiency setting, fp32 forward only: the 128x256 map (N = 32768; its non-local scores
+    # take 4 GiB, 8 GiB at the softmax) and the same block at N = 2048 and 8192. `--suite paper` runs them.
+    *(Shape(name, dict(B=1, C=2048, H=h, W=w, mode="eval"), passes=INFERENCE, cpu=False, dtypes=("float32",))
+      for name, h, w in (("paper_n2048", 32, 64), ("paper_n8192", 64, 128), ("paper", 128, 256))),
+    # CPU-sized stand-in: training on a 16x32 map (128x256 crop).
     Shape("cpu_train", dict(B=1, C=512, H=16, W=32, mode="train"), gpu=False, dtypes=("float32",)),
-    Shape("cpu_paper", dict(B=1, C=512, H=32, W=64, mode="eval"), passes=INFERENCE, gpu=False, dtypes=("float32",)),
 )
+PAPER_SHAPES = ("paper_n2048", "paper_n8192", "paper")
 
 AFNB_SHAPES = (
     Shape("train", dict(B=2, low=1024, high=2048, H=64, W=128, mode="train"), cpu=False),
@@ -84,6 +87,27 @@ def _nonlocal_provider(attention: str) -> Provider:
     return Provider(f"nonlocal_{attention}", make, kind="peer")
 
 
+class FuseOnly(torch.nn.Module):
+    """The authors' baseline: only the concatenation and the fuse that APNB and non-local both end with
+    (cat[context, x] -> 1x1 conv + BN + ReLU); x stands in for the context. Subtracting its time and memory
+    leaves what the attention costs."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        from annkernels.nn.blocks import ConvModule
+
+        self.bottleneck = ConvModule(2 * channels, channels)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(torch.cat([feats, feats], dim=1))
+
+
+def _fuse_only(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    d = shape.dims
+    block = _prepare(FuseOnly(d["C"]), d["mode"], dtype, device)
+    return _block_workload(block, [_map(d["B"], d["C"], d, dtype, device)])
+
+
 def _afnb_provider(name: str) -> Provider:
     def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
         import annkernels
@@ -97,7 +121,7 @@ def _afnb_provider(name: str) -> Provider:
 
 
 def apnb_providers(device: str) -> list:
-    peers = [_nonlocal_provider("matmul"), _nonlocal_provider("sdpa")]
+    peers = [_nonlocal_provider("matmul"), _nonlocal_provider("sdpa"), Provider("fuse_only", _fuse_only, kind="peer")]
     return [_apnb_provider(name) for name in registered_backends(device)] + peers
 
 
@@ -105,10 +129,8 @@ def afnb_providers(device: str) -> list:
     return [_afnb_provider(name) for name in registered_backends(device)]
 
 
-BENCH = OpBench("apnb", APNB_SHAPES, dtypes=("float32", "bfloat16"), providers=apnb_providers,
-                id_dims=("B", "C", "H", "W"))
-AFNB_BENCH = OpBench("afnb", AFNB_SHAPES, dtypes=("float32", "bfloat16"), providers=afnb_providers,
-                     id_dims=("B", "H", "W"))
+BENCH = OpBench("apnb", APNB_SHAPES, dtypes=("float32", "bfloat16"), providers=apnb_providers)
+AFNB_BENCH = OpBench("afnb", AFNB_SHAPES, dtypes=("float32", "bfloat16"), providers=afnb_providers)
 BENCHES = (BENCH, AFNB_BENCH)
 
 

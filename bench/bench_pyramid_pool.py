@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from bench.utils import OpBench, Provider, Shape, Unsupported, Workload, autograd_passes, registered_backends
+from harness import OpBench, Provider, Shape, Unsupported, Workload, autograd_passes, registered_backends
 
 SCALES = (1, 3, 6, 8)
 POOLED = sum(s * s for s in SCALES)
@@ -20,7 +19,7 @@ SHAPES = (
     Shape("small_kv", dict(B=1, C=512, H=32, W=64)),
     # mmseg training (512x1024 crops, B=2): K or V after the 256-channel projection.
     Shape("train_k", dict(B=2, C=256, H=64, W=128)),
-    # K and V pooled in one launch; the CPU speed-up target's shape (README, Performance).
+    # K and V pooled in one launch; the shape of the README's CPU table.
     Shape("train_kv", dict(B=2, C=512, H=64, W=128)),
     # mmseg training at B=4 with 512x512 crops (ADE20K), K and V together.
     Shape("train_b4_kv", dict(B=4, C=512, H=64, W=64)),
@@ -73,8 +72,7 @@ def providers(device: str) -> list:
     ]
 
 
-BENCH = OpBench("pyramid_pool", SHAPES, dtypes=("float32", "bfloat16"), providers=providers,
-                id_dims=("B", "C", "H", "W"))
+BENCH = OpBench("pyramid_pool", SHAPES, dtypes=("float32", "bfloat16"), providers=providers)
 
 
 def test_pyramid_pool(bench_case):

@@ -4,10 +4,9 @@ Providers: every annkernels backend usable on the device, fed the channel-first 
 gives (x.flatten(2).transpose(1, 2)), which is what APNB/AFNB pass; "reference" is mmsegmentation's
 path (permute copies, matmul, separate scale, softmax, matmul). Peers: F.scaled_dot_product_attention
 with contiguous [B, 1, N, D] inputs, i.e. as if the projections ran channels_last, so no layout copy is
-charged to it. On GPU the "sdpa" row is SDPA's best backend for the case: each one (flash, efficient,
-cuDNN, math) is forced in turn (torch.nn.attention.sdpa_kernel), those that reject the shape or dtype are
-dropped, and the fastest forward + backward of the rest is timed; the row's note says which one and
-why. On CPU the default dispatch is used. "gemm_only" times the six matrix products alone, the bound on
+charged to it. On GPU each SDPA backend (flash, efficient, cuDNN, math) is its own provider, forced with
+torch.nn.attention.sdpa_kernel ("sdpa_flash", ...; skipped where it rejects the case); on CPU "sdpa" is the
+default dispatch. "gemm_only" times the six matrix products alone, the bound on
 any GEMM-based kernel (see below).
 """
 
@@ -17,12 +16,20 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-
-from bench import utils
-from bench.utils import OpBench, Provider, Shape, Unsupported, Workload, autograd_passes
+from harness import (
+    OpBench,
+    Provider,
+    Shape,
+    Unsupported,
+    Workload,
+    autograd_passes,
+    channel_first_view,
+    registered_backends,
+)
 
 KEYS, KEY_DIM, VALUE_DIM = 110, 256, 256
 SCALE = KEY_DIM**-0.5
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")  # timed each on GPU
 
 SHAPES = (
     # A 256x512 crop (32x64 map): the small end of the time-vs-N plots.
@@ -59,9 +66,9 @@ def _backend_provider(name: str) -> Provider:
         import annkernels
 
         d = shape.dims
-        query = utils.channel_first_view(d["B"], d["Dk"], d["N"], dtype, device, requires_grad=True)
-        key = utils.channel_first_view(d["B"], d["Dk"], d["S"], dtype, device, requires_grad=True)
-        value = utils.channel_first_view(d["B"], d["Dv"], d["S"], dtype, device, requires_grad=True)
+        query = channel_first_view(d["B"], d["Dk"], d["N"], dtype, device, requires_grad=True)
+        key = channel_first_view(d["B"], d["Dk"], d["S"], dtype, device, requires_grad=True)
+        value = channel_first_view(d["B"], d["Dv"], d["S"], dtype, device, requires_grad=True)
         flops, nbytes = cost_model(d, dtype)
         forward = lambda: annkernels.short_attention(query, key, value, SCALE, backend=name)  # noqa: E731
         return Workload(autograd_passes(forward, [query, key, value]), flops=flops, bytes=nbytes)
@@ -69,60 +76,37 @@ def _backend_provider(name: str) -> Provider:
     return Provider(name, make)
 
 
-SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+def _sdpa_provider(backend: str | None) -> Provider:
+    """F.scaled_dot_product_attention, on its default dispatch (``backend`` None) or forced onto one of its
+    backends (torch.nn.attention.SDPBackend name); a forced backend that rejects the case is skipped."""
 
-
-def _sdpa_forward(query, key, value, backend=None):
-    """F.scaled_dot_product_attention, forced onto one SDPA backend when ``backend`` is given."""
-    from torch.nn.attention import sdpa_kernel
-
-    def forward():
-        if backend is None:
-            return F.scaled_dot_product_attention(query, key, value, scale=SCALE)
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(query, key, value, scale=SCALE)
-
-    return forward
-
-
-def _fastest_sdpa(query, key, value, device) -> tuple:
-    """(forward on the fastest SDPA backend that accepts the case, a note naming it and the others)."""
-    from torch.nn.attention import SDPBackend
-
-    timed, rejected = {}, []
-    for name in SDPA_BACKENDS:
-        forward = _sdpa_forward(query, key, value, getattr(SDPBackend, name))
-        full = autograd_passes(forward, [query, key, value])["full"]
-        try:  # a forced backend that does not accept the case raises (and warns why) on the first call
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                timed[name] = (min(utils.time_callable(full(), device, utils.Budget(0.0, 0.0, 3, 3))), forward)
-        except RuntimeError:
-            rejected.append(name.lower())
-    if not timed:
-        raise Unsupported(f"no SDPA backend accepts this case ({', '.join(rejected)} reject it)")
-    best = min(timed, key=lambda name: timed[name][0])
-    others = ", ".join(f"{name.lower()} {ms:.3g} ms" for name, (ms, _) in timed.items())
-    rejected = f"; rejected: {', '.join(rejected)}" if rejected else ""
-    note = f"SDPA backend {best.lower()} (fwd+bwd: {others}{rejected})"
-    return timed[best][1], note
-
-
-def _sdpa_provider() -> Provider:
     def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         d = shape.dims
         options = dict(dtype=dtype, device=device, requires_grad=True)
         query = torch.randn(d["B"], 1, d["N"], d["Dk"], **options)
         key = torch.randn(d["B"], 1, d["S"], d["Dk"], **options)
         value = torch.randn(d["B"], 1, d["S"], d["Dv"], **options)
-        if device.type == "cuda":
-            forward, note = _fastest_sdpa(query, key, value, device)
-        else:
-            forward, note = _sdpa_forward(query, key, value), None
-        flops, nbytes = cost_model(d, dtype)
-        return Workload(autograd_passes(forward, [query, key, value]), flops=flops, bytes=nbytes, note=note)
 
-    return Provider("sdpa", make, kind="peer")
+        def forward():
+            if backend is None:
+                return F.scaled_dot_product_attention(query, key, value, scale=SCALE)
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                return F.scaled_dot_product_attention(query, key, value, scale=SCALE)
+
+        if backend is not None:
+            try:  # a forced backend that does not accept the case raises (and warns why) on its first call
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    forward().sum().backward()
+            except RuntimeError as exc:
+                raise Unsupported(f"SDPA {backend.lower()} rejects this case") from exc
+        flops, nbytes = cost_model(d, dtype)
+        return Workload(autograd_passes(forward, [query, key, value]), flops=flops, bytes=nbytes)
+
+    return Provider("sdpa" if backend is None else f"sdpa_{backend.lower().removesuffix('_attention')}", make,
+                    kind="peer")
 
 
 def _gemm_only_provider() -> Provider:
@@ -166,11 +150,12 @@ def _gemm_only_provider() -> Provider:
 
 
 def providers(device: str) -> list:
-    backends = [_backend_provider(name) for name in utils.registered_backends(device)]
-    return backends + [_sdpa_provider(), _gemm_only_provider()]
+    backends = [_backend_provider(name) for name in registered_backends(device)]
+    sdpa = [_sdpa_provider(None)] if device == "cpu" else [_sdpa_provider(name) for name in SDPA_BACKENDS]
+    return backends + sdpa + [_gemm_only_provider()]
 
 
-BENCH = OpBench("short_attention", SHAPES, dtypes=("float32", "bfloat16"), providers=providers, id_dims=("B", "N"))
+BENCH = OpBench("short_attention", SHAPES, dtypes=("float32", "bfloat16"), providers=providers)
 
 
 def test_short_attention(bench_case):

@@ -20,6 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import annkernels  # noqa: E402
 
+# The accuracy rule, shared with the GPU machine's large-shape check.
+from tools.oracle import assert_within_reference_error  # noqa: E402, F401
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -87,16 +90,3 @@ def seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
-
-
-def assert_within_reference_error(actual, low_precision_reference, oracle, name, factor=2.0):
-    """Low-precision rule (as flash-attention tests): the kernel's max error against the float64 oracle is at
-    most `factor` times the error of the reference computed in the same low precision (plus one ulp of the
-    output's scale, for outputs where the reference happens to be exact)."""
-    oracle = oracle.detach().double().cpu()
-    kernel_error = (actual.detach().double().cpu() - oracle).abs().max().item()
-    reference_error = (low_precision_reference.detach().double().cpu() - oracle).abs().max().item()
-    ulp = torch.finfo(actual.dtype).eps * oracle.abs().max().item()
-    assert kernel_error <= factor * reference_error + ulp, (
-        f"{name}: max error {kernel_error:.3g} exceeds {factor} x the reference's {reference_error:.3g} "
-        f"(+ {ulp:.3g}) in {actual.dtype}")

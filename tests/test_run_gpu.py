@@ -1,4 +1,4 @@
-"""The GPU machine's one command (bench/run_gpu.py) and its parts, proven here on their CPU stand-ins.
+"""The GPU machine's one command (tools/gpu/run_gpu.py) and its parts, proven here on their CPU stand-ins.
 
 The dry run is the whole script on CPU: it must leave exactly the 8 files the machine hands back, report
 a step that ran out of time as such, and still run the steps after it.
@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 import torch
 
-from bench import large_shapes, run_gpu, step_deadline
+from tools.gpu import large_shapes, run_gpu, step_deadline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("device_out")
     # cuda-tests gets half a second: pytest cannot even import torch in that time, so the step is killed.
-    done = subprocess.run([sys.executable, "bench/run_gpu.py", "--dry-run", "--out", str(out),
+    done = subprocess.run([sys.executable, "tools/gpu/run_gpu.py", "--dry-run", "--out", str(out),
                            "--budget", "cuda-tests=0.5"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     return out, done
@@ -75,22 +75,22 @@ def test_dry_run_bench_files_come_from_this_run(dry_run):
     import json
 
     document = json.loads((out / "bench.json").read_text())
-    assert document["env"]["device_type"] == "cpu" and document["config"]["no_plots"]
+    assert document["env"]["device_type"] == "cpu" and not document["config"]["plots"]
     assert {row["op"] for row in document["rows"]} == {"pyramid_pool"}
-    assert document["run_id"] in (out / "bench.md").read_text()
+    assert document["env"]["date_utc"] in (out / "bench.md").read_text()
 
 
 def test_step_deadline_skips_tests_not_started_in_time(tmp_path):
     (tmp_path / "test_three.py").write_text("def test_a():\n    pass\n\n\ndef test_b():\n    pass\n")
     junit = tmp_path / "junit.xml"
     env = {**os.environ, step_deadline.DEADLINE_ENV: "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "bench.step_deadline", "-p", "no:cacheprovider",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "tools.gpu.step_deadline", "-p", "no:cacheprovider",
                            "-q", f"--junitxml={junit}", "test_three.py"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "2 skipped" in done.stdout, done.stdout
     assert run_gpu.describe_junit(junit) == "2 skipped (2 not run: time limit)"
     env.pop(step_deadline.DEADLINE_ENV)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "bench.step_deadline", "-p", "no:cacheprovider",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "tools.gpu.step_deadline", "-p", "no:cacheprovider",
                            "-q", "test_three.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert "2 passed" in done.stdout, done.stdout
 

@@ -1,7 +1,7 @@
 """One command on a lent GPU machine: build, test, check large shapes and time the kernels, in 530 s.
 
-    python3 bench/run_gpu.py                          # on the GPU machine, from the repository root; into $OUT
-    python3 bench/run_gpu.py --dry-run --out DIR      # the same steps on their CPU stand-ins, anywhere
+    python3 tools/gpu/run_gpu.py                          # on the GPU machine, from the repository root; into $OUT
+    python3 tools/gpu/run_gpu.py --dry-run --out DIR      # the same steps on their CPU stand-ins, anywhere
 
 The GPU machine this is written for: Python 3.12 as `python3`, torch 2.11 (CUDA 13.0), triton 3.6, nvcc 13.0,
 ninja, pytest with pytest-timeout, pytest-xdist and pytest-benchmark, 16 cores, no network; one command may
@@ -41,7 +41,7 @@ import xml.etree.ElementTree as ElementTree
 from importlib.util import find_spec
 from typing import Callable
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
 SUMMARY = "summary.md"
@@ -49,7 +49,7 @@ OUTPUT_FILES = (SUMMARY, "build.log", "tests-cuda.log", "tests-cuda.xml", "tests
                 "bench.json", "bench.md")
 TOTAL_S = 530  # under the 540 s target with a last step stopped late (2 x KILL_GRACE_S)
 KILL_GRACE_S = 3
-# Tests that have not started this long before their step's limit are skipped (bench/step_deadline.py), so
+# Tests that have not started this long before their step's limit are skipped (tools/gpu/step_deadline.py), so
 # pytest still writes its JUnit file and durations.
 SOFT_STOP_S = 15
 STEP_DEADLINE_ENV = "ANNKERNELS_STEP_DEADLINE"
@@ -88,7 +88,7 @@ class Outcome:
 def _pytest(selection: list, workers: int, per_test_s: int, junit: pathlib.Path) -> list:
     """pytest argv for one test step: per-test timeouts, failures and errors listed, durations, JUnit."""
     argv = [PYTHON, "-m", "pytest", *selection, "-v", "-rfE", "--durations=25", f"--junitxml={junit}",
-            "-p", "no:cacheprovider", "-p", "bench.step_deadline"]
+            "-p", "no:cacheprovider", "-p", "tools.gpu.step_deadline"]
     if find_spec("pytest_timeout") is not None:
         # thread: also stops a test stuck in a CUDA call, which a signal could not interrupt.
         argv += [f"--timeout={per_test_s}", "--timeout-method=thread"]
@@ -116,13 +116,13 @@ def plan(out: pathlib.Path, dry_run: bool) -> list:
     install = [PYTHON, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."]
     if dry_run:
         install.append("--dry-run")  # what pip and setup.py decide, without replacing the extension in use
-    native = [PYTHON, "bench/preflight.py", "--native"]
+    native = [PYTHON, "-m", "tools.gpu.preflight", "--native"]
     if dry_run:  # two shared cores: small selections, no pytest-xdist workers
         cuda_tests = cuda_stand_in()
         triton_tests = ["tests/test_pyramid_pool.py", "-k", "cpu-triton and strided"]
         large = ["--device", "cpu", "--backends", "cpu", "--sizes", "391", "--batches", "1",
                  "--dtypes", "float32,bfloat16"]
-        bench = ["--device", "cpu", "--ops", "pyramid_pool", "--shapes", "small_kv", "--backends", "cpu"]
+        bench = ["--device", "cpu", "--ops", "pyramid_pool", "--shapes", "small_kv", "--providers", "cpu"]
         cuda_workers = triton_workers = 0
     else:
         cuda_tests = ["tests", "-m", "cuda", "-k", "not triton"]
@@ -130,7 +130,7 @@ def plan(out: pathlib.Path, dry_run: bool) -> list:
         large = []
         bench = ["--device", "cuda", "--ops", "short_attention,pyramid_pool,apnb",
                  "--shapes", "train,crop769,infer,train_kv,crop769_kv,infer_kv",
-                 "--backends", "cuda,triton,sdpa,gemm_only"]
+                 "--providers", "cuda,triton,composite,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_math,gemm_only"]
         # Triton's compiles are CPU work: 8 workers on the machine's 16 cores.
         cuda_workers, triton_workers = 4, 8
 
@@ -143,7 +143,7 @@ def plan(out: pathlib.Path, dry_run: bool) -> list:
         return lambda folder, output: describe_junit(folder / junit)
 
     return [
-        Step("preflight", 15, lambda limit_s: [[PYTHON, "bench/preflight.py"]], _line_starting("gpu:")),
+        Step("preflight", 15, lambda limit_s: [[PYTHON, "-m", "tools.gpu.preflight"]], _line_starting("gpu:")),
         Step("build", 90, lambda limit_s: [install, native], _line_starting("annkernels native kernels:"),
              log="build.log", summary_tail=25, env={"TORCH_CUDA_ARCH_LIST": "9.0a", "MAX_JOBS": "16", **NO_NETWORK_PIP},
              stand_in="pip install --dry-run (no compile)"),
@@ -154,7 +154,7 @@ def plan(out: pathlib.Path, dry_run: bool) -> list:
              lambda limit_s: [_pytest(triton_tests, triton_workers, 120, out / "tests-triton.xml")],
              tests_result("tests-triton.xml"), log="tests-triton.log", summary_tail=40, junit="tests-triton.xml",
              env=TEST_ENV, stand_in="the Triton interpreter: " + shlex.join(triton_tests)),
-        Step("large-shapes", 30, lambda limit_s: [[PYTHON, "bench/large_shapes.py", *large]],
+        Step("large-shapes", 30, lambda limit_s: [[PYTHON, "-m", "tools.gpu.large_shapes", *large]],
              _line_starting("large shapes:"), env=TEST_ENV, stand_in="CPU backend: " + shlex.join(large)),
         Step("bench", 115, bench_commands, lambda folder, output: describe_bench(folder / "bench.json"),
              summary_tail=25, files=("bench.json", "bench.md"), env={"TQDM_DISABLE": "1"},
@@ -232,7 +232,7 @@ def write_junit_stub(path: pathlib.Path, step: str, reason: str) -> None:
     """A JUnit file with one errored case, for a pytest that was killed before it could write its own."""
     suites = ElementTree.Element("testsuites")
     suite = ElementTree.SubElement(suites, "testsuite", name=step, tests="1", errors="1", failures="0", skipped="0")
-    case = ElementTree.SubElement(suite, "testcase", classname="bench.run_gpu", name=step)
+    case = ElementTree.SubElement(suite, "testcase", classname="tools.gpu.run_gpu", name=step)
     ElementTree.SubElement(case, "error", message=reason)
     ElementTree.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
 

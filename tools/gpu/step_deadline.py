@@ -1,6 +1,6 @@
-"""pytest plugin (`-p bench.step_deadline`): stop starting tests once a timed step's time is spent.
+"""pytest plugin (`-p tools.gpu.step_deadline`): stop starting tests once a timed step's time is spent.
 
-bench/run_gpu.py gives each pytest step a hard time limit. A run killed at that limit loses its JUnit
+tools/gpu/run_gpu.py gives each pytest step a hard time limit. A run killed at that limit loses its JUnit
 file and its durations, so the step also passes a softer deadline, the Unix time in
 ANNKERNELS_STEP_DEADLINE: tests that have not started by then are skipped with NOT_RUN as the reason,
 and the run ends normally, listing them.

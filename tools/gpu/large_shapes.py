@@ -1,19 +1,19 @@
 """Correctness and determinism of the kernels at the sizes real runs use, against a float64 oracle.
 
-    python3 bench/large_shapes.py                                   # cuda and triton on the GPU
-    python3 bench/large_shapes.py --device cpu --backends cpu --sizes 577
+    python3 -m tools.gpu.large_shapes                                   # cuda and triton on the GPU
+    python3 -m tools.gpu.large_shapes --device cpu --backends cpu --sizes 577
 
 short_attention at B = 1 and 2, N = 8192 (512x1024 crops), 9409 (769x769 crops) and 32768 (1024x2048
 inference), S = 110, Dk = Dv = 256, with channel-first query, key and value as the APNB block passes them;
 then pyramid_pool on the 512-channel K+V maps of the same runs. For every backend, dtype and size:
-  * the output and every gradient are compared with the reference backend run in float64, by relative
-    norm error; the limit is twice the error of the reference backend run in the same dtype, plus half
-    the dtype's epsilon (the reference's error is the yardstick of what that dtype allows);
+  * the output and every gradient are compared with the reference backend run in float64, by the tests'
+    own rule (tools/oracle.py): the largest error at most twice that of the reference backend run in the
+    same dtype, plus one ulp of the output's scale;
   * the kernel runs with torch.use_deterministic_algorithms(True), which fills fresh memory with NaN,
     so an output element it does not write fails the check;
   * the forward twice and the backward twice must give bitwise equal results.
 One line per case is printed as it finishes. Cases not started by the Unix time in
-ANNKERNELS_STEP_DEADLINE (set by bench/run_gpu.py) are counted as not run. Exit status: 1 if any case
+ANNKERNELS_STEP_DEADLINE (set by tools/gpu/run_gpu.py) are counted as not run. Exit status: 1 if any case
 failed, else 2 if some were not run, else 0.
 """
 
@@ -28,6 +28,7 @@ import time
 import torch
 
 import annkernels
+from tools import oracle
 
 DEADLINE_ENV = "ANNKERNELS_STEP_DEADLINE"
 KEYS, KEY_DIM, VALUE_DIM = 110, 256, 256
@@ -58,11 +59,6 @@ class Result:
         return f"{verdict} {self.name}: " + "  ".join(parts) + f"  deterministic={deterministic}"
 
 
-def relative_error(actual: torch.Tensor, oracle: torch.Tensor) -> float:
-    difference = actual.detach().double() - oracle.detach().double()
-    return (difference.norm() / oracle.detach().double().norm().clamp_min(1e-300)).item()
-
-
 def _forward_and_grads(fn, inputs: list) -> list:
     """[output, d input_0, d input_1, ...] of ``fn(*inputs)``, with one output gradient for every dtype:
     a seeded float64 draw, rounded to the output's dtype."""
@@ -75,7 +71,7 @@ def _forward_and_grads(fn, inputs: list) -> list:
 
 def check(name: str, fn, reference_fn, inputs: list, names: list) -> Result:
     """Kernel ``fn`` against ``reference_fn`` in float64 and in the inputs' dtype, and against itself."""
-    oracle = _forward_and_grads(reference_fn, [tensor.double() for tensor in inputs])
+    exact = _forward_and_grads(reference_fn, [tensor.double() for tensor in inputs])
     same_dtype = _forward_and_grads(reference_fn, inputs)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # fresh memory comes back NaN-filled: unwritten outputs show
@@ -84,12 +80,11 @@ def check(name: str, fn, reference_fn, inputs: list, names: list) -> Result:
         second = _forward_and_grads(fn, inputs)
     finally:
         torch.use_deterministic_algorithms(previous)
-    half_eps = torch.finfo(inputs[0].dtype).eps / 2
     errors = {}
-    for key, kernel, low, exact in zip(names, first, same_dtype, oracle, strict=True):
+    for key, kernel, low, wanted in zip(names, first, same_dtype, exact, strict=True):
         if torch.isnan(kernel).any():
             return Result(name, errors, False, f"{key} has {int(torch.isnan(kernel).sum())} NaN elements (unwritten?)")
-        errors[key] = (relative_error(kernel, exact), 2 * relative_error(low, exact) + half_eps)
+        errors[key] = oracle.error_and_limit(kernel, low, wanted)
     deterministic = all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     return Result(name, errors, deterministic)
 

@@ -1,7 +1,7 @@
 """What this machine offers the build and the GPU checks, one "name: value" line each.
 
-    python3 bench/preflight.py            # toolchain, GPU, test plugins, annkernels' native kernels
-    python3 bench/preflight.py --native   # only whether annkernels' native kernels load
+    python3 -m tools.gpu.preflight            # toolchain, GPU, test plugins, annkernels' native kernels
+    python3 -m tools.gpu.preflight --native   # only whether annkernels' native kernels load
 
 Each probe is guarded: one that fails prints its error and the rest still run. The native-kernel line
 gives the import error when annkernels._C does not load.

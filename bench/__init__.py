@@ -1,1 +1,0 @@
-"""Benchmarks for annkernels: per-op scripts (pytest-benchmark) and the comparison runner (compare.py)."""
