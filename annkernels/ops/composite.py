@@ -1,0 +1,116 @@
+"""The "composite" backend: both ops written as GEMMs and a softmax from PyTorch's own kernels.
+
+It runs wherever PyTorch does (CPU and CUDA tensors), is correct on a GPU because cuBLAS and PyTorch's
+softmax are, and is what ``backend="auto"`` gives a CUDA tensor until a kernel of ours is verified on one.
+Every backward is a fixed sequence of GEMMs and row-wise ops: no atomics, the same bits on every run on the
+same device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from annkernels.ops._common import is_channel_first
+from annkernels.ops.reference import bin_membership
+
+# ------------------------------------------------------------------------------------------------ pyramid_pool
+#
+# Adaptive average pooling at scale s is separable: bin (i, j) averages rows [r0, r1) and columns [c0, c1), so
+# pool_s(X) = A_s X B_s^T with A_s [s, H] and B_s [s, W] holding 1/(r1 - r0) and 1/(c1 - c0) on each bin.
+# Stacking the scales gives rows [K, H] and cols [K, W], K = sum(scales) (18 for ANN's (1, 3, 6, 8)), and
+# rows X cols^T [K, K] holds every scale's s x s block on its diagonal. Two GEMMs with inner sizes W and H
+# cost 2 K H W multiply-adds per channel, against 2 S H W for the [H*W, S] matrix of reference.pooling_matrix
+# (S = 110): 6x fewer FLOPs, and the intermediates (X cols^T is K/W of X) are a fraction of X.
+
+
+@functools.lru_cache(maxsize=32)
+def _axis_matrices(height: int, width: int, scales: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [K, H], cols [K, W]): per-axis bin averages of every scale, stacked."""
+
+    def averaging(size: int) -> torch.Tensor:
+        membership = torch.cat([bin_membership(size, s) for s in scales], 0)  # float64 [K, size]
+        return (membership / membership.sum(1, keepdim=True)).to(dtype=dtype, device=device)
+
+    return averaging(height), averaging(width)
+
+
+def _diagonal_blocks(scales: list[int]):
+    """(offset in the K x K product, offset in the S outputs, s) for every scale."""
+    block, column = 0, 0
+    for s in scales:
+        yield block, column, s
+        block += s
+        column += s * s
+
+
+def pyramid_pool_forward(x: torch.Tensor, scales: list[int]) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    rows, cols = _axis_matrices(height, width, tuple(scales), x.dtype, x.device)
+    k = rows.shape[0]
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        # [B, H, W*C] rows: contract H with one GEMM per image, then W; channels stay innermost, no copy of x.
+        by_row = torch.matmul(rows, x.permute(0, 2, 3, 1).reshape(batch, height, width * channels))  # [B, K, W*C]
+        pooled = torch.matmul(cols, by_row.view(batch * k, width, channels)).view(batch, k, k, channels)
+        blocks = [pooled[:, r:r + s, r:r + s].reshape(batch, s * s, channels)
+                  for r, _, s in _diagonal_blocks(scales)]
+        return torch.cat(blocks, 1).transpose(1, 2).contiguous()
+    # [B*C*H, W] rows: contract W with one GEMM over every row of every channel, then H per channel.
+    by_column = torch.matmul(x.contiguous().view(-1, width), cols.t()).view(batch * channels, height, k)
+    pooled = torch.matmul(rows, by_column)  # [B*C, K, K]
+    blocks = [pooled[:, r:r + s, r:r + s].reshape(batch * channels, s * s) for r, _, s in _diagonal_blocks(scales)]
+    return torch.cat(blocks, 1).view(batch, channels, -1)
+
+
+def pyramid_pool_backward(grad_output: torch.Tensor, scales: list[int], height: int, width: int) -> torch.Tensor:
+    """rows^T G cols per channel, G the [K, K] block-diagonal gradient: the transposed forward, one pass."""
+    batch, channels, _ = grad_output.shape
+    rows, cols = _axis_matrices(height, width, tuple(scales), grad_output.dtype, grad_output.device)
+    k = rows.shape[0]
+    grad_pooled = grad_output.new_zeros(batch * channels, k, k)
+    for r, c, s in _diagonal_blocks(scales):
+        grad_pooled[:, r:r + s, r:r + s] = grad_output[:, :, c:c + s * s].reshape(batch * channels, s, s)
+    grad_by_column = torch.matmul(grad_pooled.view(-1, k), cols).view(batch * channels, k, width)  # [B*C, K, W]
+    return torch.matmul(rows.t(), grad_by_column).view(batch, channels, height, width)
+
+
+# --------------------------------------------------------------------------------------------- short_attention
+#
+# scores = scale * Q K^T (the scale is the GEMM's alpha, not a pass over the scores), P = softmax(scores),
+# out = P V. P is the state kept for the backward: at ANN's S = 110 it is smaller than Q (Dk = 256).
+# PyTorch's softmax keeps its row max and sum in fp32 for fp16 and bf16 inputs.
+
+
+def _product_like(like: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """alpha * a @ b [B, m, n], laid out as ``like`` (empty_like_layout's rule): a channel-first ``like`` gets
+    the transposed product (b^T a^T)^T, written straight into its [B, n, m] buffer."""
+    if is_channel_first(like):
+        a, b = b.transpose(1, 2), a.transpose(1, 2)
+    if alpha == 1.0:
+        product = torch.bmm(a, b)
+    else:
+        # beta = 0: the broadcast zero is never read, and alpha scales inside the GEMM.
+        product = torch.baddbmm(a.new_zeros(()), a, b, beta=0.0, alpha=alpha)
+    return product.transpose(1, 2) if is_channel_first(like) else product
+
+
+def short_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.baddbmm(query.new_zeros(()), query, key.transpose(1, 2), beta=0.0, alpha=scale)  # [B, N, S]
+    probs = torch.softmax(scores, dim=-1)
+    del scores
+    return _product_like(query, probs, value), probs
+
+
+def short_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             out: torch.Tensor, probs: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_value = _product_like(value, probs.transpose(1, 2), grad_out)  # P^T dO [B, S, Dv]
+    grad_probs = torch.bmm(grad_out, value.transpose(1, 2))  # dO V^T [B, N, S]
+    grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)  # P * (dP - rowsum(dP * P))
+    del grad_probs
+    grad_query = _product_like(query, grad_scores, key, alpha=scale)  # scale dS K [B, N, Dk]
+    grad_key = _product_like(key, grad_scores.transpose(1, 2), query, alpha=scale)  # scale dS^T Q [B, S, Dk]
+    return grad_query, grad_key, grad_value
