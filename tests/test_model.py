@@ -320,14 +320,14 @@ def test_loss_edge_cases():
 
 # ---------------------------------------------------------------- backends, compile, layouts, dtypes
 
-@pytest.mark.skipif("cpu" not in annkernels.available_backends("cpu"), reason="annkernels C++ extension not built")
-def test_cpu_backend_matches_reference_on_whole_model(r18):
+@pytest.mark.parametrize("backend", [name for name in ("cpu", "composite") if name in annkernels.available_backends("cpu")])
+def test_backend_matches_reference_on_whole_model(r18, backend):
     reference = copy.deepcopy(r18)
     native = copy.deepcopy(r18)
-    for model, backend in ((reference, "reference"), (native, "cpu")):
+    for model, model_backend in ((reference, "reference"), (native, backend)):
         for module in model.modules():
             if hasattr(module, "backend"):
-                module.backend = backend
+                module.backend = model_backend
     images = torch.randn(2, 3, 27, 21)  # 4 x 3 maps at 1/8: S = 110 keys exceed the 12 positions
     with torch.no_grad():
         assert_close(native(images), reference(images), 1e-4, 1e-4, "eval logits")

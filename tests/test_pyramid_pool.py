@@ -104,7 +104,8 @@ def test_pooling_matrix_equals_reference():
     assert_close(x.flatten(2) @ matrix, _expected(x, (1, 3, 6, 8)), atol=1e-12, rtol=1e-12, name="matmul pooling")
 
 
-@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if "cpu" in annkernels.available_backends() else []))
+@pytest.mark.parametrize("backend", ["reference", "composite"] +
+                         (["cpu"] if "cpu" in annkernels.available_backends() else []))
 @pytest.mark.parametrize(
     "make_input, scales, error, match",
     [
