@@ -1,7 +1,7 @@
 """Backend selection: the one place that decides which implementation runs an op.
 
 Backends:
-  "auto"       C++ kernels for CPU tensors; for CUDA tensors a GPU kernel verified on a GPU, else "composite".
+  "auto"       C++ kernels for CPU tensors; for CUDA tensors a GPU kernel verified on a GPU; else "composite".
   "cpu"        C++/OpenMP kernels (annkernels._C), CPU tensors only.
   "cuda"       hand-written CUDA kernels (annkernels._C built with CUDA), CUDA tensors only.
   "triton"     Triton kernels, CUDA tensors (or any tensor under TRITON_INTERPRET=1).
@@ -154,8 +154,8 @@ def resolve(backend: str | None, device: torch.device) -> str:
         if NATIVE_CPU:
             return "cpu"
         _warn_once("auto-cpu", "annkernels: the C++ extension is not available "
-                   f"({NATIVE_IMPORT_ERROR}); falling back to the reference PyTorch path")
-        return "reference"
+                   f"({NATIVE_IMPORT_ERROR}); falling back to the composite PyTorch path")
+        return "composite"
     if device.type == "cuda":
         for gpu_backend in ("cuda", "triton"):
             if gpu_backend in GPU_VERIFIED and _why_unusable(gpu_backend, device) is None:

@@ -75,6 +75,15 @@ def test_auto_gives_cuda_tensors_to_composite_until_a_kernel_is_verified(monkeyp
     assert _backend.resolve("auto", torch.device("meta")) == "composite"  # a verified kernel is for CUDA tensors
 
 
+def test_auto_without_the_extension_falls_back_to_composite_with_one_warning(monkeypatch):
+    from annkernels import _backend
+
+    monkeypatch.setattr(_backend, "NATIVE_CPU", False)
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(UserWarning, match="C\\+\\+ extension is not available.*composite"):
+        assert _backend.resolve("auto", torch.device("cpu")) == "composite"
+
+
 def test_composite_runs_on_every_device():
     for device in ("cpu", "cuda", "meta"):
         assert "composite" in annkernels.available_backends(device)

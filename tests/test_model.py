@@ -320,7 +320,8 @@ def test_loss_edge_cases():
 
 # ---------------------------------------------------------------- backends, compile, layouts, dtypes
 
-@pytest.mark.parametrize("backend", [name for name in ("cpu", "composite") if name in annkernels.available_backends("cpu")])
+@pytest.mark.parametrize("backend", [name for name in ("cpu", "composite")
+                                     if name in annkernels.available_backends("cpu")])
 def test_backend_matches_reference_on_whole_model(r18, backend):
     reference = copy.deepcopy(r18)
     native = copy.deepcopy(r18)

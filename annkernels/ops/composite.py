@@ -57,11 +57,10 @@ def pyramid_pool_forward(x: torch.Tensor, scales: list[int]) -> torch.Tensor:
     rows, cols = _axis_matrices(height, width, tuple(scales), x.dtype, x.device)
     k = rows.shape[0]
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        # [B, H, W*C] rows: contract H with one GEMM per image, then W; channels stay innermost, no copy of x.
-        by_row = _left_multiply(rows, x.permute(0, 2, 3, 1).reshape(batch, height, width * channels))  # [B, K, W*C]
-        pooled = _left_multiply(cols, by_row.view(batch * k, width, channels)).view(batch, k, k, channels)
-        blocks = [pooled[:, r:r + s, r:r + s].reshape(batch, s * s, channels)
-                  for r, _, s in _diagonal_blocks(scales)]
+        # [B*H, W, C] images of rows: contract W per row, then H per image; channels stay innermost, no copy.
+        by_column = _left_multiply(cols, x.permute(0, 2, 3, 1).reshape(batch * height, width, channels))
+        pooled = _left_multiply(rows, by_column.view(batch, height, k * channels)).view(batch, k, k, channels)
+        blocks = [pooled[:, r:r + s, r:r + s].reshape(batch, s * s, channels) for r, _, s in _diagonal_blocks(scales)]
         return torch.cat(blocks, 1).transpose(1, 2).contiguous()
     # [B*C*H, W] rows: contract W with one GEMM over every row of every channel, then H per channel.
     by_column = torch.matmul(x.contiguous().view(-1, width), cols.t()).view(batch * channels, height, k)
@@ -71,15 +70,16 @@ def pyramid_pool_forward(x: torch.Tensor, scales: list[int]) -> torch.Tensor:
 
 
 def pyramid_pool_backward(grad_output: torch.Tensor, scales: list[int], height: int, width: int) -> torch.Tensor:
-    """rows^T G cols per channel, G the [K, K] block-diagonal gradient: the transposed forward, one pass."""
+    """rows^T G cols per channel, G the [K, K] block-diagonal gradient: the forward's GEMMs transposed, in
+    reverse order, so the intermediate is the small [B*C, H, K] and the last GEMM writes the gradient once."""
     batch, channels, _ = grad_output.shape
     rows, cols = _axis_matrices(height, width, tuple(scales), grad_output.dtype, grad_output.device)
     k = rows.shape[0]
     grad_pooled = grad_output.new_zeros(batch * channels, k, k)
     for r, c, s in _diagonal_blocks(scales):
         grad_pooled[:, r:r + s, r:r + s] = grad_output[:, :, c:c + s * s].reshape(batch * channels, s, s)
-    grad_by_column = torch.matmul(grad_pooled.view(-1, k), cols).view(batch * channels, k, width)  # [B*C, K, W]
-    return _left_multiply(rows.t(), grad_by_column).view(batch, channels, height, width)
+    grad_by_column = _left_multiply(rows.t(), grad_pooled)  # [B*C, H, K]
+    return torch.mm(grad_by_column.view(-1, k), cols).view(batch, channels, height, width)
 
 
 # --------------------------------------------------------------------------------------------- short_attention
@@ -87,6 +87,10 @@ def pyramid_pool_backward(grad_output: torch.Tensor, scales: list[int], height: 
 # scores = scale * Q K^T (the scale is the GEMM's alpha, not a pass over the scores), P = softmax(scores),
 # out = P V. P is the state kept for the backward: at ANN's S = 110 it is smaller than Q (Dk = 256).
 # PyTorch's softmax keeps its row max and sum in fp32 for fp16 and bf16 inputs.
+# Under no_grad the path stays the same: F.scaled_dot_product_attention measured slower on the CPU at ANN's
+# shape (B=2, N=8192, S=110, Dk=Dv=256, fp32, 2 threads: 255 ms against 168 ms) and is unmeasured on a GPU.
+
+ATTENTION_PATH = "baddbmm(alpha=scale) -> softmax -> bmm"  # named in bench rows
 
 
 def _product_like(like: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

@@ -21,8 +21,9 @@ def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """Fused attention of many queries over a few keys.
 
     Args:
-        query: [B, N, Dk]; N may be 0 (an empty output, and empty or zero gradients). The channel-first view ``x.flatten(2).transpose(1, 2)`` of a [B, Dk, H, W]
-            map is taken as it is, without a copy.
+        query: [B, N, Dk]; N may be 0 (an empty output, an empty query gradient, zero key and value
+            gradients). The channel-first view ``x.flatten(2).transpose(1, 2)`` of a [B, Dk, H, W] map is
+            taken as it is, without a copy.
         key: [B, S, Dk].
         value: [B, S, Dv]. S, Dk and Dv need not be powers of two.
         scale: multiplies the scores before the softmax; default Dk ** -0.5.
