@@ -87,8 +87,12 @@ def pyramid_pool_backward(grad_output: torch.Tensor, scales: list[int], height: 
 # scores = scale * Q K^T (the scale is the GEMM's alpha, not a pass over the scores), P = softmax(scores),
 # out = P V. P is the state kept for the backward: at ANN's S = 110 it is smaller than Q (Dk = 256).
 # PyTorch's softmax keeps its row max and sum in fp32 for fp16 and bf16 inputs.
+# A channel-first query (the [B, Dk, N] buffer of a conv output) turns the problem around: scores^T = K Q^T
+# [B, S, N], the softmax over dim 1, out^T = V^T P^T. Every GEMM then reads and writes row-major [.., N]
+# buffers (a GEMM with both operands column-major ran 1.7x slower on the CPU), P takes the query's layout like
+# the output, and nothing is copied.
 # Under no_grad the path stays the same: F.scaled_dot_product_attention measured slower on the CPU at ANN's
-# shape (B=2, N=8192, S=110, Dk=Dv=256, fp32, 2 threads: 255 ms against 168 ms) and is unmeasured on a GPU.
+# shape (B=2, N=8192, S=110, Dk=Dv=256, fp32: 62 ms against 42 ms of one thread) and is unmeasured on a GPU.
 
 ATTENTION_PATH = "baddbmm(alpha=scale) -> softmax -> bmm"  # named in bench rows
 
@@ -97,30 +101,38 @@ def _product_like(like: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: f
     """alpha * a @ b [B, m, n], laid out as ``like`` (empty_like_layout's rule): a channel-first ``like`` gets
     the transposed product (b^T a^T)^T, written straight into its [B, n, m] buffer."""
     if is_channel_first(like):
-        a, b = b.transpose(1, 2), a.transpose(1, 2)
+        return _scaled_bmm(b.transpose(1, 2), a.transpose(1, 2), alpha).transpose(1, 2)
+    return _scaled_bmm(a, b, alpha)
+
+
+def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     if alpha == 1.0:
-        product = torch.bmm(a, b)
-    else:
-        # beta = 0: the broadcast zero is never read, and alpha scales inside the GEMM.
-        product = torch.baddbmm(a.new_zeros(()), a, b, beta=0.0, alpha=alpha)
-    return product.transpose(1, 2) if is_channel_first(like) else product
+        return torch.bmm(a, b)
+    # beta = 0: the broadcast zero is never read, and alpha scales inside the GEMM.
+    return torch.baddbmm(a.new_zeros(()), a, b, beta=0.0, alpha=alpha)
 
 
 def short_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = torch.baddbmm(query.new_zeros(()), query, key.transpose(1, 2), beta=0.0, alpha=scale)  # [B, N, S]
-    probs = torch.softmax(scores, dim=-1)
-    del scores
-    return _product_like(query, probs, value), probs
+    if is_channel_first(query):
+        probs_t = torch.softmax(_scaled_bmm(key, query.transpose(1, 2), scale), dim=1)  # [B, S, N]
+        return torch.bmm(value.transpose(1, 2), probs_t).transpose(1, 2), probs_t.transpose(1, 2)
+    probs = torch.softmax(_scaled_bmm(query, key.transpose(1, 2), scale), dim=-1)  # [B, N, S]
+    return torch.bmm(probs, value), probs
 
 
 def short_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              out: torch.Tensor, probs: torch.Tensor,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_value = _product_like(value, probs.transpose(1, 2), grad_out)  # P^T dO [B, S, Dv]
-    grad_probs = torch.bmm(grad_out, value.transpose(1, 2))  # dO V^T [B, N, S]
-    grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)  # P * (dP - rowsum(dP * P))
-    del grad_probs
+    # dS = P * (dP - rowsum(dP * P)) with dP = dO V^T, computed in P's layout.
+    if is_channel_first(query):
+        probs_t = probs.transpose(1, 2)  # [B, S, N], contiguous
+        grad_probs_t = torch.bmm(value, grad_out.transpose(1, 2))
+        grad_scores = torch._softmax_backward_data(grad_probs_t, probs_t, 1, probs.dtype).transpose(1, 2)
+    else:
+        grad_probs = torch.bmm(grad_out, value.transpose(1, 2))
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
     grad_query = _product_like(query, grad_scores, key, alpha=scale)  # scale dS K [B, N, Dk]
     grad_key = _product_like(key, grad_scores.transpose(1, 2), query, alpha=scale)  # scale dS^T Q [B, S, Dk]
     return grad_query, grad_key, grad_value

@@ -71,10 +71,10 @@ _CPU_KEY_ALIGNMENT = torch.ops.annkernels._short_attention_cpu_key_alignment() i
 
 
 def _softmax_state_like(query, key, backend):
-    """The forward's second output (csrc/ops.cpp): P with the key axis padded on the CPU, P itself in the
-    composite formulation, the row log-sum-exp on GPUs."""
+    """The forward's second output (csrc/ops.cpp): P with the key axis padded on the CPU, P in the query's
+    layout in the composite formulation, the row log-sum-exp on GPUs."""
     if backend == "composite":
-        return query.new_empty((query.shape[0], query.shape[1], key.shape[1]))
+        return empty_like_layout(query, query.shape[1], key.shape[1])
     if backend == "cpu":
         dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
         padded_keys = -(-key.shape[1] // _CPU_KEY_ALIGNMENT) * _CPU_KEY_ALIGNMENT
