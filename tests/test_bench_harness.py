@@ -231,10 +231,11 @@ def test_pytest_benchmark_flag_runs_the_bench_and_prints_ratios(tmp_path):
     group = "pyramid_pool[small_kv-B1-C512-H32-W64-fp32-cpu-fwd]"
     assert f"benchmark '{group}'" in done.stdout  # pytest-benchmark's table, one group per competing set
     summary = done.stdout[done.stdout.index("x ref: reference median"):]
-    assert re.search(rf"^{re.escape(group)}\s+cpu \d+(\.\d+)?\s+torch_pool_cat \d", summary, re.MULTILINE), summary
+    assert re.search(rf"^{re.escape(group)}\s+cpu \d+(\.\d+)?\s+composite \d+(\.\d+)?\s+torch_pool_cat \d", summary,
+                     re.MULTILINE), summary
     cases = {bench["name"]: bench for bench in json.loads(saved.read_text())["benchmarks"]}
     assert set(cases) == {f"test_pyramid_pool[{group[13:-1]}-{provider}]"
-                          for provider in ("reference", "cpu", "torch_pool_cat")}
+                          for provider in ("reference", "cpu", "composite", "torch_pool_cat")}
     for bench in cases.values():
         assert bench["group"] == group
         extra = bench["extra_info"]
