@@ -21,8 +21,8 @@ from annkernels.ops.reference import bin_membership
 # pool_s(X) = A_s X B_s^T with A_s [s, H] and B_s [s, W] holding 1/(r1 - r0) and 1/(c1 - c0) on each bin.
 # Stacking the scales gives rows [K, H] and cols [K, W], K = sum(scales) (18 for ANN's (1, 3, 6, 8)), and
 # rows X cols^T [K, K] holds every scale's s x s block on its diagonal. Two GEMMs with inner sizes W and H
-# cost 2 K H W multiply-adds per channel, against 2 S H W for the [H*W, S] matrix of reference.pooling_matrix
-# (S = 110): 6x fewer FLOPs, and the intermediates (X cols^T is K/W of X) are a fraction of X.
+# cost about K H W multiply-adds per channel, against S H W for the [H*W, S] matrix of
+# reference.pooling_matrix (S = 110): 6x fewer, and the intermediate X cols^T is only K/W of X.
 
 
 @functools.lru_cache(maxsize=32)
@@ -47,8 +47,8 @@ def _diagonal_blocks(scales: list[int]):
 
 
 def _left_multiply(matrix: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """matrix @ batch[i] for every i, as one batched GEMM (torch.matmul runs a [m, k] @ [n, k, p] product as
-    n separate GEMMs, 80x slower on the CPU at ANN's shapes)."""
+    """matrix @ batch[i] for every i, as one batched GEMM (torch.matmul of a [m, k] and an [n, k, p] tensor
+    measured 80x slower on the CPU at ANN's shapes)."""
     return torch.bmm(matrix.expand(batch.shape[0], -1, -1), batch)
 
 
@@ -57,13 +57,13 @@ def pyramid_pool_forward(x: torch.Tensor, scales: list[int]) -> torch.Tensor:
     rows, cols = _axis_matrices(height, width, tuple(scales), x.dtype, x.device)
     k = rows.shape[0]
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        # [B*H, W, C] images of rows: contract W per row, then H per image; channels stay innermost, no copy.
+        # [B*H, W, C], one [W, C] matrix per image row: contract W, then H per image; channels stay innermost.
         by_column = _left_multiply(cols, x.permute(0, 2, 3, 1).reshape(batch * height, width, channels))
         pooled = _left_multiply(rows, by_column.view(batch, height, k * channels)).view(batch, k, k, channels)
         blocks = [pooled[:, r:r + s, r:r + s].reshape(batch, s * s, channels) for r, _, s in _diagonal_blocks(scales)]
         return torch.cat(blocks, 1).transpose(1, 2).contiguous()
     # [B*C*H, W] rows: contract W with one GEMM over every row of every channel, then H per channel.
-    by_column = torch.matmul(x.contiguous().view(-1, width), cols.t()).view(batch * channels, height, k)
+    by_column = torch.mm(x.contiguous().view(-1, width), cols.t()).view(batch * channels, height, k)
     pooled = _left_multiply(rows, by_column)  # [B*C, K, K]
     blocks = [pooled[:, r:r + s, r:r + s].reshape(batch * channels, s * s) for r, _, s in _diagonal_blocks(scales)]
     return torch.cat(blocks, 1).view(batch, channels, -1)
@@ -92,9 +92,10 @@ def pyramid_pool_backward(grad_output: torch.Tensor, scales: list[int], height: 
 # buffers (a GEMM with both operands column-major ran 1.7x slower on the CPU), P takes the query's layout like
 # the output, and nothing is copied.
 # Under no_grad the path stays the same: F.scaled_dot_product_attention measured slower on the CPU at ANN's
-# shape (B=2, N=8192, S=110, Dk=Dv=256, fp32: 62 ms against 42 ms of one thread) and is unmeasured on a GPU.
+# shape (B=2, N=8192, S=110, Dk=Dv=256, fp32: 47 ms against 33 ms of one thread's CPU time) and is unmeasured
+# on a GPU.
 
-ATTENTION_PATH = "baddbmm(alpha=scale) -> softmax -> bmm"  # named in bench rows
+ATTENTION_PATH = "baddbmm(alpha=scale) -> softmax -> bmm"  # for bench rows to name the path timed
 
 
 def _product_like(like: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
