@@ -163,6 +163,20 @@ def test_backward_is_bitwise_deterministic(device, backend):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_autocast_keeps_the_inputs_dtype(device, backend):
+    # The fake kernels promise outputs and gradients in the inputs' dtype; torch.compile relies on it.
+    query, key, value = _inputs((2, 33, 10, 16, 8), "channel_first", device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = annkernels.short_attention(query, key, value, backend=backend)
+    assert out.dtype == torch.float32
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (query, key, value), grad)
+    expected = _oracle(query, key, value, grad)
+    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected):
+        assert_close(actual, wanted, name=name, **FLOAT32_TOLERANCE)
+
+
 def _good():
     return torch.randn(2, 10, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 6)
 

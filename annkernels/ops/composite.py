@@ -15,6 +15,19 @@ import torch
 from annkernels.ops._common import is_channel_first
 from annkernels.ops.reference import bin_membership
 
+
+def _autocast_off(function):
+    """Runs ``function`` with autocast off: the op's contract (outputs and gradients in the inputs' dtype, as its
+    fake kernel states) holds inside torch.autocast too, where bmm would otherwise compute in fp16/bf16."""
+
+    @functools.wraps(function)
+    def run(first: torch.Tensor, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return function(first, *args)
+
+    return run
+
+
 # ------------------------------------------------------------------------------------------------ pyramid_pool
 #
 # Adaptive average pooling at scale s is separable: bin (i, j) averages rows [r0, r1) and columns [c0, c1), so
@@ -52,6 +65,7 @@ def _left_multiply(matrix: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     return torch.bmm(matrix.expand(batch.shape[0], -1, -1), batch)
 
 
+@_autocast_off
 def pyramid_pool_forward(x: torch.Tensor, scales: list[int]) -> torch.Tensor:
     batch, channels, height, width = x.shape
     rows, cols = _axis_matrices(height, width, tuple(scales), x.dtype, x.device)
@@ -69,6 +83,7 @@ def pyramid_pool_forward(x: torch.Tensor, scales: list[int]) -> torch.Tensor:
     return torch.cat(blocks, 1).view(batch, channels, -1)
 
 
+@_autocast_off
 def pyramid_pool_backward(grad_output: torch.Tensor, scales: list[int], height: int, width: int) -> torch.Tensor:
     """rows^T G cols per channel, G the [K, K] block-diagonal gradient: the forward's GEMMs transposed, in
     reverse order, so the intermediate is the small [B*C, H, K] and the last GEMM writes the gradient once."""
@@ -113,6 +128,7 @@ def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.baddbmm(a.new_zeros(()), a, b, beta=0.0, alpha=alpha)
 
 
+@_autocast_off
 def short_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     if is_channel_first(query):
@@ -122,6 +138,7 @@ def short_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch
     return torch.bmm(probs, value), probs
 
 
+@_autocast_off
 def short_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              out: torch.Tensor, probs: torch.Tensor,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
