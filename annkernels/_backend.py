@@ -1,10 +1,11 @@
 """Backend selection: the one place that decides which implementation runs an op.
 
 Backends:
-  "auto"       C++ kernels for CPU tensors; GPU kernels for CUDA tensors once verified on a GPU.
+  "auto"       C++ kernels for CPU tensors; for CUDA tensors a GPU kernel verified on a GPU; else "composite".
   "cpu"        C++/OpenMP kernels (annkernels._C), CPU tensors only.
   "cuda"       hand-written CUDA kernels (annkernels._C built with CUDA), CUDA tensors only.
   "triton"     Triton kernels, CUDA tensors (or any tensor under TRITON_INTERPRET=1).
+  "composite"  GEMMs and a softmax from PyTorch's own kernels (annkernels/ops/composite.py), any device.
   "reference"  pure PyTorch, computed the way mmsegmentation computes it.
 """
 
@@ -18,10 +19,10 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+BACKENDS = ("auto", "cpu", "cuda", "triton", "composite", "reference")
 
 # GPU backends that have passed tests/ on real hardware, with where and when. "auto" hands a CUDA
-# tensor only to a backend listed here; an unverified kernel must be asked for by name.
+# tensor only to a backend listed here, else to "composite"; an unverified kernel must be asked for by name.
 GPU_VERIFIED: dict[str, str] = {}
 
 try:
@@ -95,7 +96,7 @@ def use_backend(name: str):
 
 def _why_unusable(name: str, device: torch.device) -> str | None:
     """None if ``name`` can run on ``device``, else a sentence saying what is missing."""
-    if name == "reference":
+    if name in ("composite", "reference"):
         return None
     if name == "cpu":
         if device.type != "cpu":
@@ -121,7 +122,12 @@ def _why_unusable(name: str, device: torch.device) -> str | None:
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """Concrete backends that can run on ``device`` in this installation."""
+    """Concrete backends that can run on ``device`` in this installation.
+
+    Note: ``backend="auto"`` gives CUDA tensors to "composite" (cuBLAS GEMMs and PyTorch's softmax, correct
+    wherever PyTorch is) until a kernel of ours is listed in GPU_VERIFIED, i.e. has passed the tests on a
+    GPU. The hand-written "cuda" and "triton" kernels run only when asked for by name.
+    """
     device = torch.device(device)
     return [name for name in BACKENDS[1:] if _why_unusable(name, device) is None]
 
@@ -148,12 +154,11 @@ def resolve(backend: str | None, device: torch.device) -> str:
         if NATIVE_CPU:
             return "cpu"
         _warn_once("auto-cpu", "annkernels: the C++ extension is not available "
-                   f"({NATIVE_IMPORT_ERROR}); falling back to the reference PyTorch path")
-        return "reference"
-    for gpu_backend in ("cuda", "triton"):
-        if gpu_backend in GPU_VERIFIED and _why_unusable(gpu_backend, device) is None:
-            return gpu_backend
-    _warn_once("auto-gpu", "annkernels: no GPU kernel of this build has been verified on a GPU yet, so "
-               "backend='auto' uses the reference PyTorch path on CUDA tensors; pass backend='cuda' or "
-               "'triton' to run the unverified kernels")
-    return "reference"
+                   f"({NATIVE_IMPORT_ERROR}); falling back to the composite PyTorch path")
+        return "composite"
+    if device.type == "cuda":
+        for gpu_backend in ("cuda", "triton"):
+            if gpu_backend in GPU_VERIFIED and _why_unusable(gpu_backend, device) is None:
+                return gpu_backend
+    # Unverified GPU kernels, and devices we have no kernel for (meta among them): PyTorch's own ops.
+    return "composite"

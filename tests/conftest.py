@@ -11,6 +11,9 @@ import torch
 # so it must be set before annkernels.triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# poisoned_outputs() turns on torch.use_deterministic_algorithms, under which cuBLAS (the composite backend's
+# GEMMs) refuses to run on a GPU unless its workspace is fixed; it must be set before CUDA starts.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 # Correctness tests take the first fitting autotune config instead of timing them all (a JIT compile
 # each); the switch is read by annkernels/triton/common.py.
 os.environ.setdefault("ANNKERNELS_TRITON_AUTOTUNE", "0")

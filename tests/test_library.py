@@ -59,12 +59,34 @@ def test_backend_context_manager_and_setter():
         annkernels.set_backend("fastest")
 
 
-def test_auto_never_picks_an_unverified_gpu_kernel():
-    # A CUDA kernel that has not run on a GPU must be asked for by name.
+def test_auto_gives_cuda_tensors_to_composite_until_a_kernel_is_verified(monkeypatch, recwarn):
+    # An unverified GPU kernel must be asked for by name; no GPU is needed to check the resolution.
     from annkernels import _backend
 
-    resolved = _backend.resolve("auto", torch.device("cuda"))
-    assert resolved == "reference" or resolved in annkernels.GPU_VERIFIED
+    monkeypatch.setattr(_backend, "GPU_VERIFIED", {})
+    assert _backend.resolve("auto", torch.device("cuda")) == "composite"
+    assert _backend.resolve("auto", torch.device("cuda", 1)) == "composite"
+    assert _backend.resolve("auto", torch.device("meta")) == "composite"
+    assert not [str(warning.message) for warning in recwarn if "annkernels" in str(warning.message)]
+
+    monkeypatch.setattr(_backend, "GPU_VERIFIED", {"cuda": "H100, tests/ passed"})
+    monkeypatch.setattr(_backend, "NATIVE_CUDA", True)
+    assert _backend.resolve("auto", torch.device("cuda")) == "cuda"
+    assert _backend.resolve("auto", torch.device("meta")) == "composite"  # a verified kernel is for CUDA tensors
+
+
+def test_auto_without_the_extension_falls_back_to_composite_with_one_warning(monkeypatch):
+    from annkernels import _backend
+
+    monkeypatch.setattr(_backend, "NATIVE_CPU", False)
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(UserWarning, match="C\\+\\+ extension is not available.*composite"):
+        assert _backend.resolve("auto", torch.device("cpu")) == "composite"
+
+
+def test_composite_runs_on_every_device():
+    for device in ("cpu", "cuda", "meta"):
+        assert "composite" in annkernels.available_backends(device)
 
 
 def test_triton_autotune_switch_keeps_the_first_fitting_config(monkeypatch):

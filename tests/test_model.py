@@ -320,14 +320,20 @@ def test_loss_edge_cases():
 
 # ---------------------------------------------------------------- backends, compile, layouts, dtypes
 
-@pytest.mark.skipif("cpu" not in annkernels.available_backends("cpu"), reason="annkernels C++ extension not built")
-def test_cpu_backend_matches_reference_on_whole_model(r18):
-    reference = copy.deepcopy(r18)
-    native = copy.deepcopy(r18)
-    for model, backend in ((reference, "reference"), (native, "cpu")):
-        for module in model.modules():
-            if hasattr(module, "backend"):
-                module.backend = backend
+def _with_backend(model, backend):
+    """A copy of ``model`` whose attention blocks run on ``backend`` (None: the model as built, "auto")."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+    return model
+
+
+@pytest.mark.parametrize("backend", [name for name in ("cpu", "composite")
+                                     if name in annkernels.available_backends("cpu")])
+def test_backend_matches_reference_on_whole_model(r18, backend):
+    reference = _with_backend(r18, "reference")
+    native = _with_backend(r18, backend)
     images = torch.randn(2, 3, 27, 21)  # 4 x 3 maps at 1/8: S = 110 keys exceed the 12 positions
     with torch.no_grad():
         assert_close(native(images), reference(images), 1e-4, 1e-4, "eval logits")
@@ -344,13 +350,15 @@ def test_cpu_backend_matches_reference_on_whole_model(r18):
         assert_close(parameter.grad, reference_grads[name].grad, 1e-4, 1e-3, f"{name}.grad")
 
 
-def test_torch_compile_fullgraph_aot_eager(r18):
+@pytest.mark.parametrize("backend", [None, "composite"], ids=["auto", "composite"])
+def test_torch_compile_fullgraph_aot_eager(r18, backend):
     # aot_eager traces the whole model (custom ops through their fake kernels) without inductor's C++
     # code generation, which takes minutes on two CPU cores; the inductor run is the slow test below.
-    compiled = torch.compile(r18, backend="aot_eager", fullgraph=True)
+    model = _with_backend(r18, backend)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     images = torch.randn(1, 3, 33, 35)
     with torch.no_grad():
-        assert_close(compiled(images), r18(images), 1e-5, 1e-5, "compiled logits")
+        assert_close(compiled(images), model(images), 1e-5, 1e-5, "compiled logits")
 
 
 def test_torch_compile_fullgraph_training_step():
@@ -392,12 +400,14 @@ def test_channels_last_matches_contiguous(r18):
     assert_close(actual, expected, 1e-4, 1e-4, "channels_last logits")
 
 
-def test_bf16_autocast_on_cpu(r18):
+@pytest.mark.parametrize("backend", [None, "composite"], ids=["auto", "composite"])
+def test_bf16_autocast_on_cpu(r18, backend):
+    model = _with_backend(r18, backend)
     images = torch.randn(1, 3, 41, 41)
     with torch.no_grad():
-        expected = r18(images)
+        expected = model(images)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            actual = r18(images)
+            actual = model(images)
     assert actual.dtype == torch.bfloat16
     # bf16 keeps 8 mantissa bits; through ~20 layers the logits stay within a few % of their range.
     error = (actual.float() - expected).abs().max().item()

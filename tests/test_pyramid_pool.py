@@ -97,6 +97,18 @@ def test_backward_is_bitwise_deterministic(device, backend):
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_autocast_keeps_the_inputs_dtype(device, backend):
+    # The fake kernels promise outputs and gradients in the inputs' dtype; torch.compile relies on it.
+    x = torch.randn(2, 3, 7, 13, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = annkernels.pyramid_pool(x, backend=backend)
+    assert out.dtype == torch.float32
+    assert_close(out, _expected(x, (1, 3, 6, 8)), name="out", **FLOAT32_TOLERANCE)
+    (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert grad_x.dtype == torch.float32
+
+
 def test_pooling_matrix_equals_reference():
     # The ONNX export path: pooling as one matmul with a constant [H*W, S] matrix.
     x = torch.randn(2, 3, 13, 7, dtype=torch.float64)
@@ -104,7 +116,8 @@ def test_pooling_matrix_equals_reference():
     assert_close(x.flatten(2) @ matrix, _expected(x, (1, 3, 6, 8)), atol=1e-12, rtol=1e-12, name="matmul pooling")
 
 
-@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if "cpu" in annkernels.available_backends() else []))
+@pytest.mark.parametrize("backend", ["reference", "composite"] +
+                         (["cpu"] if "cpu" in annkernels.available_backends() else []))
 @pytest.mark.parametrize(
     "make_input, scales, error, match",
     [

@@ -163,6 +163,20 @@ def test_backward_is_bitwise_deterministic(device, backend):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_autocast_keeps_the_inputs_dtype(device, backend):
+    # The fake kernels promise outputs and gradients in the inputs' dtype; torch.compile relies on it.
+    query, key, value = _inputs((2, 33, 10, 16, 8), "channel_first", device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = annkernels.short_attention(query, key, value, backend=backend)
+    assert out.dtype == torch.float32
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (query, key, value), grad)
+    expected = _oracle(query, key, value, grad)
+    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected):
+        assert_close(actual, wanted, name=name, **FLOAT32_TOLERANCE)
+
+
 def _good():
     return torch.randn(2, 10, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 6)
 
@@ -173,7 +187,21 @@ def _replace(index, tensor):
     return inputs
 
 
-@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if "cpu" in annkernels.available_backends() else []))
+@pytest.mark.parametrize("device, backend", backend_cases(include_reference=True))
+@pytest.mark.parametrize("layout", ["channel_first", "contiguous"])
+def test_empty_query_gives_empty_output_and_gradients(device, backend, layout):
+    query, key, value = _inputs((2, 0, 5, 8, 6), layout, device)
+    with poisoned_outputs():
+        out = annkernels.short_attention(query, key, value, backend=backend)
+    assert out.shape == (2, 0, 6) and out.dtype == query.dtype and out.device == query.device
+    grad_query, grad_key, grad_value = torch.autograd.grad(out, (query, key, value), torch.randn_like(out))
+    assert grad_query.shape == query.shape
+    # No query attends to any key: the key and value gradients are zero, not unwritten.
+    assert torch.equal(grad_key, torch.zeros_like(key)) and torch.equal(grad_value, torch.zeros_like(value))
+
+
+@pytest.mark.parametrize("backend", ["reference", "composite"] +
+                         (["cpu"] if "cpu" in annkernels.available_backends() else []))
 @pytest.mark.parametrize(
     "inputs, scale, error, match",
     [
@@ -184,7 +212,7 @@ def _replace(index, tensor):
         (_replace(2, torch.randn(2, 4, 6)), None, ValueError, "same number of keys S"),
         (_replace(2, torch.randn(2, 5, 6, dtype=torch.float64)), None, TypeError, "same dtype"),
         (_replace(0, torch.randint(0, 3, (2, 10, 8))), None, TypeError, "query must be float64"),
-        (_replace(0, torch.randn(2, 0, 8)), None, ValueError, "query must not be empty"),
+        (_replace(0, torch.randn(2, 10, 0)), None, ValueError, "query must not be empty"),
         (_replace(1, torch.randn(2, 0, 8)), None, ValueError, "key must not be empty"),
         (list(_good()), float("nan"), ValueError, "scale must be finite"),
         (list(_good()), float("inf"), ValueError, "scale must be finite"),
@@ -194,6 +222,14 @@ def _replace(index, tensor):
 def test_bad_input_raises_clear_error(backend, inputs, scale, error, match):
     with pytest.raises(error, match=match):
         annkernels.short_attention(*inputs, scale=scale, backend=backend)
+
+
+def test_meta_tensors_give_shapes_without_a_warning(recwarn):
+    # Shape propagation (FakeTensor, meta-device model init) resolves "auto" to a backend that runs anywhere.
+    query = torch.randn(2, 8, 9, device="meta").transpose(1, 2)
+    out = annkernels.short_attention(query, torch.randn(2, 5, 8, device="meta"), torch.randn(2, 5, 4, device="meta"))
+    assert out.shape == (2, 9, 4) and out.device.type == "meta" and out.transpose(1, 2).is_contiguous()
+    assert not [str(warning.message) for warning in recwarn if "annkernels" in str(warning.message)]
 
 
 def test_mixed_devices_are_rejected():

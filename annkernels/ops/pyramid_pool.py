@@ -2,7 +2,8 @@
 
 The public function validates, resolves the backend and calls the custom op `annkernels::pyramid_pool`,
 whose autograd formula calls `annkernels::pyramid_pool_grad`. Both forward to the backend's kernels
-(csrc/{cpu,cuda}/pyramid_pool.*, annkernels/triton/pyramid_pool.py); "reference" stays in plain PyTorch.
+(csrc/{cpu,cuda}/pyramid_pool.*, annkernels/triton/pyramid_pool.py, annkernels/ops/composite.py); "reference"
+stays in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def pyramid_pool(x: torch.Tensor, scales: Sequence[int] = (1, 3, 6, 8), backend:
     Args:
         x: [B, C, H, W] float64/float32/float16/bfloat16, contiguous or channels_last; any H, W >= 1.
         scales: output sizes s of the square pools; S = sum(s * s) (110 for (1, 3, 6, 8)).
-        backend: "auto", "cpu", "cuda", "triton", "reference", or None for the current default.
+        backend: "auto", "cpu", "cuda", "triton", "composite", "reference", or None for the current default.
 
     Returns:
         [B, C, S] in x's dtype, equal to

@@ -25,15 +25,15 @@ def pooling_matrix(height: int, width: int, scales: list[int], dtype=torch.float
     """[H*W, S] matrix M with pyramid_pool(x) == x.flatten(2) @ M, using adaptive_avg_pool2d's bins."""
     columns = []
     for s in scales:
-        rows = _bin_membership(height, s)  # [s, H]
-        cols = _bin_membership(width, s)  # [s, W]
+        rows = bin_membership(height, s)  # [s, H]
+        cols = bin_membership(width, s)  # [s, W]
         area = rows.sum(1)[:, None] * cols.sum(1)[None, :]  # [s, s]
         weights = rows[:, None, :, None] * cols[None, :, None, :] / area[:, :, None, None]  # [s, s, H, W]
         columns.append(weights.reshape(s * s, height * width))
     return torch.cat(columns, 0).t().to(dtype=dtype, device=device).contiguous()
 
 
-def _bin_membership(size: int, bins: int) -> torch.Tensor:
+def bin_membership(size: int, bins: int) -> torch.Tensor:
     """[bins, size] 0/1 matrix: bin i covers [floor(i*size/bins), ceil((i+1)*size/bins))."""
     index = torch.arange(bins, dtype=torch.float64)
     start = torch.floor(index * size / bins)

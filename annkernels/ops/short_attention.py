@@ -2,8 +2,9 @@
 
 The public function validates, resolves the backend and calls the custom op `annkernels::short_attention`,
 which returns the output and the state its backward, `annkernels::short_attention_grad`, needs: the
-probabilities on the CPU, the row log-sum-exp on GPUs (csrc/ops.cpp says why). Both forward to the backend's kernels
-(csrc/{cpu,cuda}/short_attention.*, annkernels/triton/short_attention.py).
+probabilities on the CPU and in the composite formulation, the row log-sum-exp on GPUs (csrc/ops.cpp says why).
+Both forward to the backend's kernels (csrc/{cpu,cuda}/short_attention.*, annkernels/triton/short_attention.py,
+annkernels/ops/composite.py).
 """
 
 from __future__ import annotations
@@ -20,19 +21,20 @@ def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """Fused attention of many queries over a few keys.
 
     Args:
-        query: [B, N, Dk]. The channel-first view ``x.flatten(2).transpose(1, 2)`` of a [B, Dk, H, W]
-            map is taken as it is, without a copy.
+        query: [B, N, Dk]; N may be 0 (an empty output, an empty query gradient, zero key and value
+            gradients). The channel-first view ``x.flatten(2).transpose(1, 2)`` of a [B, Dk, H, W] map is
+            taken as it is, without a copy.
         key: [B, S, Dk].
         value: [B, S, Dv]. S, Dk and Dv need not be powers of two.
         scale: multiplies the scores before the softmax; default Dk ** -0.5.
-        backend: "auto", "cpu", "cuda", "triton", "reference", or None for the current default.
+        backend: "auto", "cpu", "cuda", "triton", "composite", "reference", or None for the current default.
 
     Returns:
         [B, N, Dv] = softmax(query @ key^T * scale, dim=-1) @ value, in query's dtype. For a
         channel-first query the result is the channel-first view of a [B, Dv, N] tensor, so
         ``out.transpose(1, 2).reshape(B, Dv, H, W)`` is free.
     """
-    check_tensor("query", query, 3, "[B, N, Dk]")
+    check_tensor("query", query, 3, "[B, N, Dk]", empty_dim=1)
     check_tensor("key", key, 3, "[B, S, Dk]")
     check_tensor("value", value, 3, "[B, S, Dv]")
     check_same(("query", "key", "value"), (query, key, value))
@@ -48,6 +50,10 @@ def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          f"{tuple(key.shape)} and value {tuple(value.shape)}")
     scale = key_dim**-0.5 if scale is None else check_scale(scale)
     name = _backend.resolve(backend, query.device)
+    if query.shape[1] == 0 and name != "reference":
+        # No rows for a kernel to work on: PyTorch's GEMMs give the empty output and the zero key and
+        # value gradients on any device.
+        name = "composite"
     if name == "reference":
         return reference.short_attention(query, key, value, scale)
     out, _ = torch.ops.annkernels.short_attention(query, key, value, scale, name)
@@ -65,8 +71,10 @@ _CPU_KEY_ALIGNMENT = torch.ops.annkernels._short_attention_cpu_key_alignment() i
 
 
 def _softmax_state_like(query, key, backend):
-    """The forward's second output (csrc/ops.cpp): P with the key axis padded on the CPU, the row log-sum-exp
-    on GPUs."""
+    """The forward's second output (csrc/ops.cpp): P with the key axis padded on the CPU, P in the query's
+    layout in the composite formulation, the row log-sum-exp on GPUs."""
+    if backend == "composite":
+        return empty_like_layout(query, query.shape[1], key.shape[1])
     if backend == "cpu":
         dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
         padded_keys = -(-key.shape[1] // _CPU_KEY_ALIGNMENT) * _CPU_KEY_ALIGNMENT
