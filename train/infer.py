@@ -2,6 +2,7 @@
 
     python train/infer.py --checkpoint work_dirs/synthetic_ann_r18_d8/latest.pth scene.png
     python train/infer.py --checkpoint ann_r50-d8_512x512_80k_ade20k photos/*.jpg   # mmseg's released model
+    python train/infer.py --onnx ann.onnx --dataset ade20k photos/*.jpg   # an exported model, by ONNX Runtime
 
 Any image size; grayscale, palette and RGBA inputs are converted to RGB. Masks are palette PNGs: their pixel
 values are the class ids and their colours are the dataset's palette.
@@ -21,7 +22,7 @@ from PIL import Image
 
 import models
 from train.classes import CLASSES, PALETTES
-from train.config import ConfigError, recipe_default
+from train.config import ConfigError, recipe_default, resolve_config
 from train.datasets import read_image
 from train.distributed import DistributedContext
 from train.engine import build_model, checkpoint_config, exit_status, slide_windows
@@ -33,8 +34,11 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Segment images with an ANN checkpoint")
     flag = argparse.BooleanOptionalAction
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--checkpoint", required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint",
                         help="our checkpoint or an mmseg ANN checkpoint: file, URL or zoo name (python -m models.zoo)")
+    source.add_argument("--onnx", help="a model exported by export_onnx, run by ONNX Runtime on the CPU; a fixed-size "
+                                       "export runs in slide mode with its size as the window")
     parser.add_argument("--dataset", choices=["synthetic", "ade20k", "cityscapes", "voc12aug"],
                         help="class names, palette and test scale (default: the checkpoint's, else synthetic)")
     parser.add_argument("--model", help=f"architecture for mmseg checkpoints ({recipe_default('model')})")
@@ -63,6 +67,19 @@ def palette_image(prediction: np.ndarray, palette) -> Image.Image:
     return mask
 
 
+def onnx_model(path, dataset, cli):
+    """(ONNX Runtime runner, config) of an exported model: the class count and align_corners come from the graph,
+    the rest from the dataset's recipe and the command line; a fixed-size graph gets slide mode with its size."""
+    if not Path(path).is_file():
+        raise ConfigError(f"ONNX model not found: {path}")
+    runner = models.OnnxSegmentor(path)
+    from_graph = dict(num_classes=runner.num_classes, align_corners=runner.align_corners)
+    if runner.input_size is not None:
+        from_graph.update(eval_mode="slide", eval_crop_size=runner.input_size)
+    config = resolve_config(dataset or "synthetic", {}, {**cli, **from_graph})
+    return runner, config
+
+
 @exit_status
 def main(args) -> int:
     for path in args.images:
@@ -70,14 +87,17 @@ def main(args) -> int:
             raise ConfigError(f"image not found: {path}")
     cli = dict(model=args.model, num_classes=args.num_classes, scale=args.scale, align_corners=args.align_corners,
                eval_mode=args.mode, eval_crop_size=args.crop_size, eval_stride=args.stride)
-    config, checkpoint = checkpoint_config(args.checkpoint, args.dataset, cli)
-    dataset = config["dataset"]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(dict(config, sync_bn=False), DistributedContext(device=device))
-    models.load_checkpoint(model, checkpoint)
-    model.to(device).eval()
-    if args.fast:
-        model = models.optimize_for_inference(model)
+    if args.onnx:
+        model, config = onnx_model(args.onnx, args.dataset, cli)
+    else:
+        config, checkpoint = checkpoint_config(args.checkpoint, args.dataset, cli)
+        model = build_model(dict(config, sync_bn=False), DistributedContext(device=device))
+        models.load_checkpoint(model, checkpoint)
+        model.to(device).eval()
+        if args.fast:
+            model = models.optimize_for_inference(model)
+    dataset = config["dataset"]
     palette = PALETTES[dataset] if len(PALETTES[dataset]) >= config["num_classes"] else PALETTES["ade20k"]
     crop_size, stride = slide_windows(config)
     out_dir = Path(args.out_dir)
