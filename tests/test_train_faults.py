@@ -18,14 +18,8 @@ from tqdm import tqdm
 from train import transforms as T
 from train.config import resolve_config
 from train.distributed import DistributedContext
-from train.engine import (
-    MetricsLog,
-    PolyLR,
-    TrainingError,
-    infinite_batches,
-    next_batch,
-    save_training_state,
-)
+from train.cli import TrainingError
+from train.engine import MetricsLog, PolyLR, next_batch, save_training_state
 from train.synthetic import SyntheticScenes
 from train.train import train_interval
 
@@ -95,7 +89,7 @@ class DiesInWorker(Dataset):
 
 def test_dead_dataloader_worker_is_a_clear_error(tmp_path):
     config = resolve_config("synthetic", {}, dict(work_dir=str(tmp_path)))
-    batches = infinite_batches(DataLoader(DiesInWorker(), batch_size=2, num_workers=1), start_iteration=0)
+    batches = iter(DataLoader(DiesInWorker(), batch_size=2, num_workers=1))
     with pytest.raises(TrainingError, match=r"data loading failed at iteration 7: DataLoader worker .* "
                                             r"No checkpoint had been written yet.*fewer --workers"):
         next_batch(batches, 7, config)

@@ -1,31 +1,26 @@
 """What train.py, eval.py and infer.py share: data loading, the model and its evaluation, checkpoint and RNG
 I/O, the metrics log, the settings of a checkpoint to evaluate, and the command-line error handling."""
 
-import functools
 import json
 import os
 import random
 import re
 import resource
-import shutil
-import sys
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 import models
 from models import zoo
-from train import transforms as T
+from models.checkpoint import newest_training_checkpoint, read_training_checkpoint, save_training_checkpoint
 from train.classes import CLASSES, PALETTES
+from train.cli import TrainingError, short_error, unwritable
 from train.config import ConfigError, resolve_config
-from train.datasets import CorruptFileError, DatasetLayoutError, build_dataset
-from train.distributed import DistributedContext, ShardSampler
+from train.distributed import DistributedContext
 from train.metrics import ConfusionMatrix
 from train.prediction import predict_scores
 from train.visualize import prediction_grid
@@ -35,51 +30,8 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DEAD_WORKER = re.compile(r"DataLoader worker \(pid.*\) (exited unexpectedly|is killed by signal)")
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (diverged loss, dead data worker, unwritable checkpoint); checkpoints are intact."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def build_split(config: dict, split: str, transforms, synthetic_length: int):
-    """One split of the configured dataset; for the synthetic scenes, `synthetic_length` of them."""
-    options = {}
-    if config["dataset"] == "synthetic":
-        options = dict(size=config["synthetic_size"], seed=config["seed"], length=synthetic_length)
-    return build_dataset(config["dataset"], config["data_root"], split, transforms, **options)
-
-
-def build_loaders(config: dict, context: DistributedContext):
-    """Training loader (shuffled; sharded over processes) and validation loader (each image scored once)."""
-    train_transforms = T.train_transforms(config["scale"], config["crop_size"], config["ratio_range"],
-                                          config["cat_max_ratio"], config["photometric"])
-    train_set = build_split(config, config["train_split"], train_transforms, config["synthetic_train_length"])
-    val_set = build_split(config, config["val_split"], T.eval_transforms(), config["synthetic_val_length"])
-    workers = config["workers"]
-    loader_options = dict(num_workers=workers, pin_memory=context.device.type == "cuda",
-                          persistent_workers=workers > 0)
-    if context.enabled:
-        train_sampler = DistributedSampler(train_set, context.world_size, context.rank, shuffle=True,
-                                           seed=config["seed"], drop_last=True)
-    else:
-        train_sampler = RandomSampler(train_set)
-    train_loader = DataLoader(train_set, batch_size=config["batch_size"], sampler=train_sampler, drop_last=True,
-                              **loader_options)
-    val_loader = DataLoader(val_set, batch_size=1, sampler=ShardSampler(len(val_set), context), **loader_options)
-    return train_loader, val_loader
-
-
-def infinite_batches(loader: DataLoader, start_iteration: int):
-    """Endless batches. A DistributedSampler is reshuffled for every pass with set_epoch(start_iteration + pass
-    number): a resumed run draws a fresh order instead of replaying the one the first run began with."""
-    shuffle = start_iteration
-    while True:
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(shuffle)
-        yield from loader
-        shuffle += 1
+# The training loop's pieces
 
 
 def next_batch(batches, iteration: int, config: dict):
@@ -223,45 +175,6 @@ def gather_rng_states(context: DistributedContext) -> list:
     return states
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a reader never sees a
-    half-written checkpoint, even if this process is killed mid-write."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def save_checkpoint(state: dict, work_dir: Path, iteration: int) -> Path:
-    """Writes iter_{n}.pth, then points latest.pth at the same bytes (hard link, or copy), both atomically."""
-    path = work_dir / f"iter_{iteration}.pth"
-    atomic_save(state, path)
-    handle, temporary = tempfile.mkstemp(dir=work_dir, prefix=".latest.pth.", suffix=".tmp")
-    os.close(handle)
-    os.unlink(temporary)
-    try:
-        try:
-            os.link(path, temporary)
-        except OSError:
-            shutil.copyfile(path, temporary)
-        os.replace(temporary, work_dir / "latest.pth")
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
-
-
 def last_checkpoint_note(config: dict) -> str:
     latest = Path(config["work_dir"]) / "latest.pth"
     if not latest.is_file():
@@ -273,7 +186,7 @@ def save_training_state(work_dir: Path, iteration: int, model, optimizer, lr_sch
                         metrics, context: DistributedContext):
     """Every process's RNG states, then (rank 0) the checkpoint iter_{iteration}.pth + latest.pth; its path.
 
-    A failed write (disk full, ...) raises TrainingError and leaves the previous checkpoints as they were.
+    A failed write (disk full, read-only, ...) raises TrainingError and leaves the previous checkpoints as they were.
     """
     states = gather_rng_states(context)
     if not context.is_main:
@@ -282,35 +195,50 @@ def save_training_state(work_dir: Path, iteration: int, model, optimizer, lr_sch
              "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
              "iteration": iteration, "rng_states": states, "config": config, "metrics": metrics}
     try:
-        return save_checkpoint(state, work_dir, iteration)
+        return Path(save_training_checkpoint(state, work_dir, iteration))
     except OSError as error:
         raise TrainingError(f"cannot write checkpoint {work_dir / f'iter_{iteration}.pth'}: {error}. "
                             f"{last_checkpoint_note(config)}") from error
 
 
-def resume_path(config: dict, work_dir: Path, log):
-    """The checkpoint to continue from: after a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) the work dir's
-    latest.pth; else --resume PATH, or with --resume auto latest.pth if there is one. None: start from scratch."""
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restart > 0 and (work_dir / "latest.pth").is_file():
-        log(f"torchrun restart {restart}: continuing from the last checkpoint")
-        return work_dir / "latest.pth"
+def resume_checkpoint(config: dict, work_dir: Path, log):
+    """(path, checkpoint) to continue from, read and checked, or None to start from scratch.
+
+    After a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) and with --resume auto: the newest readable
+    checkpoint of the work dir, each unreadable one named in one line and skipped. --resume PATH: that file, or
+    CheckpointError.
+    """
     resume = config.get("resume")
-    if resume == "auto":
-        resume = work_dir / "latest.pth"
-        if not resume.is_file():
-            log(f"--resume auto: no {resume} yet, starting from scratch")
-            return None
-    if resume and not Path(resume).is_file():
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart > 0 or resume == "auto":
+        found = newest_training_checkpoint(work_dir, lambda path, error: log(f"skipping {path}: {error}"))
+        if found is None:
+            log(f"{'torchrun restart' if restart else '--resume auto'}: no readable checkpoint in {work_dir}, "
+                "starting from scratch")
+        elif restart > 0:
+            log(f"torchrun restart {restart}: continuing from the last checkpoint")
+        return found
+    if not resume:
+        return None
+    if not Path(resume).is_file():
         raise ConfigError(f"--resume checkpoint not found: {resume}")
-    return resume
+    return resume, read_training_checkpoint(resume)
 
 
-def load_training_state(path, model, optimizer, lr_scheduler, scaler, context, log) -> int:
-    """Restores everything save_training_state wrote; returns the checkpoint's iteration."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+def load_training_state(path, checkpoint: dict, config: dict, model, optimizer, lr_scheduler, scaler, context,
+                        log) -> int:
+    """Restores everything save_training_state wrote; returns the checkpoint's iteration. A checkpoint of another
+    architecture or class count is a CheckpointError naming both, before anything changes."""
+    saved = checkpoint.get("config") or {}
+    trained = (saved.get("model"), saved.get("num_classes"))
+    if None not in trained and trained != (config["model"], config["num_classes"]):
+        raise models.CheckpointError(f"{path} holds {trained[0]} with {trained[1]} classes; this run builds "
+                                     f"{config['model']} with {config['num_classes']} (--model, --num-classes)")
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise models.CheckpointError(f"{path} does not fit this run: {short_error(error).splitlines()[0]}") from None
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
@@ -344,25 +272,40 @@ def save_predictions_png(model, dataset, config, device, path: Path) -> None:
 
 
 class MetricsLog:
-    """JSONL metrics file (one flushed line per record) plus TensorBoard scalars when tensorboard is installed."""
+    """JSONL metrics file (one flushed line per record) plus TensorBoard scalars when tensorboard is installed.
 
-    def __init__(self, work_dir: Path, enabled: bool):
-        self.enabled = enabled
+    `resumed_at`: the iteration a resumed run starts after; records of later iterations (written by the run that
+    was interrupted after its checkpoint) are dropped, from the file and from TensorBoard, so every iteration
+    appears once. A record that cannot be written raises TrainingError, ending with `note()`.
+    """
+
+    def __init__(self, work_dir: Path, enabled: bool, resumed_at: int = 0, note=lambda: ""):
+        self.enabled, self.note = enabled, note
         self.path = work_dir / "metrics.jsonl"
         self.writer = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if not enabled:
+            return
+        if resumed_at and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iteration"] <= resumed_at]
+            temporary = self.path.with_name(".metrics.jsonl.tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            os.replace(temporary, self.path)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(work_dir / "tensorboard"))
-            except ImportError:
-                self.writer = None
+            self.writer = SummaryWriter(str(work_dir / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
+        except ImportError:
+            self.writer = None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as file:
-            file.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as file:
+                file.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise TrainingError(f"{unwritable(error)} at iteration {record['iteration']}. {self.note()}") from None
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "iteration":
@@ -405,37 +348,3 @@ def checkpoint_config(source, dataset, cli_values: dict):
     else:
         inherited = {}
     return resolve_config(dataset, inherited, cli_values), path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command-line errors
-
-# Problems with the user's data, files or options, or a run that cannot go on: one line on stderr, exit status
-# 1, no traceback.
-REPORTED_ERRORS = (DatasetLayoutError, CorruptFileError, ConfigError, models.CheckpointError, TrainingError)
-
-
-def short_error(error: BaseException) -> str:
-    """The message of an error, without the worker traceback a DataLoader wraps around errors it re-raises."""
-    lines = str(error).strip().splitlines()
-    if len(lines) > 1 and lines[0].startswith("Caught "):
-        prefix = f"{type(error).__name__}: "
-        for line in reversed(lines):
-            if prefix in line:
-                return line.split(prefix, 1)[1]
-    return str(error).strip()
-
-
-def exit_status(main):
-    """Wraps a script's main(args): returns its exit status, and prints REPORTED_ERRORS as `error: <message>`
-    (status 1) instead of a traceback."""
-
-    @functools.wraps(main)
-    def run(*args, **kwargs) -> int:
-        try:
-            return main(*args, **kwargs)
-        except REPORTED_ERRORS as error:
-            print(f"error: {short_error(error)}", file=sys.stderr)
-            return 1
-
-    return run

@@ -25,7 +25,9 @@ import models
 from models import zoo
 from train.config import recipe_default
 from train.distributed import ShardSampler, process_group
-from train.engine import build_model, build_split, checkpoint_config, class_names_for, evaluate, exit_status
+from train.cli import exit_status
+from train.datasets import build_split
+from train.engine import build_model, checkpoint_config, class_names_for, evaluate
 from train.metrics import format_table
 from train.transforms import eval_transforms
 

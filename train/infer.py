@@ -24,7 +24,8 @@ from train.classes import CLASSES, PALETTES
 from train.config import ConfigError, recipe_default
 from train.datasets import read_image
 from train.distributed import DistributedContext
-from train.engine import build_model, checkpoint_config, exit_status, slide_windows
+from train.cli import exit_status
+from train.engine import build_model, checkpoint_config, slide_windows
 from train.prediction import predict_scores
 from train.visualize import overlay
 

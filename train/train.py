@@ -21,6 +21,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
+import shlex
+import signal
 import time
 
 import numpy as np
@@ -30,22 +32,22 @@ from tqdm import tqdm
 
 import models
 from train.config import load_config_file, recipe_default, resolve_config, save_config
+from train.cli import EXIT_STATUS, StopSignals, TrainingError, exit_status, ignore_interrupts, unwritable
+from train.datasets import build_loaders
 from train.distributed import mean_over_processes, process_group
 from train.engine import (
     MetricsLog,
     PolyLR,
     autocast,
-    build_loaders,
     build_model,
     class_names_for,
     diverged,
     evaluate,
-    exit_status,
-    infinite_batches,
+    last_checkpoint_note,
     load_training_state,
     next_batch,
     peak_memory_mb,
-    resume_path,
+    resume_checkpoint,
     save_predictions_png,
     save_training_state,
     seed_everything,
@@ -122,9 +124,21 @@ def config_from_args(args) -> dict:
     return resolve_config(dataset, {k: v for k, v in file_values.items() if k != "dataset"}, cli_values)
 
 
+def stop_requested(signals: StopSignals, context) -> int:
+    """The signal that stops training (0: none). Under torchrun every process takes the largest any process
+    received, so all of them stop after the same iteration and checkpoint it together."""
+    received = signals.received or 0
+    if context.enabled:
+        flag = torch.tensor([received], device=context.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        received = int(flag.item())
+    return received
+
+
 def train_interval(model, batches, optimizer, lr_scheduler, scaler, config, context, start, stop, metrics_log,
-                   progress_bar):
-    """Runs iterations start+1 .. stop (1-based); returns the mean loss of the last logged window.
+                   progress_bar, signals=None):
+    """Runs iterations start+1 .. stop (1-based) unless a stop signal arrives first (checked before each step);
+    returns (the last iteration run, the stop signal or 0).
 
     A non-finite loss stops training before the weights are touched (TrainingError naming the iteration and
     the loss terms). With fp16 the GradScaler skips steps whose gradients overflow: counted, not an error.
@@ -132,8 +146,13 @@ def train_interval(model, batches, optimizer, lr_scheduler, scaler, config, cont
     model.train()
     device = context.device
     window_loss, window_parts, window_start, data_time, skipped = [], {}, time.perf_counter(), 0.0, 0
-    last_logged = None
-    for iteration in range(start + 1, stop + 1):
+    iteration, stopping = start, 0
+    while iteration < stop:
+        if signals is not None:
+            stopping = stop_requested(signals, context)
+            if stopping:
+                break
+        iteration += 1
         fetch_start = time.perf_counter()
         images, targets = next_batch(batches, iteration, config)
         images = images.to(device, non_blocking=True)
@@ -163,35 +182,55 @@ def train_interval(model, batches, optimizer, lr_scheduler, scaler, config, cont
             window_parts.setdefault(key, []).append(float(value.detach()) if torch.is_tensor(value) else value)
         progress_bar.update(1)
         if iteration % config["log_interval"] == 0 or iteration == stop:
-            elapsed = time.perf_counter() - window_start
-            stats = {"loss": float(np.mean(window_loss))}
-            stats.update({key: float(np.mean(values)) for key, values in window_parts.items()})
-            stats = mean_over_processes(stats, context)
-            record = {"kind": "train", "iteration": iteration, "lr": lr, **stats,
-                      "time_per_iter": elapsed / len(window_loss), "data_time_per_iter": data_time / len(window_loss),
-                      "peak_memory_mb": peak_memory_mb(device)}
-            if scaler.is_enabled():
-                record.update(skipped_steps=skipped, loss_scale=scaler.get_scale())
-                if skipped and context.is_main:
-                    tqdm.write(f"iteration {iteration}: fp16 gradients overflowed in {skipped} of the last "
-                               f"{len(window_loss)} steps; the grad scaler skipped them (loss scale now "
-                               f"{scaler.get_scale():g})")
-            metrics_log.write(record)
-            progress_bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}",
-                                     mem=f"{record['peak_memory_mb']:.0f}MB", refresh=False)
-            last_logged = stats["loss"]
+            log_window(metrics_log, progress_bar, scaler, context, iteration, lr, window_loss, window_parts,
+                       time.perf_counter() - window_start, data_time, skipped)
             window_loss, window_parts, window_start, data_time, skipped = [], {}, time.perf_counter(), 0.0, 0
-    return last_logged
+    if window_loss:  # stopped by a signal inside a logging window
+        log_window(metrics_log, progress_bar, scaler, context, iteration, lr, window_loss, window_parts,
+                   time.perf_counter() - window_start, data_time, skipped)
+    return iteration, stopping
+
+
+def log_window(metrics_log, progress_bar, scaler, context, iteration, lr, window_loss, window_parts, elapsed,
+               data_time, skipped):
+    """One "train" record: the window's mean losses (over processes), time per iteration, memory, fp16 skips."""
+    stats = {"loss": float(np.mean(window_loss))}
+    stats.update({key: float(np.mean(values)) for key, values in window_parts.items()})
+    stats = mean_over_processes(stats, context)
+    record = {"kind": "train", "iteration": iteration, "lr": lr, **stats,
+              "time_per_iter": elapsed / len(window_loss), "data_time_per_iter": data_time / len(window_loss),
+              "peak_memory_mb": peak_memory_mb(context.device)}
+    if scaler.is_enabled():
+        record.update(skipped_steps=skipped, loss_scale=scaler.get_scale())
+        if skipped and context.is_main:
+            tqdm.write(f"iteration {iteration}: fp16 gradients overflowed in {skipped} of the last "
+                       f"{len(window_loss)} steps; the grad scaler skipped them (loss scale now "
+                       f"{scaler.get_scale():g})")
+    metrics_log.write(record)
+    progress_bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", mem=f"{record['peak_memory_mb']:.0f}MB",
+                             refresh=False)
+
+
+def resume_command(context) -> str:
+    """This run's command line with --resume auto in place of any --resume."""
+    arguments, skip = [], False
+    for argument in sys.argv[1:]:
+        if skip or argument == "--resume" or argument.startswith("--resume="):
+            skip = argument == "--resume"
+            continue
+        arguments.append(argument)
+    launcher = ["torchrun", f"--nproc_per_node={context.world_size}"] if context.enabled else ["python"]
+    return shlex.join([*launcher, sys.argv[0], *arguments, "--resume", "auto"])
 
 
 @exit_status
 def main(args) -> int:
     config = config_from_args(args)
-    with process_group(config.get("device")) as context:
-        return run(config, context)
+    with StopSignals(lambda: last_checkpoint_note(config)) as signals, process_group(config.get("device")) as context:
+        return run(config, context, signals)
 
 
-def run(config: dict, context) -> int:
+def run(config: dict, context, signals: StopSignals) -> int:
     device = context.device
     show_progress = config.get("progress") is not False and context.is_main
 
@@ -205,14 +244,8 @@ def run(config: dict, context) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     work_dir = Path(config["work_dir"])
-    if context.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, work_dir / "config.yaml")
-    log(f"{config['model']} on {config['dataset']}: {config['iterations']} iterations, batch "
-        f"{config['batch_size']}x{context.world_size} process(es), crop {config['crop_size']}, device {device}, "
-        f"work dir {work_dir}")
-    train_loader, val_loader = build_loaders(config, context)
 
+    # Everything that can fail on the user's options, files or data fails here, before the work dir changes.
     model = build_model(config, context, log).to(device)
     if config["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -220,14 +253,27 @@ def run(config: dict, context) -> int:
                                 weight_decay=config["weight_decay"])
     lr_scheduler = PolyLR(optimizer, config["iterations"], config["poly_power"], config["min_lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16")
-
     start_iteration = 0
-    resume = resume_path(config, work_dir, log)
+    resume = resume_checkpoint(config, work_dir, log)
     if resume:
-        start_iteration = load_training_state(resume, model, optimizer, lr_scheduler, scaler, context, log)
+        start_iteration = load_training_state(*resume, config, model, optimizer, lr_scheduler, scaler, context, log)
     elif config["pretrained"]:  # (a resumed run has its own trained backbone)
         models.load_pretrained_backbone(model, config["pretrained"])
         log(f"loaded ImageNet backbone from {config['pretrained']}")
+    train_loader, val_loader = build_loaders(config, context, start_iteration, worker_init_fn=ignore_interrupts)
+
+    log(f"{config['model']} on {config['dataset']}: {config['iterations']} iterations, batch "
+        f"{config['batch_size']}x{context.world_size} process(es), crop {config['crop_size']}, device {device}, "
+        f"work dir {work_dir}")
+    signals.deferring()
+    try:
+        if context.is_main:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, work_dir / "config.yaml")
+        metrics_log = MetricsLog(work_dir, context.is_main, resumed_at=start_iteration,
+                                 note=lambda: last_checkpoint_note(config))
+    except OSError as error:
+        raise TrainingError(f"{unwritable(error)}. {last_checkpoint_note(config)}") from None
 
     model_without_ddp = model
     if config["compile"]:
@@ -235,13 +281,12 @@ def run(config: dict, context) -> int:
     if context.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     class_names = class_names_for(config)
-    metrics_log = MetricsLog(work_dir, context.is_main)
 
     if config.get("test_only"):
         result = evaluate(model_without_ddp, val_loader, config, context, class_names, show_progress)
         log(format_table(result))
         if context.is_main:
-            (work_dir / "eval.json").write_text(json.dumps(result, indent=2))
+            write_output(work_dir / "eval.json", json.dumps(result, indent=2), config)
         return 0
 
     untrained = None
@@ -251,7 +296,7 @@ def run(config: dict, context) -> int:
         log(f"untrained model: mIoU {untrained['mIoU']}  aAcc {untrained['aAcc']}")
 
     total, eval_interval, ckpt_interval = config["iterations"], config["eval_interval"], config["ckpt_interval"]
-    batches = infinite_batches(train_loader, start_iteration)
+    batches = iter(train_loader)
     result, start_time = None, time.perf_counter()
     progress_bar = tqdm(total=total, initial=start_iteration, desc="train", disable=not show_progress,
                         dynamic_ncols=True)
@@ -259,9 +304,16 @@ def run(config: dict, context) -> int:
     while iteration < total:
         # Train up to the next evaluation or checkpoint: every eval/ckpt interval, and after the last iteration.
         stop = min([total] + [(iteration // interval + 1) * interval for interval in (eval_interval, ckpt_interval)])
-        train_interval(model, batches, optimizer, lr_scheduler, scaler, config, context, iteration, stop,
-                       metrics_log, progress_bar)
-        iteration = stop
+        iteration, stopping = train_interval(model, batches, optimizer, lr_scheduler, scaler, config, context,
+                                             iteration, stop, metrics_log, progress_bar, signals)
+        if stopping:
+            progress_bar.close()
+            path = save_training_state(work_dir, iteration, model_without_ddp, optimizer, lr_scheduler, scaler,
+                                       config, result, context)
+            if context.is_main:
+                print(f"{signal.Signals(stopping).name} at iteration {iteration}/{total}: saved {path}; to "
+                      f"continue: {resume_command(context)}", file=sys.stderr)
+            return EXIT_STATUS[stopping]
         if iteration % eval_interval == 0 or iteration == total:
             result = evaluate(model_without_ddp, val_loader, config, context, class_names, show_progress)
             metrics_log.write({"kind": "eval", "iteration": iteration, "mIoU": result["mIoU"], "aAcc": result["aAcc"],
@@ -278,10 +330,13 @@ def run(config: dict, context) -> int:
         metrics_log.close()
         if result is not None:
             log(format_table(result))
-            (work_dir / "eval.json").write_text(json.dumps(result, indent=2))
-        save_predictions_png(model_without_ddp, val_loader.dataset, config, device, work_dir / "predictions.png")
-        if metrics_log.path.is_file():
-            plot_curves(metrics_log.path, work_dir / "curves.png")
+            write_output(work_dir / "eval.json", json.dumps(result, indent=2), config)
+        try:
+            save_predictions_png(model_without_ddp, val_loader.dataset, config, device, work_dir / "predictions.png")
+            if metrics_log.path.is_file():
+                plot_curves(metrics_log.path, work_dir / "curves.png")
+        except OSError as error:
+            raise TrainingError(f"{unwritable(error)}. {last_checkpoint_note(config)}") from None
         summary = f"trained {total - start_iteration} iterations in {elapsed / 60:.1f} min"
         if untrained is not None and result is not None:
             summary += f"; mIoU untrained {untrained['mIoU']} -> trained {result['mIoU']}"
@@ -290,6 +345,13 @@ def run(config: dict, context) -> int:
         log(f"{summary}; peak memory {peak_memory_mb(device):.0f} MB")
         log(f"outputs in {work_dir}: latest.pth, metrics.jsonl, eval.json, predictions.png, curves.png")
     return 0
+
+
+def write_output(path: Path, text: str, config: dict) -> None:
+    try:
+        path.write_text(text)
+    except OSError as error:
+        raise TrainingError(f"{unwritable(error)}. {last_checkpoint_note(config)}") from None
 
 
 if __name__ == "__main__":
