@@ -250,6 +250,6 @@ def test_evaluating_a_released_model_prints_the_published_figure(server, hub_cac
     args = get_args_parser().parse_args(["--checkpoint", entry.name, "--workers", "0", "--no-progress"])
     assert main(args) == 0
     out = capsys.readouterr().out
-    result = json.loads((tmp_path / f"{Path(name).stem}.eval.json").read_text())
+    result = json.loads((tmp_path / "work_dirs" / f"{Path(name).stem}.eval.json").read_text())
     assert f"{entry.name}: mIoU {result['mIoU']} here, 12.34 published by mmsegmentation (single scale" in out
     assert result["published_mIoU"] == 12.34 and result["dataset"] == "synthetic"

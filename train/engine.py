@@ -197,7 +197,8 @@ def save_training_state(work_dir: Path, iteration: int, model, optimizer, lr_sch
     try:
         return Path(save_training_checkpoint(state, work_dir, iteration))
     except OSError as error:
-        raise TrainingError(f"cannot write checkpoint {work_dir / f'iter_{iteration}.pth'}: {error}. "
+        raise TrainingError(f"cannot write checkpoint {work_dir / f'iter_{iteration}.pth'}: "
+                            f"{error.strerror or error}. "
                             f"{last_checkpoint_note(config)}") from error
 
 
@@ -334,15 +335,26 @@ def checkpoint_config(source, dataset, cli_values: dict):
     """(config, local file) of a checkpoint source (path, URL or zoo name; downloaded if need be).
 
     The config is the recipe of `dataset` (default: the checkpoint's own, else synthetic), then the checkpoint's
-    model settings when it was trained on that dataset (saved in ours; the zoo's test settings for a released
-    mmseg model), then the command line's values (None = not given).
+    settings, then the command line's values (None = not given). One of our checkpoints always gives its
+    architecture and class count: an option or dataset contradicting them is a ConfigError saying so. Its other
+    model and test settings apply when it was trained on `dataset`; for a released mmseg model, the zoo's test
+    settings apply on its own dataset.
     """
     path = models.checkpoint_file(source)
     saved = read_saved_config(path)
     released = zoo.RELEASED.get(str(source))
     dataset = dataset or saved.get("dataset") or (released.dataset if released else "synthetic")
-    if saved.get("dataset") == dataset:
-        inherited = {k: saved[k] for k in MODEL_KEYS if k in saved}
+    if saved:
+        recorded = {key: saved[key] for key in ("model", "num_classes") if key in saved}
+        trained = f"{path} holds {saved.get('model')} with {saved.get('num_classes')} classes, trained on " \
+                  f"{saved.get('dataset')}"
+        for key, value in recorded.items():
+            if cli_values.get(key) is not None and cli_values[key] != value:
+                raise ConfigError(f"--{key.replace('_', '-')} {cli_values[key]} contradicts the checkpoint: {trained}")
+        classes = resolve_config(dataset, {}, {})["num_classes"]
+        if saved.get("dataset") != dataset and classes != recorded.get("num_classes"):
+            raise ConfigError(f"--dataset {dataset} has {classes} classes: {trained}")
+        inherited = {k: saved[k] for k in MODEL_KEYS if k in saved} if saved.get("dataset") == dataset else recorded
     elif released is not None and released.dataset == dataset:
         inherited = released.test_settings()
     else:

@@ -60,7 +60,7 @@ def get_args_parser():
     parser.add_argument("--workers", type=int, default=2, help="data loading workers")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", help="JSON result path (default: <checkpoint>.eval.json; for a download, "
-                                      "<file name>.eval.json here)")
+                                      "work_dirs/<file name>.eval.json)")
     parser.add_argument("--progress", action=flag, help="progress bar (on)")
     return parser
 
@@ -99,7 +99,9 @@ def main(args) -> int:
                 print(f"{released.name}: mIoU {metrics['mIoU']} here, {published} published by mmsegmentation "
                       f"({'ms+flip' if args.aug_test else 'single scale'}, {split} split)")
             downloaded = checkpoint != args.checkpoint  # then the result goes to the current folder, not the cache
-            out = Path(args.out or (f"{Path(checkpoint).stem}.eval.json" if downloaded else f"{checkpoint}.eval.json"))
+            out = Path(args.out or (f"work_dirs/{Path(checkpoint).stem}.eval.json" if downloaded
+                                    else f"{checkpoint}.eval.json"))
+            out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({**settings, **metrics}, indent=2))
             print(f"wrote {out}")
     return 0
