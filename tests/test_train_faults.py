@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from train import transforms as T
+from train.cli import TrainingError
 from train.config import resolve_config
 from train.distributed import DistributedContext
-from train.cli import TrainingError
 from train.engine import MetricsLog, PolyLR, next_batch, save_training_state
 from train.synthetic import SyntheticScenes
 from train.train import train_interval

@@ -154,3 +154,27 @@ def test_resume_skips_corrupt_checkpoints_and_failed_starts_change_nothing(tmp_p
     assert f"resumed from {work_dir / 'iter_2.pth'} at iteration 2" in resumed.stdout
     assert logged_iterations(work_dir) == [1, 2, 3, 4, 5, 6]
     assert torch.load(latest, weights_only=True)["iteration"] == 6
+
+
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
+    from test_train_loop import children_with_rank
+
+    work_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--monitor-interval=0.2", "train/train.py", *TINY, "--workers", "0", "--iterations", "200",
+               "--eval-interval", "200", "--ckpt-interval", "200", "--work-dir", str(work_dir)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_iteration(process, work_dir, 2)
+        (rank_1,) = children_with_rank(process.pid, rank=1)
+        os.kill(rank_1, signal.SIGTERM)  # rank 0 receives nothing: it learns of the stop from the all-reduce
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    (line,) = [line for line in stderr.splitlines() if line.startswith("SIGTERM at iteration ")]
+    stopped = int(line.split(" at iteration ")[1].split("/")[0])
+    assert "to continue: torchrun --nproc_per_node=2 train/train.py " in line
+    checkpoint = torch.load(work_dir / "latest.pth", weights_only=True)
+    assert checkpoint["iteration"] == stopped and len(checkpoint["rng_states"]) == 2
+    assert logged_iterations(work_dir) == list(range(1, stopped + 1))

@@ -295,7 +295,7 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(work_dir / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
+            self.writer = SummaryWriter(str(work_dir / "tensorboard"), purge_step=(resumed_at + 1) or None)
         except ImportError:
             self.writer = None
 

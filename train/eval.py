@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 
 import models
 from models import zoo
-from train.config import recipe_default
-from train.distributed import ShardSampler, process_group
 from train.cli import exit_status
+from train.config import recipe_default
 from train.datasets import build_split
+from train.distributed import ShardSampler, process_group
 from train.engine import build_model, checkpoint_config, class_names_for, evaluate
 from train.metrics import format_table
 from train.transforms import eval_transforms

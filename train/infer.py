@@ -21,10 +21,10 @@ from PIL import Image
 
 import models
 from train.classes import CLASSES, PALETTES
+from train.cli import exit_status
 from train.config import recipe_default
 from train.datasets import CorruptFileError, read_image
 from train.distributed import DistributedContext
-from train.cli import exit_status
 from train.engine import build_model, checkpoint_config, slide_windows
 from train.prediction import predict_scores
 from train.visualize import overlay

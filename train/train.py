@@ -31,8 +31,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import models
-from train.config import load_config_file, recipe_default, resolve_config, save_config
 from train.cli import EXIT_STATUS, StopSignals, TrainingError, exit_status, ignore_interrupts, unwritable
+from train.config import load_config_file, recipe_default, resolve_config, save_config
 from train.datasets import build_loaders
 from train.distributed import mean_over_processes, process_group
 from train.engine import (
