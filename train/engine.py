@@ -272,30 +272,38 @@ def save_predictions_png(model, dataset, config, device, path: Path) -> None:
     prediction_grid(rows, PALETTES.get(config["dataset"], PALETTES["synthetic"]), path)
 
 
+def _iteration_of(line: str, unreadable: int) -> int:
+    """The iteration of a metrics.jsonl line; `unreadable` for a line cut off by a killed run."""
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return unreadable
+
+
 class MetricsLog:
     """JSONL metrics file (one flushed line per record) plus TensorBoard scalars when tensorboard is installed.
 
-    `resumed_at`: the iteration a resumed run starts after; records of later iterations (written by the run that
-    was interrupted after its checkpoint) are dropped, from the file and from TensorBoard, so every iteration
-    appears once. A record that cannot be written raises TrainingError, ending with `note()`.
+    Records of iterations after `start_iteration` (those of a run that went on past the checkpoint this one resumes
+    from, or of an earlier run in the same work dir) are dropped, from the file and from TensorBoard, so every
+    iteration appears once. A record that cannot be written raises TrainingError, ending with `note()`.
     """
 
-    def __init__(self, work_dir: Path, enabled: bool, resumed_at: int = 0, note=lambda: ""):
+    def __init__(self, work_dir: Path, enabled: bool, start_iteration: int = 0, note=lambda: ""):
         self.enabled, self.note = enabled, note
         self.path = work_dir / "metrics.jsonl"
         self.writer = None
         if not enabled:
             return
-        if resumed_at and self.path.is_file():
+        if self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= resumed_at]
+                    if start_iteration and _iteration_of(line, start_iteration + 1) <= start_iteration]
             temporary = self.path.with_name(".metrics.jsonl.tmp")
             temporary.write_text("".join(line + "\n" for line in kept))
             os.replace(temporary, self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(work_dir / "tensorboard"), purge_step=(resumed_at + 1) or None)
+            self.writer = SummaryWriter(str(work_dir / "tensorboard"), purge_step=start_iteration + 1)
         except ImportError:
             self.writer = None
 

@@ -270,7 +270,7 @@ def run(config: dict, context, signals: StopSignals) -> int:
         if context.is_main:
             work_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, work_dir / "config.yaml")
-        metrics_log = MetricsLog(work_dir, context.is_main, resumed_at=start_iteration,
+        metrics_log = MetricsLog(work_dir, context.is_main, start_iteration,
                                  note=lambda: last_checkpoint_note(config))
     except OSError as error:
         raise TrainingError(f"{unwritable(error)}. {last_checkpoint_note(config)}") from None
