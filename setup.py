@@ -11,7 +11,7 @@ Environment switches:
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,7 +76,11 @@ def main():
     from torch.utils.cpp_extension import BuildExtension
 
     _default_max_jobs()
-    setup(ext_modules=get_extensions(), cmdclass={"build_ext": BuildExtension})
+    # The segmentor lives in the top-level models/ folder (the repository's layout) and is installed as
+    # annkernels.models; an editable install maps the same name onto the folder.
+    packages = find_packages(include=["annkernels", "annkernels.*"]) + ["annkernels.models"]
+    setup(packages=packages, package_dir={"annkernels.models": "models"}, ext_modules=get_extensions(),
+          cmdclass={"build_ext": BuildExtension})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
-"""ANN segmentation models with mmsegmentation-compatible structure and checkpoints."""
+"""ANN segmentation models with mmsegmentation-compatible structure and checkpoints.
 
-from models.ann import ARCHITECTURES, VARIANTS, ANNHead, ANNSegmentor, FCNHead, build_segmentor, segmentation_loss
-from models.checkpoint import (
+Installed as ``annkernels.models`` from the repository's top-level models/ folder (setup.py maps it).
+``annkernels.models.zoo`` (the released weights) loads on first use, so that ``python -m
+annkernels.models.zoo`` runs it as a script without importing it twice.
+"""
+
+import importlib
+
+from .ann import ARCHITECTURES, VARIANTS, ANNHead, ANNSegmentor, FCNHead, build_segmentor, segmentation_loss
+from .checkpoint import (
     CheckpointError,
     LoadResult,
     checkpoint_file,
@@ -10,8 +17,9 @@ from models.checkpoint import (
     read_checkpoint,
     unwrap_model,
 )
-from models.optimize import InferenceModel, fold_batchnorms, optimize_for_inference
-from models.resnet import ResNetV1c
+from .export import export_onnx
+from .optimize import InferenceModel, fold_batchnorms, optimize_for_inference
+from .resnet import ResNetV1c
 
 __all__ = [
     "ARCHITECTURES",
@@ -25,6 +33,7 @@ __all__ = [
     "ResNetV1c",
     "build_segmentor",
     "checkpoint_file",
+    "export_onnx",
     "fold_batchnorms",
     "load_checkpoint",
     "load_pretrained_backbone",
@@ -32,4 +41,11 @@ __all__ = [
     "read_checkpoint",
     "segmentation_loss",
     "unwrap_model",
+    "zoo",
 ]
+
+
+def __getattr__(name: str):
+    if name == "zoo":
+        return importlib.import_module(".zoo", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

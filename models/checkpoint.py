@@ -1,9 +1,10 @@
 """Loading our own, mmsegmentation's and ImageNet backbone checkpoints into an ANN segmentor.
 
-A source is a local path, an http(s) URL, a model zoo name (``python -m models.zoo``: mmseg's released ANN
-models, ``open-mmlab://resnet50_v1c`` and the other ImageNet backbones) or an already loaded object. URLs and
-zoo names are downloaded once into torch's hub cache (``torch.hub.get_dir()/checkpoints``) with torch.hub's
-own downloader; a file name carrying a hash prefix (``name-<sha256 prefix>.pth``, as mmseg's) is checked.
+A source is a local path, an http(s) URL, a model zoo name (``python -m annkernels.models.zoo``: mmseg's
+released ANN models, ``open-mmlab://resnet50_v1c`` and the other ImageNet backbones) or an already loaded
+object. URLs and zoo names are downloaded once into torch's hub cache (``torch.hub.get_dir()/checkpoints``)
+with torch.hub's own downloader; a file name carrying a hash prefix (``name-<sha256 prefix>.pth``, as mmseg's)
+is checked.
 
 Accepted contents:
 - our training checkpoints: ``{"model": state_dict, ...}``, keys possibly prefixed ``module.`` (DDP) or
@@ -33,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from models.ann import init_classifier
+from .ann import init_classifier
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 CLASSIFIER_SUFFIXES = ("conv_seg.weight", "conv_seg.bias")
@@ -109,7 +110,7 @@ def checkpoint_file(source: str | os.PathLike) -> str:
     Raises CheckpointError naming the URL and the cache path when a download fails or arrives corrupt; nothing
     is left in the cache then.
     """
-    from models import zoo  # here, not at the top: `python -m models.zoo` must be the module's first import
+    from . import zoo  # here, not at the top: `python -m annkernels.models.zoo` runs zoo as __main__
 
     source = os.fspath(source)
     if os.path.isfile(source):
@@ -122,7 +123,7 @@ def checkpoint_file(source: str | os.PathLike) -> str:
                                       f"{', '.join(zoo.OPEN_MMLAB + name for name in zoo.BACKBONES)}")
     if url is None:
         raise CheckpointNotFoundError(f"checkpoint not found: {source} is no file, http(s) URL or zoo name "
-                                      "(python -m models.zoo lists the names)")
+                                      "(python -m annkernels.models.zoo lists the names)")
     return _download(url)
 
 

@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from models.checkpoint import unwrap_model
+from .checkpoint import unwrap_model
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"

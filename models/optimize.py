@@ -18,8 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from annkernels.nn import AFNB, APNB
-from models.ann import ANNSegmentor
-from models.checkpoint import unwrap_model
+from .ann import ANNSegmentor
+from .checkpoint import unwrap_model
 
 
 def _conv_norm_pairs(module: nn.Module):

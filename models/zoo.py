@@ -1,10 +1,10 @@
 """Released weights: every ANN checkpoint mmsegmentation published (v0.5 results table, configs/ann) and the
 ImageNet ResNet-V1c backbones behind mmseg's ``open-mmlab://resnet{18,50,101}_v1c`` names.
 
-    python -m models.zoo        # lists them
+    python -m annkernels.models.zoo        # lists them
 
-``models.load_checkpoint`` / ``load_pretrained_backbone`` accept any of these names (and the URLs themselves);
-files are downloaded once into torch's hub cache.
+``annkernels.models.load_checkpoint`` / ``load_pretrained_backbone`` accept any of these names (and the URLs
+themselves); files are downloaded once into torch's hub cache.
 """
 
 from __future__ import annotations

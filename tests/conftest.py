@@ -1,7 +1,6 @@
 import contextlib
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +13,6 @@ if not torch.cuda.is_available():
 # Correctness tests take the first fitting autotune config instead of timing them all (a JIT compile
 # each); the switch is read by annkernels/triton/common.py.
 os.environ.setdefault("ANNKERNELS_TRITON_AUTOTUNE", "0")
-
-# models/ and train/ are imported from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import annkernels  # noqa: E402
 

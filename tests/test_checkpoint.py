@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_close
 
-import models
-from models.checkpoint import CheckpointError
+from annkernels import models
+from annkernels.models.checkpoint import CheckpointError
 
 SCALES = (1, 3, 6, 8)
 KEY_CHANNELS = 256

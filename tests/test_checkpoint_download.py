@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
-from models import zoo
-from models.checkpoint import CheckpointError, checkpoint_file
+from annkernels import models
+from annkernels.models import zoo
+from annkernels.models.checkpoint import CheckpointError, checkpoint_file
 from train.config import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]

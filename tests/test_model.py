@@ -16,8 +16,8 @@ from conftest import assert_close
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import annkernels
-import models
-from models.optimize import fold_batchnorms
+from annkernels import models
+from annkernels.models.optimize import fold_batchnorms
 
 # docs/ann-spec.md §1.2 (counted from mmseg 1.2.2's model; APNB's shared key/query projection counted once).
 BACKBONE_PARAMS = {"ann_r50_d8": 23_527_264, "ann_r101_d8": 42_519_392}

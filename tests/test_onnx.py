@@ -6,8 +6,8 @@ import torch
 from conftest import assert_close
 
 import annkernels
-import models
-from models.export import export_onnx
+from annkernels import models
+from annkernels.models.export import export_onnx
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")

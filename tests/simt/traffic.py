@@ -1,6 +1,6 @@
 """Global memory traffic of each CUDA kernel under the emulator, against its minimal-traffic model.
 
-    python tests/simt/traffic.py
+    python -m tests.simt.traffic        # from the repository root
 
 The model is every input read once and every output written once (attention: Q, K, V -> O and the fp32
 log-sum-exp; its backward: dO, Q, K, V -> dQ, dK, dV; pyramid pooling: input -> output and back). The
@@ -8,13 +8,9 @@ emulator counts the bytes each launch's loads and stores touch, before any cache
 re-reading (or workspace traffic) that a GPU's L2 may or may not absorb.
 """
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simt import Emulator  # noqa: E402
+from . import Emulator
 
 
 def _channel_first(batch, rows, dim, dtype):
