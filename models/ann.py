@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from annkernels.nn import AFNB, APNB, ConvModule, NormLayer
+
 from .resnet import ResNetV1c
 
 POOL_SCALES = (1, 3, 6, 8)

@@ -14,13 +14,18 @@ Accepted contents:
 - mmseg ImageNet ResNet-V1c checkpoints (keys without ``backbone.``, plus ``fc.*``), through
   ``load_pretrained_backbone``.
 
-Files are read with ``torch.load(weights_only=True)``: nothing in the file is executed. Checkpoints whose
-metadata pickles other objects (numpy scalars, mmengine message hubs, ...) are still readable: those objects
-are replaced by inert ``UnloadedObject`` placeholders (with a warning) and the tensors load as usual.
+- safetensors files (``*.safetensors``, e.g. written by ``python -m annkernels.models.convert``): the tensors,
+  plus our training config when the file's metadata carries it as JSON under ``config``.
+
+Files are read with ``torch.load(weights_only=True)`` or with safetensors: nothing in the file is executed.
+Checkpoints whose metadata pickles other objects (numpy scalars, mmengine message hubs, ...) are still readable:
+those objects are replaced by inert ``UnloadedObject`` placeholders (with a warning) and the tensors load as
+usual.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -45,6 +50,8 @@ _LISTED_KEYS = 12  # keys shown per category in error messages
 # The sha256 prefix in names like resnet50_v1c-2cccc1ad.pth. torch.hub's own pattern also takes "-d8." in
 # "ann_r50-d8.pth" for a hash, so at least 8 hex digits are required here.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.")
+SAFETENSORS_SUFFIX = ".safetensors"
+CONFIG_METADATA_KEY = "config"  # safetensors metadata entry holding the training config as JSON
 
 
 class CheckpointError(RuntimeError):
@@ -77,10 +84,13 @@ class UnloadedObject:
 
 
 def read_checkpoint(path: str | os.PathLike) -> object:
-    """torch.load on CPU with weights_only=True; unknown metadata globals become UnloadedObject placeholders."""
+    """torch.load on CPU with weights_only=True; unknown metadata globals become UnloadedObject placeholders.
+    A ``.safetensors`` file reads as ``{"model": tensors}``, plus ``"config"`` when its metadata has one."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(SAFETENSORS_SUFFIX):
+        return _read_safetensors(path)
     placeholders: dict[str, tuple[type, str]] = {}
     while True:
         try:
@@ -100,6 +110,28 @@ def read_checkpoint(path: str | os.PathLike) -> object:
         warnings.warn(f"{path}: metadata objects of type {', '.join(placeholders)} were not unpickled "
                       "(weights_only loading runs no code from the file); they are UnloadedObject placeholders. "
                       "The tensors are unaffected.", stacklevel=3)
+    return checkpoint
+
+
+def _read_safetensors(path: str) -> dict:
+    try:
+        from safetensors import safe_open
+    except ImportError as error:
+        raise CheckpointError(f"reading {path} needs the safetensors package: pip install safetensors") from error
+    try:
+        with safe_open(path, framework="pt", device="cpu") as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except Exception as error:
+        raise CheckpointError(f"cannot read safetensors file {path} (corrupt or not a safetensors file): "
+                              f"{type(error).__name__}: {_first_line(error)}") from error
+    checkpoint: dict = {"model": tensors}
+    if CONFIG_METADATA_KEY in metadata:
+        try:
+            checkpoint["config"] = json.loads(metadata[CONFIG_METADATA_KEY])
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{path}: its metadata entry {CONFIG_METADATA_KEY!r} is not JSON "
+                                  f"({error})") from error
     return checkpoint
 
 

@@ -1,43 +1,65 @@
-"""ONNX export of an ANN segmentor at a fixed input size with a dynamic batch dimension.
+"""ONNX export of an ANN segmentor, at a fixed input size or at any size, and an ONNX Runtime runner for it.
 
 ``adaptive_avg_pool2d`` to 3x3/6x6/8x8 has no ONNX form when the sizes do not divide the feature map
-(pytorch#42653, mmsegmentation#1840). At a fixed H x W the pyramid pooling is a constant linear map, so the
-reference backend of annkernels, when ``torch.onnx.is_in_onnx_export()``, computes it as
-``x.flatten(2) @ M`` with M = ``annkernels.ops.reference.pooling_matrix(h, w, scales)`` [h*w, S]: one MatMul
-whose batch dimension stays free. annkernels resolves every backend to the reference one during an export,
-which also keeps its custom ops out of the graph.
+(pytorch#42653, mmsegmentation#1840). annkernels resolves every backend to the reference one during an export,
+which keeps its custom ops out of the graph, and the reference computes the pyramid pooling as one MatMul with a
+constant [h*w, S] matrix built for the traced map size (``annkernels.ops.reference.pooling_matrix``): exact,
+but only at that size.
+
+With ``dynamic_size=True`` the pooling is built in the graph from the runtime map size instead
+(``pyramid_pool_in_graph``): per scale s and axis of length n, bin i averages positions
+[floor(i*n/s), ceil((i+1)*n/s)), adaptive pooling's own bins, as an [s, n] averaging matrix made from Range,
+integer Div and comparisons; the pooled map is rows @ x @ cols^T. Every bin holds at least one position for
+any n >= 1, so maps smaller than the scales (an 8x8 pool of a 3x5 map) are exact too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from annkernels.ops import reference
 
 from .checkpoint import unwrap_model
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+# ONNX metadata_props keys read back by OnnxSegmentor.
+RESIZED_KEY = "annkernels.resized_to_input"
+ALIGN_CORNERS_KEY = "annkernels.align_corners"
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, height: int, width: int, opset: int | None = None,
-                example_batch: int = 2, dynamo: bool = False) -> str:
+def export_onnx(model: nn.Module, path: str | os.PathLike, height: int, width: int, dynamic_size: bool = False,
+                resize_to_input: bool = False, opset: int | None = None, example_batch: int = 2,
+                dynamo: bool = False) -> str:
     """Export ``model`` (eval-mode main logits) to ONNX.
 
     Args:
         model: an ANNSegmentor; exported in eval mode (its mode is restored afterwards).
         path: output .onnx file.
-        height, width: the fixed input size; the pooling matrices are built for its 1/8-resolution map.
+        height, width: the size of the tracing input. With dynamic_size=False also the only size the graph
+            accepts (its pooling matrices are built for that size's 1/8-resolution map).
+        dynamic_size: export height and width as free dimensions; the pyramid pooling, the padding and the
+            final resize follow the runtime size. Exact at every size (see the module docstring).
+        resize_to_input: end the graph with ``model.predict``'s bilinear resize to the input size, so the
+            output is [batch, K, H, W]; otherwise it is the 1/8-resolution [batch, K, ceil(H/8), ceil(W/8)].
         opset: ONNX opset (None: the exporter's default).
-        example_batch: batch of the tracing input (the exported batch dimension is dynamic; 2 avoids
+        example_batch: batch of the tracing input (the exported batch dimension is always dynamic; 2 avoids
             torch.export specialising a size-1 dimension).
-        dynamo: False uses the TorchScript exporter (deprecated since torch 2.9, but ~20x faster here: 3 s
-            versus 73 s for ann_r18_d8 on 2 shared cores); True uses the torch.export-based one. Both give
-            a graph without adaptive pooling and matched PyTorch to ~1e-5 in our check.
+        dynamo: False (the default, and the one tested) uses the TorchScript exporter, which is deprecated
+            since torch 2.9 but exports both the fixed and the dynamic-size graph on torch 2.11 and 2.13, in
+            ~3 s (fixed) and ~5 s (dynamic) for ann_r18_d8 on 2 shared cores. True uses the torch.export-based
+            exporter: it gives the same fixed-size graph in ~70 s and is not tested with dynamic_size.
 
     Returns:
-        The path. Graph: input "images" [batch, 3, height, width] float32 -> "logits" [batch, K, h, w].
+        The path. Graph: input "images" [batch, 3, height, width] float32 -> output "logits"; the metadata
+        records whether the output is already at the input size and the model's align_corners, which
+        ``OnnxSegmentor`` reads.
     """
     for name, value in (("height", height), ("width", width), ("example_batch", example_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -45,16 +67,132 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, height: int, width: i
     model = unwrap_model(model)
     parameter = next(model.parameters())
     images = torch.randn(example_batch, 3, height, width, dtype=parameter.dtype, device=parameter.device)
+    network = _Predictor(model) if resize_to_input else model
+    spatial = {2: "height", 3: "width"} if dynamic_size else {}
+    output_spatial = ({2: "height", 3: "width"} if resize_to_input else {2: "map_height", 3: "map_width"}) \
+        if dynamic_size else {}
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _pooling_for(dynamic_size):
             if dynamo:
-                dynamic = {"dynamic_shapes": {"images": {0: torch.export.Dim("batch", min=1)}}}
+                dimensions = {0: torch.export.Dim("batch", min=1)}
+                dimensions.update({axis: torch.export.Dim(name, min=1) for axis, name in spatial.items()})
+                dynamic = {"dynamic_shapes": {"images": dimensions}}
             else:
-                dynamic = {"dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}}
-            torch.onnx.export(model, (images,), os.fspath(path), input_names=[INPUT_NAME],
+                dynamic = {"dynamic_axes": {INPUT_NAME: {0: "batch", **spatial},
+                                            OUTPUT_NAME: {0: "batch", **output_spatial}}}
+            torch.onnx.export(network, (images,), os.fspath(path), input_names=[INPUT_NAME],
                               output_names=[OUTPUT_NAME], opset_version=opset, dynamo=dynamo, **dynamic)
     finally:
         model.train(was_training)
+    _write_metadata(path, {RESIZED_KEY: str(resize_to_input), ALIGN_CORNERS_KEY: str(model.align_corners)})
     return os.fspath(path)
+
+
+def pyramid_pool_in_graph(x: torch.Tensor, scales: Sequence[int]) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, S], equal to ``torch.cat([F.adaptive_avg_pool2d(x, s).flatten(2) for s in scales],
+    2)``, written with tensor ops on the map's size so that an ONNX export keeps H and W free."""
+    height, width = _runtime_size(x)
+    pooled = [torch.matmul(torch.matmul(_averaging_matrix(height, s, x), x), _averaging_matrix(width, s, x).t())
+              for s in scales]
+    return torch.cat([p.flatten(2) for p in pooled], dim=2)
+
+
+def _averaging_matrix(size, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """[bins, size] matrix whose row i averages positions [floor(i*size/bins), ceil((i+1)*size/bins))."""
+    index = torch.arange(bins, device=like.device)
+    start = torch.div(index * size, bins, rounding_mode="floor")
+    end = torch.div((index + 1) * size + (bins - 1), bins, rounding_mode="floor")
+    position = torch.arange(size, device=like.device)
+    member = (position[None, :] >= start[:, None]) & (position[None, :] < end[:, None])
+    return member.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+
+def _runtime_size(x: torch.Tensor):
+    """(H, W) of x as values the exporter records: 0-dim int64 tensors (Shape -> Gather in the graph) under the
+    TorchScript exporter, symbolic ints under torch.export, plain ints in eager mode."""
+    if torch.jit.is_tracing():
+        shape = torch._shape_as_tensor(x)
+        return shape[-2], shape[-1]
+    return x.shape[-2], x.shape[-1]
+
+
+@contextlib.contextmanager
+def _pooling_for(dynamic_size: bool):
+    """During a dynamic-size export, the reference backend's pyramid pooling is the in-graph one: the
+    reference's own export form builds its matrix from the traced size as Python ints, a constant."""
+    if not dynamic_size:
+        yield
+        return
+    fixed_size_pooling = reference.pyramid_pool
+    reference.pyramid_pool = pyramid_pool_in_graph
+    try:
+        yield
+    finally:
+        reference.pyramid_pool = fixed_size_pooling
+
+
+class _Predictor(nn.Module):
+    """model.predict as a module's forward, for the exporter."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.predict(images)
+
+
+def _write_metadata(path, entries: dict[str, str]) -> None:
+    import onnx
+
+    exported = onnx.load(os.fspath(path))
+    for key, value in entries.items():
+        exported.metadata_props.add(key=key, value=value)
+    onnx.save(exported, os.fspath(path))
+
+
+class OnnxSegmentor:
+    """An exported segmentor run by ONNX Runtime, called like the PyTorch model.
+
+    ``runner(images)`` gives the graph's logits and ``runner.predict(images)`` the logits at the input size
+    (resized bilinearly, as ANNSegmentor.predict, when the graph ends at 1/8 resolution), so it can stand in for
+    the model in train/prediction.py. Images: normalised float [B, 3, H, W] tensors or arrays; a fixed-size
+    graph takes only its own H x W.
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",)):
+        import onnxruntime
+
+        self.path = os.fspath(path)
+        self.session = onnxruntime.InferenceSession(self.path, providers=list(providers))
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.resized_to_input = metadata.get(RESIZED_KEY) == "True"
+        self.align_corners = metadata.get(ALIGN_CORNERS_KEY) == "True"
+        height, width = self.session.get_inputs()[0].shape[2:]
+        # A named (str) dimension is free; an int one is the size the graph was exported for.
+        self.input_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
+
+    def __call__(self, images) -> torch.Tensor:
+        images = torch.as_tensor(images)
+        self._check(images)
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: array})
+        return torch.from_numpy(logits).to(images.device)
+
+    def predict(self, images) -> torch.Tensor:
+        images = torch.as_tensor(images)
+        logits = self(images)
+        if self.resized_to_input:
+            return logits
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+
+    def _check(self, images: torch.Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.path}: images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        if images.numel() == 0:
+            raise ValueError(f"{self.path}: images must not be empty, got shape {tuple(images.shape)}")
+        if self.input_size is not None and tuple(images.shape[2:]) != self.input_size:
+            raise ValueError(f"{self.path} was exported for {self.input_size[0]}x{self.input_size[1]} images, got "
+                             f"{images.shape[2]}x{images.shape[3]}: resize them, or export with dynamic_size=True")

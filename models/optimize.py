@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from annkernels.nn import AFNB, APNB
+
 from .ann import ANNSegmentor
 from .checkpoint import unwrap_model
 
