@@ -18,7 +18,7 @@ import torch
 from annkernels import models
 from annkernels.models import zoo
 from annkernels.models.checkpoint import CheckpointError, checkpoint_file
-from train.config import RECIPES
+from annkernels.train.config import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,7 +236,7 @@ def test_train_from_a_pretrained_url_for_two_iterations(server, hub_cache, tmp_p
 
 
 def test_evaluating_a_released_model_prints_the_published_figure(server, hub_cache, monkeypatch, tmp_path, capsys):
-    from train.eval import get_args_parser, main
+    from annkernels.train.eval import get_args_parser, main
 
     base, files, _ = server
     data = mmseg_file(segmentor_weights(num_classes=6))  # the synthetic scenes' 6 classes

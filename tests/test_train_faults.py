@@ -15,13 +15,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from train import transforms as T
-from train.cli import TrainingError
-from train.config import resolve_config
-from train.distributed import DistributedContext
-from train.engine import MetricsLog, PolyLR, next_batch, save_training_state
-from train.synthetic import SyntheticScenes
-from train.train import train_interval
+from annkernels.train import transforms as T
+from annkernels.train.cli import TrainingError
+from annkernels.train.config import resolve_config
+from annkernels.train.distributed import DistributedContext
+from annkernels.train.metrics import MetricsLog
+from annkernels.train.synthetic import SyntheticScenes
+from annkernels.train.train import PolyLR, next_batch, save_training_state, train_interval
 
 
 class PixelClassifier(nn.Module):
@@ -42,7 +42,7 @@ def tiny_setup(tmp_path, **overrides):
     batch = torch.utils.data.default_collate([dataset[i] for i in range(2)])
     model = PixelClassifier()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    return config, batch, model, optimizer, PolyLR(optimizer, config["iterations"])
+    return config, batch, model, optimizer, PolyLR(optimizer, config.iterations)
 
 
 def test_non_finite_loss_stops_before_the_update_naming_iteration_and_terms(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train.synthetic import SyntheticScenes
+from annkernels.train.synthetic import SyntheticScenes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,9 +5,9 @@ import os
 import signal
 import sys
 
-import models
-from train.config import ConfigError
-from train.datasets import CorruptFileError, DatasetLayoutError
+from annkernels import models
+from annkernels.train.config import ConfigError
+from annkernels.train.datasets import CorruptFileError, DatasetLayoutError
 
 # 128 + the signal number, as a shell reports a process that a signal stopped.
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}

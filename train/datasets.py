@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from train import transforms as T
-from train.distributed import ShardSampler
-from train.synthetic import SyntheticScenes
+from annkernels.train import transforms as T
+from annkernels.train.config import TrainConfig
+from annkernels.train.distributed import ShardSampler
+from annkernels.train.synthetic import SyntheticScenes
 
 CITYSCAPES_LAYOUT = """\
 <root>/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png
@@ -226,28 +227,33 @@ class SeededAugmentation(Dataset):
             random.setstate(state)
 
 
-def build_split(config: dict, split: str, transforms, synthetic_length: int):
+def build_split(config: TrainConfig, split: str, transforms, synthetic_length: int):
     """One split of the configured dataset; for the synthetic scenes, `synthetic_length` of them."""
     options = {}
-    if config["dataset"] == "synthetic":
-        options = dict(size=config["synthetic_size"], seed=config["seed"], length=synthetic_length)
-    return build_dataset(config["dataset"], config["data_root"], split, transforms, **options)
+    if config.dataset == "synthetic":
+        options = dict(size=config.synthetic_size, seed=config.seed, length=synthetic_length)
+    return build_dataset(config.dataset, config.data_root, split, transforms, **options)
 
 
-def build_loaders(config: dict, context, start_iteration: int = 0, worker_init_fn=None):
+def build_datasets(config: TrainConfig):
+    """(training set, validation set) of the configured dataset; a missing layout or file fails here."""
+    train_transforms = T.train_transforms(config.scale, config.crop_size, config.ratio_range, config.cat_max_ratio,
+                                          config.photometric)
+    train_set = build_split(config, config.train_split, train_transforms, config.synthetic_train_length)
+    val_set = build_split(config, config.val_split, T.eval_transforms(), config.synthetic_val_length)
+    return train_set, val_set
+
+
+def build_loaders(train_set, val_set, config: TrainConfig, context, start_iteration: int = 0, worker_init_fn=None):
     """Training loader (endless, sharded over processes, from batch `start_iteration` on) and validation loader
     (each image scored once). Both draw their workers' seeds from their own generator, not torch's global one,
     whose stream the model's dropout follows."""
-    train_transforms = T.train_transforms(config["scale"], config["crop_size"], config["ratio_range"],
-                                          config["cat_max_ratio"], config["photometric"])
-    train_set = build_split(config, config["train_split"], train_transforms, config["synthetic_train_length"])
-    val_set = build_split(config, config["val_split"], T.eval_transforms(), config["synthetic_val_length"])
-    sampler = InfiniteShardSampler(len(train_set), config["seed"], context.rank, context.world_size,
-                                   start=start_iteration * config["batch_size"])
-    options = dict(num_workers=config["workers"], pin_memory=context.device.type == "cuda",
-                   worker_init_fn=worker_init_fn, generator=torch.Generator().manual_seed(config["seed"]))
-    train_loader = DataLoader(SeededAugmentation(train_set, config["seed"], context.rank),
-                              batch_size=config["batch_size"], sampler=sampler, **options)
+    sampler = InfiniteShardSampler(len(train_set), config.seed, context.rank, context.world_size,
+                                   start=start_iteration * config.batch_size)
+    options = dict(num_workers=config.workers, pin_memory=context.device.type == "cuda",
+                   worker_init_fn=worker_init_fn, generator=torch.Generator().manual_seed(config.seed))
+    train_loader = DataLoader(SeededAugmentation(train_set, config.seed, context.rank), batch_size=config.batch_size,
+                              sampler=sampler, **options)
     val_loader = DataLoader(val_set, batch_size=1, sampler=ShardSampler(len(val_set), context),
-                            persistent_workers=config["workers"] > 0, **options)
+                            persistent_workers=config.workers > 0, **options)
     return train_loader, val_loader

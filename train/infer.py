@@ -7,27 +7,21 @@ Any image size; grayscale, palette and RGBA inputs are converted to RGB. Masks a
 values are the class ids and their colours are the dataset's palette.
 """
 
+import argparse
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python train/infer.py`: import `train` the package, not train/train.py
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse
 
 import numpy as np
 import torch
 from PIL import Image
 
-import models
-from train.classes import CLASSES, PALETTES
-from train.cli import exit_status
-from train.config import recipe_default
-from train.datasets import CorruptFileError, read_image
-from train.distributed import DistributedContext
-from train.engine import build_model, checkpoint_config, slide_windows
-from train.prediction import predict_scores
-from train.visualize import overlay
+from annkernels import models
+from annkernels.train.classes import CLASSES, PALETTES
+from annkernels.train.cli import exit_status
+from annkernels.train.config import checkpoint_config, recipe_default
+from annkernels.train.datasets import CorruptFileError, read_image
+from annkernels.train.prediction import predict_scores, slide_windows
+from annkernels.train.visualize import overlay
 
 
 def get_args_parser():
@@ -76,14 +70,14 @@ def main(args) -> int:
     cli = dict(model=args.model, num_classes=args.num_classes, scale=args.scale, align_corners=args.align_corners,
                eval_mode=args.mode, eval_crop_size=args.crop_size, eval_stride=args.stride)
     config, checkpoint = checkpoint_config(args.checkpoint, args.dataset, cli)
-    dataset = config["dataset"]
+    dataset = config.dataset
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(dict(config, sync_bn=False), DistributedContext(device=device))
+    model = config.segmentor()
     models.load_checkpoint(model, checkpoint)
     model.to(device).eval()
     if args.fast:
         model = models.optimize_for_inference(model)
-    palette = PALETTES[dataset] if len(PALETTES[dataset]) >= config["num_classes"] else PALETTES["ade20k"]
+    palette = PALETTES[dataset] if len(PALETTES[dataset]) >= config.num_classes else PALETTES["ade20k"]
     crop_size, stride = slide_windows(config)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.checkpoint, checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,9 +91,9 @@ def main(args) -> int:
             failed += 1
             continue
         tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(device)
-        scores = predict_scores(model, tensor, config["scale"], config["num_classes"], mode=config["eval_mode"],
+        scores = predict_scores(model, tensor, config.scale, config.num_classes, mode=config.eval_mode,
                                 crop_size=crop_size, stride=stride, aug_test=args.aug_test,
-                                align_corners=config["align_corners"])
+                                align_corners=config.align_corners)
         prediction = scores.argmax(1)[0].cpu().numpy().astype(np.uint8)
         stem = Path(path).stem
         palette_image(prediction, palette).save(out_dir / f"{stem}_mask.png")
