@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from annkernels.train.config import ConfigError, load_config_file, resolve_config, save_config
+from annkernels.train.config import ConfigError, checkpoint_config, load_config_file, resolve_config, save_config
 from annkernels.train.train import config_from_args, get_args_parser
 
 
@@ -49,3 +50,19 @@ def test_bad_config_values_are_clear_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config_file(tmp_path / "list.yaml")
+
+
+def test_checkpoints_keep_the_config_as_a_plain_mapping_that_loads_back(tmp_path):
+    """A checkpoint stores TrainConfig.as_dict(): the keys the dict config of earlier versions had, so their
+    checkpoints and ours read the same way; eval/infer rebuild the same settings from it."""
+    config = resolve_config("synthetic", {}, {"iterations": 7, "num_classes": 4, "scale": [48, 40]})
+    saved = config.as_dict()
+    assert isinstance(saved, dict) and saved["scale"] == (48, 40) and saved["num_classes"] == 4
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {}, "config": saved}, path)
+    loaded, file = checkpoint_config(str(path), None, {})
+    assert file == str(path)
+    assert (loaded.dataset, loaded.model, loaded.num_classes, loaded.scale) == ("synthetic", "ann_r18_d8", 4, (48, 40))
+    assert resolve_config("synthetic", {k: v for k, v in saved.items() if k != "dataset"}, {}) == config
+    with pytest.raises(ConfigError, match=r"--num-classes 6 contradicts the checkpoint: .* holds ann_r18_d8 with 4"):
+        checkpoint_config(str(path), None, {"num_classes": 6})
