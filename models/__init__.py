@@ -17,7 +17,7 @@ from .checkpoint import (
     read_checkpoint,
     unwrap_model,
 )
-from .export import export_onnx
+from .export import OnnxSegmentor, export_onnx
 from .optimize import InferenceModel, fold_batchnorms, optimize_for_inference
 from .resnet import ResNetV1c
 
@@ -30,6 +30,7 @@ __all__ = [
     "FCNHead",
     "InferenceModel",
     "LoadResult",
+    "OnnxSegmentor",
     "ResNetV1c",
     "build_segmentor",
     "checkpoint_file",

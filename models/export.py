@@ -32,6 +32,7 @@ OUTPUT_NAME = "logits"
 # ONNX metadata_props keys read back by OnnxSegmentor.
 RESIZED_KEY = "annkernels.resized_to_input"
 ALIGN_CORNERS_KEY = "annkernels.align_corners"
+NUM_CLASSES_KEY = "annkernels.num_classes"  # the output's shape may not carry it (Resize's shape inference)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, height: int, width: int, dynamic_size: bool = False,
@@ -58,8 +59,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, height: int, width: i
 
     Returns:
         The path. Graph: input "images" [batch, 3, height, width] float32 -> output "logits"; the metadata
-        records whether the output is already at the input size and the model's align_corners, which
-        ``OnnxSegmentor`` reads.
+        records whether the output is already at the input size, the model's align_corners and its class
+        count, which ``OnnxSegmentor`` reads.
     """
     for name, value in (("height", height), ("width", width), ("example_batch", example_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -86,7 +87,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, height: int, width: i
                               output_names=[OUTPUT_NAME], opset_version=opset, dynamo=dynamo, **dynamic)
     finally:
         model.train(was_training)
-    _write_metadata(path, {RESIZED_KEY: str(resize_to_input), ALIGN_CORNERS_KEY: str(model.align_corners)})
+    _write_metadata(path, {RESIZED_KEY: str(resize_to_input), ALIGN_CORNERS_KEY: str(model.align_corners),
+                           NUM_CLASSES_KEY: str(model.num_classes)})
     return os.fspath(path)
 
 
@@ -168,8 +170,12 @@ class OnnxSegmentor:
         self.path = os.fspath(path)
         self.session = onnxruntime.InferenceSession(self.path, providers=list(providers))
         metadata = self.session.get_modelmeta().custom_metadata_map
+        if NUM_CLASSES_KEY not in metadata:
+            raise ValueError(f"{self.path} was not written by annkernels' export_onnx (no {NUM_CLASSES_KEY} "
+                             "metadata): export it again")
         self.resized_to_input = metadata.get(RESIZED_KEY) == "True"
         self.align_corners = metadata.get(ALIGN_CORNERS_KEY) == "True"
+        self.num_classes = int(metadata[NUM_CLASSES_KEY])
         height, width = self.session.get_inputs()[0].shape[2:]
         # A named (str) dimension is free; an int one is the size the graph was exported for.
         self.input_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None

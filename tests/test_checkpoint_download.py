@@ -196,6 +196,48 @@ def test_zoo_name_downloads_its_url(server, hub_cache, monkeypatch):
     assert all(torch.equal(value, weights[key]) for key, value in model.state_dict().items())
 
 
+def safetensors_file(state_dict: dict, tmp_path) -> bytes:
+    from annkernels.models.convert import to_safetensors
+
+    return Path(to_safetensors(state_dict, tmp_path / "weights.safetensors")).read_bytes()
+
+
+def test_safetensors_urls_and_zoo_entries_download_and_load(server, hub_cache, monkeypatch, tmp_path):
+    pytest.importorskip("safetensors")
+    base, files, requests = server
+    weights = segmentor_weights(seed=4)
+    data = safetensors_file(weights, tmp_path)
+    name = f"ann_r18-d8_synthetic-{hashlib.sha256(data).hexdigest()[:8]}.safetensors"
+    files[f"/{name}"] = data
+    entry = zoo.Released("ann_r18-d8_32x32_1k_synthetic", "synthetic", "ann_r18_d8", (32, 32), 1000,
+                         f"{base}/{name}", 12.34, 23.45)
+    monkeypatch.setitem(zoo.RELEASED, entry.name, entry)
+
+    for source in (f"{base}/{name}", entry.name):  # the second finds the file in the cache
+        model = models.build_segmentor("ann_r18_d8", 5)
+        models.load_checkpoint(model, source)
+        assert all(torch.equal(value, weights[key]) for key, value in model.state_dict().items())
+    assert requests == [f"/{name}"] and cache_listing(hub_cache) == [name]
+
+    # A zoo name is a source of the converter too, and torch.hub.load takes it as `pretrained`.
+    from annkernels.models.convert import to_safetensors
+
+    copy = to_safetensors(entry.name, tmp_path / "copy.safetensors")
+    assert Path(copy).read_bytes() == data
+    hub_model = torch.hub.load(str(REPO), "ann_r18_d8", source="local", pretrained=entry.name)
+    assert hub_model.num_classes == 5 and not hub_model.training
+    assert all(torch.equal(value, weights[key]) for key, value in hub_model.state_dict().items())
+
+
+def test_a_safetensors_download_cut_off_midway_leaves_nothing(server, hub_cache, tmp_path):
+    pytest.importorskip("safetensors")
+    base, files, _ = server
+    files["/model.safetensors"] = safetensors_file(segmentor_weights(), tmp_path)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint.*cannot read safetensors file"):
+        checkpoint_file(f"{base}/cut/model.safetensors")
+    assert cache_listing(hub_cache) == []
+
+
 def test_open_mmlab_names_load_the_imagenet_backbone(server, hub_cache, monkeypatch):
     base, files, requests = server
     weights = imagenet_weights()

@@ -146,3 +146,50 @@ def test_export_rejects_bad_size(tmp_path):
     model = models.build_segmentor("ann_r18_d8", 3)
     with pytest.raises(ValueError, match="height"):
         export_onnx(model, tmp_path / "m.onnx", 0, 32)
+
+
+def test_infer_runs_an_exported_model_on_images_of_any_size(dynamic_export, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from annkernels.train.infer import get_args_parser, main
+    from annkernels.train.prediction import predict_scores
+
+    model, runner = dynamic_export
+    rng = np.random.default_rng(0)
+    paths = []
+    for height, width in ((37, 53), (70, 45)):
+        paths.append(tmp_path / f"photo_{height}x{width}.png")
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(paths[-1])
+    args = get_args_parser().parse_args(["--onnx", runner.path, "--out-dir", str(tmp_path / "out"), "--device", "cpu",
+                                         *map(str, paths)])
+    assert main(args) == 0
+
+    for path in paths:
+        image = np.array(Image.open(path))
+        mask = np.array(Image.open(tmp_path / "out" / f"{path.stem}_mask.png"))
+        assert mask.shape == image.shape[:2] and (tmp_path / "out" / f"{path.stem}_overlay.png").is_file()
+        scores = predict_scores(model, torch.from_numpy(image).permute(2, 0, 1)[None], (64, 64), NUM_CLASSES)
+        agreement = (torch.from_numpy(mask.astype(np.int64)) == scores.argmax(1)[0]).double().mean().item()
+        assert agreement >= 0.999, f"{path.name}: the ONNX mask agrees with PyTorch's on {agreement:.2%} of pixels"
+
+
+def test_convert_command_exports_a_checkpoint(tmp_path, capsys):
+    from annkernels.models.convert import main as convert_main
+
+    model = random_segmentor(fastest_backend()).eval()
+    source = tmp_path / "iter_10.pth"
+    torch.save({"model": model.state_dict(), "config": {"model": "ann_r18_d8", "dataset": "synthetic"}}, source)
+    destination = tmp_path / "ann.onnx"
+
+    assert convert_main([str(source), str(destination), "--size", str(HEIGHT), str(WIDTH)]) == 0
+
+    runner = OnnxSegmentor(destination)
+    assert runner.input_size == (HEIGHT, WIDTH) and runner.num_classes == NUM_CLASSES
+    images = torch.randn(1, 3, HEIGHT, WIDTH)
+    with torch.no_grad():
+        expected = model(images)
+    assert_close(runner(images), expected, 1e-4 * expected.abs().max().item(), 1e-4, "converted graph")
+    torch.save(model.state_dict(), tmp_path / "bare.pth")  # no config, no zoo entry: the architecture is unknown
+    assert convert_main([str(tmp_path / "bare.pth"), str(destination)]) == 1
+    assert "does not say its architecture: pass it (--model" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     python train/infer.py --checkpoint work_dirs/synthetic_ann_r18_d8/latest.pth scene.png
     python train/infer.py --checkpoint ann_r50-d8_512x512_80k_ade20k photos/*.jpg   # mmseg's released model
+    python train/infer.py --onnx ann.onnx --dataset ade20k photos/*.jpg   # an exported model, by ONNX Runtime
 
 Any image size; grayscale, palette and RGBA inputs are converted to RGB. Masks are palette PNGs: their pixel
 values are the class ids and their colours are the dataset's palette.
@@ -18,7 +19,7 @@ from PIL import Image
 from annkernels import models
 from annkernels.train.classes import CLASSES, PALETTES
 from annkernels.train.cli import exit_status
-from annkernels.train.config import checkpoint_config, recipe_default
+from annkernels.train.config import ConfigError, checkpoint_config, recipe_default, resolve_config
 from annkernels.train.datasets import CorruptFileError, read_image
 from annkernels.train.prediction import predict_scores, slide_windows
 from annkernels.train.visualize import overlay
@@ -28,8 +29,11 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Segment images with an ANN checkpoint")
     flag = argparse.BooleanOptionalAction
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--checkpoint", required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint",
                         help="our checkpoint or an mmseg ANN checkpoint: file, URL or zoo name (python -m models.zoo)")
+    source.add_argument("--onnx", help="a model exported by export_onnx, run by ONNX Runtime on the CPU; a fixed-size "
+                                       "export runs in slide mode with its size as the window")
     parser.add_argument("--dataset", choices=["synthetic", "ade20k", "cityscapes", "voc12aug"],
                         help="class names, palette and test scale (default: the checkpoint's, else synthetic)")
     parser.add_argument("--model", help=f"architecture for mmseg checkpoints ({recipe_default('model')})")
@@ -59,8 +63,22 @@ def palette_image(prediction: np.ndarray, palette) -> Image.Image:
     return mask
 
 
+def onnx_model(path, dataset, cli):
+    """(ONNX Runtime runner, config) of an exported model: the class count and align_corners come from the graph,
+    the rest from the dataset's recipe and the command line; a fixed-size graph gets slide mode with its size."""
+    if not Path(path).is_file():
+        raise ConfigError(f"ONNX model not found: {path}")
+    runner = models.OnnxSegmentor(path)
+    from_graph = dict(num_classes=runner.num_classes, align_corners=runner.align_corners)
+    if runner.input_size is not None:
+        from_graph.update(eval_mode="slide", eval_crop_size=runner.input_size)
+    config = resolve_config(dataset or "synthetic", {}, {**cli, **from_graph})
+    return runner, config
+
+
 def default_out_dir(source, checkpoint) -> Path:
-    """predictions/ beside a local checkpoint file (a run's work dir); for a download, work_dirs/predictions."""
+    """predictions/ beside a local checkpoint or ONNX file (a run's work dir); for a download,
+    work_dirs/predictions."""
     downloaded = str(checkpoint) != str(source)
     return Path("work_dirs/predictions") if downloaded else Path(checkpoint).parent / "predictions"
 
@@ -69,17 +87,21 @@ def default_out_dir(source, checkpoint) -> Path:
 def main(args) -> int:
     cli = dict(model=args.model, num_classes=args.num_classes, scale=args.scale, align_corners=args.align_corners,
                eval_mode=args.mode, eval_crop_size=args.crop_size, eval_stride=args.stride)
-    config, checkpoint = checkpoint_config(args.checkpoint, args.dataset, cli)
-    dataset = config.dataset
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = config.segmentor()
-    models.load_checkpoint(model, checkpoint)
-    model.to(device).eval()
-    if args.fast:
-        model = models.optimize_for_inference(model)
+    if args.onnx:
+        model, config = onnx_model(args.onnx, args.dataset, cli)
+    else:
+        config, checkpoint = checkpoint_config(args.checkpoint, args.dataset, cli)
+        model = config.segmentor()
+        models.load_checkpoint(model, checkpoint)
+        model.to(device).eval()
+        if args.fast:
+            model = models.optimize_for_inference(model)
+    dataset = config.dataset
     palette = PALETTES[dataset] if len(PALETTES[dataset]) >= config.num_classes else PALETTES["ade20k"]
     crop_size, stride = slide_windows(config)
-    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.checkpoint, checkpoint)
+    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.onnx or args.checkpoint,
+                                                                      args.onnx or checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = CLASSES[dataset]
     failed = 0
