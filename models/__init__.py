@@ -21,6 +21,12 @@ from .export import OnnxSegmentor, export_onnx
 from .optimize import InferenceModel, fold_batchnorms, optimize_for_inference
 from .resnet import ResNetV1c
 
+if __name__ != "annkernels.models":
+    # From the repository root `import models` finds this folder as a second, separate package: its classes, zoo
+    # entries and checkpoint helpers would not be annkernels.models' own (isinstance and zoo additions fail).
+    raise ImportError(f"import annkernels.models, not {__name__}: the models/ folder is installed under that name "
+                      "(pip install -e . or pip install .)")
+
 __all__ = [
     "ARCHITECTURES",
     "VARIANTS",

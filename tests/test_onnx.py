@@ -148,30 +148,38 @@ def test_export_rejects_bad_size(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", 0, 32)
 
 
-def test_infer_runs_an_exported_model_on_images_of_any_size(dynamic_export, tmp_path, capsys):
+def test_infer_script_runs_an_exported_model_on_images_of_any_size(dynamic_export, tmp_path):
+    """`python train/infer.py --onnx` against the same script with the PyTorch model: same masks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
     import numpy as np
     from PIL import Image
 
-    from annkernels.train.infer import get_args_parser, main
-    from annkernels.train.prediction import predict_scores
-
     model, runner = dynamic_export
     rng = np.random.default_rng(0)
-    paths = []
+    images = []
     for height, width in ((37, 53), (70, 45)):
-        paths.append(tmp_path / f"photo_{height}x{width}.png")
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(paths[-1])
-    args = get_args_parser().parse_args(["--onnx", runner.path, "--out-dir", str(tmp_path / "out"), "--device", "cpu",
-                                         *map(str, paths)])
-    assert main(args) == 0
+        images.append(str(tmp_path / f"photo_{height}x{width}.png"))
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(images[-1])
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    sources = {"onnx": ["--onnx", runner.path],
+               "eager": ["--checkpoint", str(tmp_path / "weights.pth"), "--model", "ann_r18_d8",
+                         "--num-classes", str(NUM_CLASSES)]}
+    for name, source in sources.items():
+        result = subprocess.run([sys.executable, "train/infer.py", *source, "--device", "cpu", "--out-dir",
+                                 str(tmp_path / name), *images], cwd=Path(__file__).resolve().parents[1],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
 
-    for path in paths:
-        image = np.array(Image.open(path))
-        mask = np.array(Image.open(tmp_path / "out" / f"{path.stem}_mask.png"))
-        assert mask.shape == image.shape[:2] and (tmp_path / "out" / f"{path.stem}_overlay.png").is_file()
-        scores = predict_scores(model, torch.from_numpy(image).permute(2, 0, 1)[None], (64, 64), NUM_CLASSES)
-        agreement = (torch.from_numpy(mask.astype(np.int64)) == scores.argmax(1)[0]).double().mean().item()
-        assert agreement >= 0.999, f"{path.name}: the ONNX mask agrees with PyTorch's on {agreement:.2%} of pixels"
+    for image in images:
+        stem = Path(image).stem
+        onnx_mask, eager_mask = (np.array(Image.open(tmp_path / name / f"{stem}_mask.png")) for name in sources)
+        assert onnx_mask.shape == np.array(Image.open(image)).shape[:2]
+        assert (tmp_path / "onnx" / f"{stem}_overlay.png").is_file()
+        agreement = (onnx_mask == eager_mask).mean()
+        assert agreement >= 0.999, f"{stem}: the ONNX mask agrees with PyTorch's on {agreement:.2%} of pixels"
 
 
 def test_convert_command_exports_a_checkpoint(tmp_path, capsys):

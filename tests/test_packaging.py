@@ -1,6 +1,7 @@
 """The segmentor is the package annkernels.models (the top-level models/ folder, mapped by setup.py), usable from
 any directory. The plain, non-editable `pip install .` into a fresh environment is checked by .ci/run."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import annkernels.models
 
 REPO = Path(__file__).resolve().parents[1]
+SYS_PATH_EDIT = re.compile(r"sys\.path\s*(\[|\.insert|\.append|\.extend|\+?=)")
 
 
 def run_python(code_or_module: list[str], cwd) -> subprocess.CompletedProcess:
@@ -31,3 +33,19 @@ def test_api_and_zoo_listing_work_from_another_directory(tmp_path):
     result = run_python(["-m", "annkernels.models.zoo"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "ann_r50-d8_512x1024_40k_cityscapes" in result.stdout
+
+
+def test_bare_models_import_is_refused_with_the_right_name():
+    result = run_python(["-c", "import models"], REPO)  # the repository root, where the folder is visible
+    assert result.returncode != 0
+    assert "ImportError: import annkernels.models, not models" in result.stderr
+
+
+def test_no_file_changes_sys_path():
+    sources = [path for path in REPO.rglob("*.py")
+               if not any(part.startswith(".") or part == "build" for part in path.relative_to(REPO).parts)]
+    assert len(sources) > 50  # the tree was found (virtual environments and build output are left out)
+    offenders = [f"{path.relative_to(REPO)}:{number}" for path in sources
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if SYS_PATH_EDIT.search(line) and not line.lstrip().startswith("#")]
+    assert offenders == []
