@@ -77,9 +77,11 @@ def main():
 
     _default_max_jobs()
     # The segmentor lives in the top-level models/ folder (the repository's layout) and is installed as
-    # annkernels.models; an editable install maps the same name onto the folder.
-    packages = find_packages(include=["annkernels", "annkernels.*"]) + ["annkernels.models"]
-    setup(packages=packages, package_dir={"annkernels.models": "models"}, ext_modules=get_extensions(),
+    # annkernels.models; an editable install maps the same name onto the folder. train/ likewise becomes
+    # annkernels.train: `python train/train.py` puts train/ first on sys.path, where the name `train` is the
+    # script itself, so its modules import each other under a name the script cannot shadow.
+    packages = find_packages(include=["annkernels", "annkernels.*"]) + ["annkernels.models", "annkernels.train"]
+    setup(packages=packages, package_dir={"annkernels.models": "models", "annkernels.train": "train"}, ext_modules=get_extensions(),
           cmdclass={"build_ext": BuildExtension})
 
 

@@ -29,6 +29,8 @@ import json
 import os
 import pickle
 import re
+import shutil
+import tempfile
 import urllib.parse
 import warnings
 from collections.abc import Mapping
@@ -344,3 +346,90 @@ def _first_line(error: BaseException) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     unpickler = [line.strip() for line in lines if "WeightsUnpickler error" in line]
     return (unpickler or lines or [""])[0][:500]
+
+
+# Writing checkpoints, and finding the newest readable one of a training run's work dir.
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``: a reader never sees a
+    half-written file, even if this process is killed mid-write or the disk fills up."""
+    path = os.fspath(path)
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
+                                         suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions of a new file
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def save_training_checkpoint(state: dict, work_dir: str | os.PathLike, iteration: int) -> str:
+    """Writes ``iter_{iteration}.pth``, then points ``latest.pth`` at the same bytes (hard link, or a copy), both
+    atomically; returns the first path."""
+    work_dir = os.fspath(work_dir)
+    path = os.path.join(work_dir, f"iter_{iteration}.pth")
+    atomic_save(state, path)
+    handle, temporary = tempfile.mkstemp(dir=work_dir, prefix=".latest.pth.", suffix=".tmp")
+    os.close(handle)
+    os.unlink(temporary)
+    try:
+        try:
+            os.link(path, temporary)
+        except OSError:
+            shutil.copyfile(path, temporary)
+        os.replace(temporary, os.path.join(work_dir, "latest.pth"))
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+TRAINING_KEYS = ("model", "optimizer", "lr_scheduler", "iteration")
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint written by save_training_checkpoint; CheckpointError (one line, naming the file) when it cannot
+    be read or lacks what resuming needs."""
+    checkpoint = read_checkpoint(path)
+    missing = [key for key in TRAINING_KEYS if not isinstance(checkpoint, Mapping) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{os.fspath(path)} is no training checkpoint (no {', '.join(missing)})")
+    return checkpoint
+
+
+def training_checkpoints(work_dir: str | os.PathLike) -> list[str]:
+    """``latest.pth``, then ``iter_N.pth`` from the highest N down: the order in which to try resuming."""
+    work_dir = os.fspath(work_dir)
+    numbered = []
+    for name in os.listdir(work_dir) if os.path.isdir(work_dir) else []:
+        match = re.fullmatch(r"iter_(\d+)\.pth", name)
+        if match:
+            numbered.append((int(match.group(1)), os.path.join(work_dir, name)))
+    latest = os.path.join(work_dir, "latest.pth")
+    return ([latest] if os.path.isfile(latest) else []) + [path for _, path in sorted(numbered, reverse=True)]
+
+
+def newest_training_checkpoint(work_dir: str | os.PathLike, skipped=None) -> tuple[str, dict] | None:
+    """(path, checkpoint) of the newest readable training checkpoint in ``work_dir``, or None. Each unreadable
+    one is passed to ``skipped(path, error)`` (once per file: ``latest.pth`` is usually a hard link)."""
+    failed: list[str] = []
+    for path in training_checkpoints(work_dir):
+        if any(os.path.samefile(path, other) for other in failed):
+            continue
+        try:
+            return path, read_training_checkpoint(path)
+        except CheckpointError as error:
+            failed.append(path)
+            if skipped is not None:
+                skipped(path, error)
+    return None

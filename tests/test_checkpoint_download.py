@@ -18,7 +18,7 @@ import torch
 from annkernels import models
 from annkernels.models import zoo
 from annkernels.models.checkpoint import CheckpointError, checkpoint_file
-from train.config import RECIPES
+from annkernels.train.config import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,7 +278,7 @@ def test_train_from_a_pretrained_url_for_two_iterations(server, hub_cache, tmp_p
 
 
 def test_evaluating_a_released_model_prints_the_published_figure(server, hub_cache, monkeypatch, tmp_path, capsys):
-    from train.eval import get_args_parser, main
+    from annkernels.train.eval import get_args_parser, main
 
     base, files, _ = server
     data = mmseg_file(segmentor_weights(num_classes=6))  # the synthetic scenes' 6 classes
@@ -292,6 +292,6 @@ def test_evaluating_a_released_model_prints_the_published_figure(server, hub_cac
     args = get_args_parser().parse_args(["--checkpoint", entry.name, "--workers", "0", "--no-progress"])
     assert main(args) == 0
     out = capsys.readouterr().out
-    result = json.loads((tmp_path / f"{Path(name).stem}.eval.json").read_text())
+    result = json.loads((tmp_path / "work_dirs" / f"{Path(name).stem}.eval.json").read_text())
     assert f"{entry.name}: mIoU {result['mIoU']} here, 12.34 published by mmsegmentation (single scale" in out
     assert result["published_mIoU"] == 12.34 and result["dataset"] == "synthetic"

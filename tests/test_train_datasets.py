@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.datasets import (
+from annkernels.train.datasets import (
     CorruptFileError,
     DatasetLayoutError,
     build_dataset,
 )
-from train.synthetic import SyntheticScenes
+from annkernels.train.synthetic import SyntheticScenes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,7 +193,7 @@ def test_synthetic_scenes_are_deterministic_and_use_all_classes():
 
 
 def test_synthetic_blobs_are_named_by_the_ground_around_them():
-    from train.synthetic import BOAT, COW, FIELD, WATER, make_scene
+    from annkernels.train.synthetic import BOAT, COW, FIELD, WATER, make_scene
 
     for index in range(20):
         _, label = make_scene(0, "train", index)

@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import models
-from train import transforms as T
-from train.config import resolve_config
-from train.distributed import DistributedContext
-from train.engine import MetricsLog, PolyLR
-from train.synthetic import SyntheticScenes
-from train.train import train_interval
+from annkernels import models
+from annkernels.train import transforms as T
+from annkernels.train.config import resolve_config
+from annkernels.train.distributed import DistributedContext
+from annkernels.train.metrics import MetricsLog
+from annkernels.train.synthetic import SyntheticScenes
+from annkernels.train.train import PolyLR, train_interval
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from train.metrics import ConfusionMatrix, format_table
+from annkernels.train.metrics import ConfusionMatrix, format_table
 
 
 def score(pairs, num_classes, names=None):

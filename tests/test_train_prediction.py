@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import models
-from train.prediction import predict_scores, resize_keep_ratio, slide_logits
+from annkernels import models
+from annkernels.train.prediction import predict_scores, resize_keep_ratio, slide_logits
 
 
 class PointwiseModel(nn.Module):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from train import transforms as T
-from train.datasets import reduce_zero_label
+from annkernels.train import transforms as T
+from annkernels.train.datasets import reduce_zero_label
 
 
 def block_scene(rng, height=96, width=128, block=16, classes=10):

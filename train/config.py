@@ -1,12 +1,17 @@
 """Per-dataset recipe defaults (docs/ann-spec.md §2-3) and config resolution: recipe < --config FILE < command line."""
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from torch import nn
 
-from models.zoo import imagenet_backbone
-from train.classes import CLASSES
+from annkernels import models
+from annkernels.models import zoo
+from annkernels.models.zoo import imagenet_backbone
+from annkernels.train.classes import CLASSES
 
 # One row per dataset of the mmseg ANN recipe. scale is (W, H) as mmseg writes it; crop_size is (H, W).
 RECIPES = {
@@ -92,38 +97,108 @@ def load_config_file(path) -> dict:
     return data
 
 
-def resolve_config(dataset: str, file_values: dict, cli_values: dict) -> dict:
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run's settings: the recipe of its dataset, then --config FILE, then the command line (resolve_config).
+    Checkpoints and config.yaml hold it as a plain mapping of these field names (`as_dict`)."""
+
+    dataset: str
+    data_root: str | None
+    train_split: str
+    val_split: str
+    num_classes: int
+    model: str
+    pretrained: str | None  # ImageNet backbone: file, URL or open-mmlab:// name
+    iterations: int
+    batch_size: int  # per process
+    workers: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    poly_power: float
+    min_lr: float
+    aux_weight: float
+    avg_non_ignore: bool
+    dropout: float
+    scale: tuple[int, int]  # (W, H), as mmseg writes it
+    crop_size: tuple[int, int]  # (H, W)
+    ratio_range: tuple[float, float]
+    cat_max_ratio: float
+    photometric: bool
+    align_corners: bool
+    eval_interval: int
+    ckpt_interval: int
+    log_interval: int
+    eval_at_start: bool
+    eval_mode: str
+    eval_crop_size: tuple[int, int] | None
+    eval_stride: tuple[int, int] | None
+    seed: int
+    amp: str
+    channels_last: bool
+    compile: bool
+    backend: str | None
+    sync_bn: bool
+    num_preview: int
+    synthetic_size: int
+    synthetic_train_length: int
+    synthetic_val_length: int
+    cpu_threads: int | None
+    work_dir: str
+    resume: str | None = None
+    test_only: bool | None = None
+    device: str | None = None
+    progress: bool | None = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def class_names(self) -> list[str]:
+        """The dataset's class names, or the class ids when the class count differs from the dataset's."""
+        names = CLASSES.get(self.dataset)
+        if names is None or len(names) != self.num_classes:
+            return [str(i) for i in range(self.num_classes)]
+        return names
+
+    def segmentor(self, norm_layer=nn.BatchNorm2d) -> nn.Module:
+        """The ANN segmentor these settings describe (untrained)."""
+        return models.build_segmentor(self.model, self.num_classes, norm_layer=norm_layer,
+                                      align_corners=self.align_corners, dropout=self.dropout, backend=self.backend)
+
+
+KEYS = {field.name for field in dataclasses.fields(TrainConfig)}
+
+
+def resolve_config(dataset: str, file_values: dict, cli_values: dict) -> TrainConfig:
     """Merge recipe defaults, config-file values and explicitly given command-line values (None = not given)."""
     if dataset not in RECIPES:
         raise ConfigError(f"unknown dataset {dataset!r}; choose from {sorted(RECIPES)}")
-    config = dict(COMMON)
-    config.update(RECIPES[dataset])
-    known = set(config) | {"dataset", "work_dir", "resume", "test_only", "device", "progress"}
-    unknown = sorted(set(file_values) - known)
+    unknown = sorted(set(file_values) - KEYS)
     if unknown:
-        raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-    config.update(file_values)
-    config.update({key: value for key, value in cli_values.items() if value is not None})
-    config["dataset"] = dataset
+        raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(KEYS)}")
+    values = dict(COMMON)
+    values.update(RECIPES[dataset])
+    values.update(file_values)
+    values.update({key: value for key, value in cli_values.items() if value is not None})
+    values["dataset"] = dataset
     for key in TUPLE_KEYS:
-        if config.get(key) is not None:
-            config[key] = tuple(config[key])
-    iterations = config["iterations"]
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
     for key in ("eval_interval", "ckpt_interval"):
-        if not config.get(key):
-            config[key] = max(iterations // 10, 1)
-    if config["pretrained"] == "imagenet":
-        config["pretrained"] = imagenet_backbone(config["model"])
-    elif config["pretrained"] in ("none", ""):
-        config["pretrained"] = None
-    if config.get("work_dir") is None:
-        config["work_dir"] = f"work_dirs/{dataset}_{config['model']}"
-    return config
+        if not values.get(key):
+            values[key] = max(values["iterations"] // 10, 1)
+    if values["pretrained"] == "imagenet":
+        values["pretrained"] = imagenet_backbone(values["model"])
+    elif values["pretrained"] in ("none", ""):
+        values["pretrained"] = None
+    if values.get("work_dir") is None:
+        values["work_dir"] = f"work_dirs/{dataset}_{values['model']}"
+    return TrainConfig(**values)
 
 
-def save_config(config: dict, path) -> None:
+def save_config(config: TrainConfig, path) -> None:
     """Writes the resolved config as YAML (tuples as lists), loadable again with --config."""
-    plain = {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+    plain = {key: list(value) if isinstance(value, tuple) else value for key, value in config.as_dict().items()}
     Path(path).write_text(yaml.safe_dump(plain, sort_keys=True))
 
 
@@ -133,7 +208,7 @@ def recipe_default(key: str) -> str:
     datasets = ["synthetic"] if key.startswith("synthetic_") else list(RECIPES)
     by_value: dict[str, list[str]] = {}
     for dataset in datasets:
-        by_value.setdefault(_plain(resolve_config(dataset, {}, {})[key]), []).append(dataset)
+        by_value.setdefault(_plain(getattr(resolve_config(dataset, {}, {}), key)), []).append(dataset)
     if len(by_value) == 1:
         return f"default: {next(iter(by_value))}"
     return "default: " + ", ".join(f"{'/'.join(names)} {value}" for value, names in by_value.items())
@@ -145,3 +220,47 @@ def _plain(value) -> str:
     if isinstance(value, tuple):
         return " ".join(map(str, value))
     return "none" if value is None else str(value)
+
+
+# Settings of a checkpoint to evaluate or run (eval.py, infer.py)
+
+# Taken from one of our checkpoints' saved config when the command line leaves them out.
+MODEL_KEYS = ("model", "num_classes", "align_corners", "scale", "synthetic_size", "seed", "synthetic_val_length")
+
+
+def read_saved_config(checkpoint_path) -> dict:
+    """The saved config of one of our checkpoints; {} for anything else (mmseg checkpoints, bare state dicts)."""
+    checkpoint = models.read_checkpoint(checkpoint_path)
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def checkpoint_config(source, dataset, cli_values: dict):
+    """(config, local file) of a checkpoint source (path, URL or zoo name; downloaded if need be).
+
+    The config is the recipe of `dataset` (default: the checkpoint's own, else synthetic), then the checkpoint's
+    settings, then the command line's values (None = not given). One of our checkpoints always gives its
+    architecture and class count: an option or dataset contradicting them is a ConfigError saying so. Its other
+    model and test settings apply when it was trained on `dataset`; for a released mmseg model, the zoo's test
+    settings apply on its own dataset.
+    """
+    path = models.checkpoint_file(source)
+    saved = read_saved_config(path)
+    released = zoo.RELEASED.get(str(source))
+    dataset = dataset or saved.get("dataset") or (released.dataset if released else "synthetic")
+    if saved:
+        recorded = {key: saved[key] for key in ("model", "num_classes") if key in saved}
+        trained = f"{path} holds {saved.get('model')} with {saved.get('num_classes')} classes, trained on " \
+                  f"{saved.get('dataset')}"
+        for key, value in recorded.items():
+            if cli_values.get(key) is not None and cli_values[key] != value:
+                raise ConfigError(f"--{key.replace('_', '-')} {cli_values[key]} contradicts the checkpoint: {trained}")
+        classes = resolve_config(dataset, {}, {}).num_classes
+        if saved.get("dataset") != dataset and classes != recorded.get("num_classes"):
+            raise ConfigError(f"--dataset {dataset} has {classes} classes: {trained}")
+        inherited = {k: saved[k] for k in MODEL_KEYS if k in saved} if saved.get("dataset") == dataset else recorded
+    elif released is not None and released.dataset == dataset:
+        inherited = released.test_settings()
+    else:
+        inherited = {}
+    return resolve_config(dataset, inherited, cli_values), path

@@ -1,17 +1,27 @@
-"""Readers for the on-disk layouts of ADE20K, Cityscapes and PASCAL VOC 2012 + SBD aug (docs/ann-spec.md §2).
+"""Readers for the on-disk layouts of ADE20K, Cityscapes and PASCAL VOC 2012 + SBD aug (docs/ann-spec.md §2),
+and the training and validation loaders built from them.
 
 Each dataset checks its layout when it is built and raises `DatasetLayoutError` naming the expected layout and
 the first missing path. A file that cannot be decoded raises `CorruptFileError` naming it.
+
+The training loader is a pure function of (seed, rank, iteration): the order of samples and each sample's
+augmentation depend on its place in the stream, not on worker processes or what they drew before, so a run
+resumed at iteration k draws exactly the batches an uninterrupted run draws after k.
 """
 
 import os
+import random
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from train.synthetic import SyntheticScenes
+from annkernels.train import transforms as T
+from annkernels.train.config import TrainConfig
+from annkernels.train.distributed import ShardSampler
+from annkernels.train.synthetic import SyntheticScenes
 
 CITYSCAPES_LAYOUT = """\
 <root>/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png
@@ -172,3 +182,78 @@ def build_dataset(name: str, root, split: str, transforms=None, **options) -> Da
     if name not in BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(BUILDERS)}")
     return BUILDERS[name](root, split=split, transforms=transforms, **options)
+
+
+class InfiniteShardSampler(Sampler):
+    """Endless (sample number, index) pairs of one process. Pass p over the dataset is the permutation
+    torch.randperm(n) drawn with seed + p, of which rank r takes positions r, r + W, ... (W processes, every rank
+    the same count); sample numbers count this process's draws from 0. `start` continues a stream where a
+    checkpoint left it: the same pairs an uninterrupted stream yields from its sample `start` on."""
+
+    def __init__(self, length: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if length < world_size:
+            raise ValueError(f"a dataset of {length} samples cannot be shared by {world_size} processes")
+        self.length, self.seed, self.rank, self.world_size, self.start = length, seed, rank, world_size, start
+        self.per_pass = length // world_size
+
+    def __iter__(self):
+        number = self.start
+        while True:
+            shuffle, offset = divmod(number, self.per_pass)
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + shuffle))
+            for index in order[self.rank :: self.world_size][: self.per_pass][offset:].tolist():
+                yield number, index
+                number += 1
+
+
+class SeededAugmentation(Dataset):
+    """Item (sample number, index) of a dataset whose transforms draw from Python's `random`: the transforms run
+    with `random` seeded from (seed, rank, sample number), so a sample's augmentation is the same in whichever
+    worker, or after whichever resume, it is drawn. The caller's `random` state is left as it was."""
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int = 0):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        number, index = item
+        state = random.getstate()
+        random.seed(f"{self.seed}/{self.rank}/{number}")
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(state)
+
+
+def build_split(config: TrainConfig, split: str, transforms, synthetic_length: int):
+    """One split of the configured dataset; for the synthetic scenes, `synthetic_length` of them."""
+    options = {}
+    if config.dataset == "synthetic":
+        options = dict(size=config.synthetic_size, seed=config.seed, length=synthetic_length)
+    return build_dataset(config.dataset, config.data_root, split, transforms, **options)
+
+
+def build_datasets(config: TrainConfig):
+    """(training set, validation set) of the configured dataset; a missing layout or file fails here."""
+    train_transforms = T.train_transforms(config.scale, config.crop_size, config.ratio_range, config.cat_max_ratio,
+                                          config.photometric)
+    train_set = build_split(config, config.train_split, train_transforms, config.synthetic_train_length)
+    val_set = build_split(config, config.val_split, T.eval_transforms(), config.synthetic_val_length)
+    return train_set, val_set
+
+
+def build_loaders(train_set, val_set, config: TrainConfig, context, start_iteration: int = 0, worker_init_fn=None):
+    """Training loader (endless, sharded over processes, from batch `start_iteration` on) and validation loader
+    (each image scored once). Both draw their workers' seeds from their own generator, not torch's global one,
+    whose stream the model's dropout follows."""
+    sampler = InfiniteShardSampler(len(train_set), config.seed, context.rank, context.world_size,
+                                   start=start_iteration * config.batch_size)
+    options = dict(num_workers=config.workers, pin_memory=context.device.type == "cuda",
+                   worker_init_fn=worker_init_fn, generator=torch.Generator().manual_seed(config.seed))
+    train_loader = DataLoader(SeededAugmentation(train_set, config.seed, context.rank), batch_size=config.batch_size,
+                              sampler=sampler, **options)
+    val_loader = DataLoader(val_set, batch_size=1, sampler=ShardSampler(len(val_set), context),
+                            persistent_workers=config.workers > 0, **options)
+    return train_loader, val_loader

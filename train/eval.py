@@ -9,25 +9,23 @@ exactly as mmseg's IoUMetric (docs/ann-spec.md §5), printed as a table and writ
     torchrun --nproc_per_node=4 train/eval.py ...          # shards the images, all-reduces the histograms
 """
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python train/eval.py`: import `train` the package, not train/train.py
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-import models
-from models import zoo
-from train.config import recipe_default
-from train.distributed import ShardSampler, process_group
-from train.engine import build_model, build_split, checkpoint_config, class_names_for, evaluate, exit_status
-from train.metrics import format_table
-from train.transforms import eval_transforms
+from annkernels import models
+from annkernels.models import zoo
+from annkernels.train.cli import exit_status
+from annkernels.train.config import checkpoint_config, recipe_default
+from annkernels.train.datasets import build_split
+from annkernels.train.distributed import ShardSampler, process_group
+from annkernels.train.metrics import format_table
+from annkernels.train.prediction import evaluate
+from annkernels.train.transforms import eval_transforms
 
 
 def get_args_parser():
@@ -58,7 +56,7 @@ def get_args_parser():
     parser.add_argument("--workers", type=int, default=2, help="data loading workers")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", help="JSON result path (default: <checkpoint>.eval.json; for a download, "
-                                      "<file name>.eval.json here)")
+                                      "work_dirs/<file name>.eval.json)")
     parser.add_argument("--progress", action=flag, help="progress bar (on)")
     return parser
 
@@ -71,33 +69,35 @@ def main(args) -> int:
                backend=args.backend, workers=args.workers, device=args.device)
     config, checkpoint = checkpoint_config(args.checkpoint, args.dataset, cli)
     released = zoo.RELEASED.get(args.checkpoint)
-    dataset = config["dataset"]
-    split = args.split or config["val_split"]
-    with process_group(config.get("device")) as context:
+    dataset = config.dataset
+    split = args.split or config.val_split
+    with process_group(config.device) as context:
         device = context.device
-        val_set = build_split(config, split, eval_transforms(), config["synthetic_val_length"])
+        val_set = build_split(config, split, eval_transforms(), config.synthetic_val_length)
         loader = DataLoader(val_set, batch_size=1, sampler=ShardSampler(len(val_set), context),
-                            num_workers=config["workers"], pin_memory=device.type == "cuda")
-        model = build_model(dict(config, sync_bn=False), context)
+                            num_workers=config.workers, pin_memory=device.type == "cuda")
+        model = config.segmentor()
         models.load_checkpoint(model, checkpoint)  # strict: every key must fit
         model.to(device)
         if args.fast:
             model = models.optimize_for_inference(model.eval())
-        elif config["channels_last"]:
+        elif config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        metrics = evaluate(model, loader, config, context, class_names_for(config),
+        metrics = evaluate(model, loader, config, context, config.class_names(),
                            progress=args.progress is not False, aug_test=args.aug_test)
         if context.is_main:
             print(format_table(metrics))
-            settings = dict(checkpoint=str(args.checkpoint), dataset=dataset, split=split, mode=config["eval_mode"],
-                            aug_test=args.aug_test, scale=list(config["scale"]))
+            settings = dict(checkpoint=str(args.checkpoint), dataset=dataset, split=split, mode=config.eval_mode,
+                            aug_test=args.aug_test, scale=list(config.scale))
             if released is not None and released.dataset == dataset:
                 published = released.miou_ms_flip if args.aug_test else released.miou
                 settings["published_mIoU"] = published
                 print(f"{released.name}: mIoU {metrics['mIoU']} here, {published} published by mmsegmentation "
                       f"({'ms+flip' if args.aug_test else 'single scale'}, {split} split)")
             downloaded = checkpoint != args.checkpoint  # then the result goes to the current folder, not the cache
-            out = Path(args.out or (f"{Path(checkpoint).stem}.eval.json" if downloaded else f"{checkpoint}.eval.json"))
+            out = Path(args.out or (f"work_dirs/{Path(checkpoint).stem}.eval.json" if downloaded
+                                    else f"{checkpoint}.eval.json"))
+            out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({**settings, **metrics}, indent=2))
             print(f"wrote {out}")
     return 0

@@ -8,26 +8,21 @@ Any image size; grayscale, palette and RGBA inputs are converted to RGB. Masks a
 values are the class ids and their colours are the dataset's palette.
 """
 
+import argparse
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python train/infer.py`: import `train` the package, not train/train.py
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse
 
 import numpy as np
 import torch
 from PIL import Image
 
-import models
-from train.classes import CLASSES, PALETTES
-from train.config import ConfigError, recipe_default, resolve_config
-from train.datasets import read_image
-from train.distributed import DistributedContext
-from train.engine import build_model, checkpoint_config, exit_status, slide_windows
-from train.prediction import predict_scores
-from train.visualize import overlay
+from annkernels import models
+from annkernels.train.classes import CLASSES, PALETTES
+from annkernels.train.cli import exit_status
+from annkernels.train.config import ConfigError, checkpoint_config, recipe_default, resolve_config
+from annkernels.train.datasets import CorruptFileError, read_image
+from annkernels.train.prediction import predict_scores, slide_windows
+from annkernels.train.visualize import overlay
 
 
 def get_args_parser():
@@ -51,7 +46,8 @@ def get_args_parser():
     parser.add_argument("--aug-test", action="store_true", help="multi-scale + flip")
     parser.add_argument("--align-corners", action=flag, help="align_corners (mmseg 769x769 Cityscapes models)")
     parser.add_argument("--opacity", type=float, default=0.5, help="mask opacity in the overlay")
-    parser.add_argument("--out-dir", default="predictions", help="output folder")
+    parser.add_argument("--out-dir", help="output folder (default: predictions/ beside a local checkpoint file, "
+                                           "else work_dirs/predictions)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--fast", action="store_true",
                         help="models.optimize_for_inference: BatchNorm folded into the convs, channels_last, "
@@ -80,11 +76,15 @@ def onnx_model(path, dataset, cli):
     return runner, config
 
 
+def default_out_dir(source, checkpoint) -> Path:
+    """predictions/ beside a local checkpoint or ONNX file (a run's work dir); for a download,
+    work_dirs/predictions."""
+    downloaded = str(checkpoint) != str(source)
+    return Path("work_dirs/predictions") if downloaded else Path(checkpoint).parent / "predictions"
+
+
 @exit_status
 def main(args) -> int:
-    for path in args.images:
-        if not Path(path).is_file():
-            raise ConfigError(f"image not found: {path}")
     cli = dict(model=args.model, num_classes=args.num_classes, scale=args.scale, align_corners=args.align_corners,
                eval_mode=args.mode, eval_crop_size=args.crop_size, eval_stride=args.stride)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -92,23 +92,30 @@ def main(args) -> int:
         model, config = onnx_model(args.onnx, args.dataset, cli)
     else:
         config, checkpoint = checkpoint_config(args.checkpoint, args.dataset, cli)
-        model = build_model(dict(config, sync_bn=False), DistributedContext(device=device))
+        model = config.segmentor()
         models.load_checkpoint(model, checkpoint)
         model.to(device).eval()
         if args.fast:
             model = models.optimize_for_inference(model)
-    dataset = config["dataset"]
-    palette = PALETTES[dataset] if len(PALETTES[dataset]) >= config["num_classes"] else PALETTES["ade20k"]
+    dataset = config.dataset
+    palette = PALETTES[dataset] if len(PALETTES[dataset]) >= config.num_classes else PALETTES["ade20k"]
     crop_size, stride = slide_windows(config)
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.onnx or args.checkpoint,
+                                                                      args.onnx or checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = CLASSES[dataset]
+    failed = 0
     for path in args.images:
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except CorruptFileError as error:  # reported, and the other images still run
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+            continue
         tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(device)
-        scores = predict_scores(model, tensor, config["scale"], config["num_classes"], mode=config["eval_mode"],
+        scores = predict_scores(model, tensor, config.scale, config.num_classes, mode=config.eval_mode,
                                 crop_size=crop_size, stride=stride, aug_test=args.aug_test,
-                                align_corners=config["align_corners"])
+                                align_corners=config.align_corners)
         prediction = scores.argmax(1)[0].cpu().numpy().astype(np.uint8)
         stem = Path(path).stem
         palette_image(prediction, palette).save(out_dir / f"{stem}_mask.png")
@@ -117,7 +124,9 @@ def main(args) -> int:
         top = sorted(zip(counts, ids, strict=True), reverse=True)[:5]
         listing = ", ".join(f"{names[i] if i < len(names) else i} {100 * c / prediction.size:.0f}%" for c, i in top)
         print(f"{path}: {image.shape[1]}x{image.shape[0]} -> {out_dir / (stem + '_mask.png')} ({listing})")
-    return 0
+    if failed:
+        print(f"error: {failed} of {len(args.images)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

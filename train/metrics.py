@@ -1,11 +1,15 @@
-"""Dataset-level IoU metric with mmseg IoUMetric semantics (docs/ann-spec.md §5)."""
+"""Dataset-level IoU metric with mmseg IoUMetric semantics (docs/ann-spec.md §5), and the metrics log of a run."""
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from train.transforms import IGNORE_INDEX
+from annkernels.train.cli import TrainingError, unwritable
+from annkernels.train.transforms import IGNORE_INDEX
 
 
 class ConfusionMatrix:
@@ -75,3 +79,56 @@ def format_table(result: dict) -> str:
     lines.append("-" * (width + 8))
     lines.append(f"mIoU {result['mIoU']}  aAcc {result['aAcc']}  ({result['pixels']} labelled pixels)")
     return "\n".join(lines)
+
+
+def _iteration_of(line: str, unreadable: int) -> int:
+    """The iteration of a metrics.jsonl line; `unreadable` for a line cut off by a killed run."""
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return unreadable
+
+
+class MetricsLog:
+    """JSONL metrics file (one flushed line per record) plus TensorBoard scalars when tensorboard is installed.
+
+    Records of iterations after `start_iteration` (those of a run that went on past the checkpoint this one resumes
+    from, or of an earlier run in the same work dir) are dropped, from the file and from TensorBoard, so every
+    iteration appears once. A record that cannot be written raises TrainingError, ending with `note()`.
+    """
+
+    def __init__(self, work_dir: Path, enabled: bool, start_iteration: int = 0, note=lambda: ""):
+        self.enabled, self.note = enabled, note
+        self.path = work_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if start_iteration and _iteration_of(line, start_iteration + 1) <= start_iteration]
+            temporary = self.path.with_name(".metrics.jsonl.tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            os.replace(temporary, self.path)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(work_dir / "tensorboard"), purge_step=start_iteration + 1)
+        except ImportError:
+            self.writer = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        try:
+            with open(self.path, "a") as file:
+                file.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise TrainingError(f"{unwritable(error)} at iteration {record['iteration']}. {self.note()}") from None
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["iteration"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

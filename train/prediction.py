@@ -1,11 +1,18 @@
 """Test-time inference as mmseg does it (docs/ann-spec.md §4): keep-ratio resize to the test scale, whole-image or
-sliding-window logits, resize back to the original size; multi-scale + flip averages softmax probabilities."""
+sliding-window logits, resize back to the original size; multi-scale + flip averages softmax probabilities. And
+`evaluate`, which scores those predictions over a validation set."""
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from train.transforms import IMAGENET_MEAN, IMAGENET_STD, rescale_size
+from annkernels.train.config import TrainConfig
+from annkernels.train.metrics import ConfusionMatrix
+from annkernels.train.transforms import IMAGENET_MEAN, IMAGENET_STD, rescale_size
 
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # mmseg's MultiScaleFlipAug ratios of the base test scale ("ms+flip" results).
 AUG_TEST_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -86,3 +93,41 @@ def predict_scores(model, raw_image: torch.Tensor, scale, num_classes: int, mode
             probabilities = logits.softmax(dim=1)
             total = probabilities if total is None else total + probabilities
     return total / (len(ratios) * len(flips))
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    dtype = AMP_DTYPES[config.amp]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def slide_windows(config: TrainConfig):
+    """(window, stride) of slide-mode inference: eval_crop_size or the training crop, eval_stride or 2/3 of it."""
+    crop_size = config.eval_crop_size or config.crop_size
+    return crop_size, config.eval_stride or tuple(max(1, 2 * c // 3) for c in crop_size)
+
+
+@torch.no_grad()
+def evaluate(model, loader, config, context, class_names, progress=True, aug_test=False):
+    """mIoU/aAcc/per-class IoU over the loader's dataset (sharded over processes; confusion matrix all-reduced).
+
+    Every process first takes rank 0's buffers: with per-process BatchNorm (CPU) the running statistics differ
+    after the last step, and the result must be the one rank 0's checkpoint gives.
+    """
+    if context.enabled:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+    was_training = model.training
+    model.eval()
+    device = context.device
+    confusion = ConfusionMatrix(config.num_classes, device=device)
+    crop_size, stride = slide_windows(config)
+    for image, target in tqdm(loader, desc="eval", leave=False, disable=not (progress and context.is_main)):
+        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast(config, device):
+            scores = predict_scores(model, image, config.scale, config.num_classes, mode=config.eval_mode,
+                                    crop_size=crop_size, stride=stride, aug_test=aug_test,
+                                    align_corners=config.align_corners, channels_last=config.channels_last)
+        confusion.update(scores.argmax(1), target)
+    confusion.all_reduce()
+    model.train(was_training)
+    return confusion.compute(class_names)

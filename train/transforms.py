@@ -2,8 +2,9 @@
 (docs/ann-spec.md §2).
 
 Images are HxWx3 uint8 RGB numpy arrays and labels HxW uint8 numpy arrays until `ToTensor`, which normalises the
-image and returns (float32 [3,H,W] tensor, int64 [H,W] tensor). Randomness comes from Python's `random` module,
-which the DataLoader seeds differently in each worker.
+image and returns (float32 [3,H,W] tensor, int64 [H,W] tensor). Randomness comes from Python's `random` module;
+training seeds it per sample (datasets.SeededAugmentation), so a sample's augmentation does not depend on the
+worker that loads it.
 """
 
 import random

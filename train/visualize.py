@@ -4,7 +4,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+
+from annkernels.train.classes import PALETTES
+from annkernels.train.prediction import autocast, predict_scores
 
 IGNORE_COLOUR = (255, 255, 255)
 
@@ -68,3 +72,18 @@ def plot_curves(metrics_log, path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+@torch.no_grad()
+def save_predictions_png(model, dataset, config, device, path: Path) -> None:
+    """image | ground truth | prediction for the first validation images."""
+    model.eval()
+    rows = []
+    for index in range(min(config.num_preview, len(dataset))):
+        image, target = dataset[index]
+        with autocast(config, device):
+            scores = predict_scores(model, image[None].to(device), config.scale, config.num_classes,
+                                    align_corners=config.align_corners)
+        prediction = scores.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        rows.append((image.permute(1, 2, 0).numpy(), target.numpy().astype(np.uint8), prediction))
+    prediction_grid(rows, PALETTES.get(config.dataset, PALETTES["synthetic"]), path)
