@@ -4,7 +4,10 @@ Emulator(...) builds (or takes from the cache) the kernels compiled for the emul
 launchers declared in pyramid_pool.h and short_attention.h on host memory, mirroring what the torch
 glue does on a GPU: output layouts, fp32 log-sum-exp, the backward's plan and workspace. Outputs and the
 workspace start as NaN, so an element a kernel forgets to write shows up. Any report of the checker
-(out-of-bounds access, shared-memory race or uninitialised read, bad launch) raises EmulatorError.
+(out-of-bounds access, shared-memory race or uninitialised read, bad launch, misaligned WMMA pointer or
+ldm, misused asynchronous copy) raises EmulatorError. WMMA fragment elements sit on the lanes in a
+seeded scrambled placement (fragment_seed; 0 keeps lane l on elements l, l + 32, ...), so a kernel that
+reads them by position gives wrong results. probe.py runs the small kernels that show each check working.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ class Launch:
     written_bytes: int
 
 
+def set_fragment_seed(runtime, seed: int):
+    """Seeds the placement of WMMA fragment elements across lanes (0: identity) in the emulator's runtime."""
+    runtime.simt_set_fragment_seed.argtypes = [ctypes.c_uint64]
+    runtime.simt_set_fragment_seed(seed)
+
+
 def _int64s(values):
     return (ctypes.c_int64 * len(values))(*values)
 
@@ -68,7 +77,7 @@ def _nan_like_layout(like, rows, cols):
 
 class Emulator:
     def __init__(self, overrides: dict[str, str] | None = None, device: str = "h100", order: str = "forward",
-                 seed: int = 0):
+                 seed: int = 0, fragment_seed: int = 1):
         self._kernels = ctypes.CDLL(str(build.kernel_library(overrides)))
         self._runtime = ctypes.CDLL(str(build.runtime_library()))
         rt = self._runtime
@@ -92,13 +101,15 @@ class Emulator:
         k.simt_pyramid_pool_backward.argtypes = [ctypes.c_int, _vp, _i64p, _i64p, ctypes.c_int,
                                                  ctypes.POINTER(ctypes.c_int), _vp]
         self.launches: list[Launch] = []
-        self.configure(device, order, seed)
+        self.configure(device, order, seed, fragment_seed)
 
-    def configure(self, device: str = "h100", order: str = "forward", seed: int = 0):
-        """Device profile (h100, h200, a100) and the fiber order between barriers."""
+    def configure(self, device: str = "h100", order: str = "forward", seed: int = 0, fragment_seed: int = 1):
+        """Device profile (h100, h200, a100), the fiber order between barriers, and the seed of the WMMA
+        fragment placement (0: identity)."""
         if self._runtime.simt_set_device(device.encode()) != 0:
             raise ValueError(f"unknown device profile {device!r}")
         self._runtime.simt_set_order(ORDERS[order], seed)
+        set_fragment_seed(self._runtime, fragment_seed)
         return self
 
     def plant(self, bug: int):

@@ -2,8 +2,9 @@
 
 g++ compiles each .cu file as C++ against include/ (stand-ins for <cuda_runtime.h> and <mma.h>) and the
 toolkit's own headers (cuda_fp16.h, cuda_bf16.h, cuda_runtime_api.h), with -fsanitize=kernel-address and
-outline checks, so every load and store of kernel code calls the emulator's checker. The results are
-cached by the hash of everything that goes into them.
+outline checks, so every load and store of kernel code calls the emulator's checker. probe_library builds
+the small kernels of probes/ the same way (the tests that show each check catching its bug). The results
+are cached by the hash of everything that goes into them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CUDA_SOURCES = ROOT / "csrc" / "cuda"
+PROBES = HERE / "probes"
 CXX = os.environ.get("CXX", "g++")
 COMMON_FLAGS = ["-std=c++17", "-fPIC", "-g0", "-Wall", "-Wno-unused-function"]
 KERNEL_FLAGS = ["-O1", "-fno-extern-tls-init", "-fsanitize=kernel-address", "--param", "asan-instrumentation-with-call-threshold=0",
@@ -185,8 +187,39 @@ def _build_kernels(files, include, runtime, scratch, library_name):
     _wait(jobs)
     for partial, obj in fresh:
         os.replace(partial, obj)
+    _link(scratch, [*objects, capi], runtime, library_name)
+
+
+def _link(scratch, objects, runtime, library_name):
+    """Links kernel objects (and their host code) with one shared buffer per `extern __shared__` array."""
     shared = scratch / "dynamic_shared.cpp"
     shared.write_text(_dynamic_shared_source(objects))
-    _run([CXX, *COMMON_FLAGS, *HOST_FLAGS, "-shared", str(shared), *map(str, objects), str(capi),
+    _run([CXX, *COMMON_FLAGS, *HOST_FLAGS, "-shared", str(shared), *map(str, objects),
           f"-L{runtime.parent}", "-lsimt_runtime", f"-Wl,-rpath,{runtime.parent}", "-Wl,--no-undefined",
           "-o", str(scratch / library_name)])
+
+
+def probe_library(name: str) -> Path:
+    """Builds probes/<name>.cu: small kernels with correct and buggy variants, and the C entry points that
+    launch them (see probes/probe.h), to show that each emulator check catches its bug."""
+    include = cuda_include_dir()
+    runtime = runtime_library()
+    source = PROBES / f"{name}.cu"
+    inputs = [source, PROBES / "probe.h", *sorted((HERE / "include").iterdir())]
+    key = _digest("probe", name, _compiler_version(), include, runtime, KERNEL_FLAGS, *(p.read_bytes() for p in inputs))
+    target = cache_root() / f"probe-{name}-{key}"
+    library = target / f"libsimt_probe_{name}.so"
+    if library.exists():
+        return library
+    cache_root().mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=cache_root()))
+    try:
+        obj = scratch / f"{name}.o"
+        _run([CXX, *COMMON_FLAGS, *KERNEL_FLAGS, f"-I{HERE / 'include'}", f"-I{PROBES}", f"-isystem{include}",
+              "-x", "c++", "-c", str(source), "-o", str(obj)])
+        _link(scratch, [obj], runtime, library.name)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    _publish(scratch, target)
+    return library

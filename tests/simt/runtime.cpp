@@ -9,9 +9,16 @@
 //            has written (shared memory is poisoned at block start); a race: a byte that two threads
 //            touch, at least one writing, with no barrier in between (__syncthreads for any two threads,
 //            a warp collective for two lanes of one warp);
+//   async    (<cuda_pipeline_primitives.h>) a copy that is not 4, 8 or 16 bytes, a pointer not aligned to
+//            its size, a destination outside shared or a source outside global memory; an access to
+//            shared bytes an asynchronous copy is still filling: issued, not yet landed by the
+//            __pipeline_wait_prior that retires its batch (a missing commit or wait);
 //   launch   more than 1024 threads, grid y or z above 65535, dynamic shared memory above 48 KiB
 //            without the opt-in or above the device profile's opt-in limit;
-//   misuse   deadlocks at barriers, partial warp masks, collectives with exited lanes.
+//   misuse   deadlocks at barriers, partial warp masks, collectives with exited lanes; a WMMA load or
+//            store whose pointer is not 256-bit aligned or whose ldm is not a multiple of 16 bytes.
+// WMMA fragments hold their elements in a placement scrambled per fragment type (mma.h;
+// simt_set_fragment_seed), so kernels that read fragment elements by position compute wrong results.
 // It also counts the global bytes each launch reads and writes.
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
@@ -53,6 +60,16 @@ enum class FiberState { kRunnable, kAtBarrier, kAtWarp, kDone };
 
 // A fiber starts through ucontext (which sets up its stack); every later switch is a _setjmp/_longjmp
 // pair, which unlike swapcontext saves no signal mask and so makes no system call.
+// One __pipeline_memcpy_async: it lands (copies) at the __pipeline_wait_prior that retires its batch.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  size_t bytes;
+  size_t zfill;           // trailing bytes filled with zeros instead of read
+  uint64_t batch;         // the thread's commit count when it was issued
+  bool readable_source;   // false when the source check failed: it lands as poison
+};
+
 struct Fiber {
   ucontext_t context;
   jmp_buf resume;
@@ -61,6 +78,8 @@ struct Fiber {
   FiberState state = FiberState::kRunnable;
   uint3 index{};
   int linear = 0;
+  std::vector<AsyncCopy> async_copies;  // issued, not landed, in issue order
+  uint64_t committed_batches = 0;
 };
 
 struct Warp {
@@ -81,6 +100,8 @@ struct Access {
 struct ShadowByte {
   Access write;
   Access read;
+  uint32_t in_flight_block = 0;  // the block_start_epoch while an asynchronous copy is filling the byte
+  int32_t in_flight_thread = 0;  // the thread that issued it
 };
 
 struct Region {
@@ -104,6 +125,8 @@ struct State {
   int order = 0;  // 0 forward, 1 reverse, 2 seeded shuffle
   uint64_t seed = 0;
   std::mt19937_64 shuffle_rng;
+  uint64_t fragment_seed = 1;  // 0: identity placement of fragment elements
+  std::map<uint64_t, std::vector<int>> fragment_placements;
 
   std::vector<Region> regions;
   std::vector<LaunchRecord> launches;
@@ -193,7 +216,8 @@ std::string shared_location(uintptr_t address) {
   return text;
 }
 
-void shared_access(uintptr_t address, size_t bytes, bool is_write) {
+// Checks one access to shared memory and records it; false if it lies past the dynamic shared memory.
+bool shared_access(uintptr_t address, size_t bytes, bool is_write) {
   const char* verb = is_write ? "write" : "read";
   for (const auto& [base, capacity] : g.dynamic_buffers) {
     if (address >= base && address < base + capacity) {
@@ -201,7 +225,7 @@ void shared_access(uintptr_t address, size_t bytes, bool is_write) {
       if (offset + bytes > g.request->dynamic_smem) {
         report("shared out of bounds", "%s of %zu bytes at dynamic shared offset %zu; the launch has %zu bytes", verb,
                bytes, offset, g.request->dynamic_smem);
-        return;
+        return false;
       }
     }
   }
@@ -213,7 +237,15 @@ void shared_access(uintptr_t address, size_t bytes, bool is_write) {
     ShadowByte& s = g.shadow[address + i - g.shared_begin];
     const bool written = s.write.block_epoch >= g.block_start_epoch;
     std::string problem;
-    if (is_write) {
+    if (s.in_flight_block == g.block_start_epoch) {
+      if (!reported) {
+        reported = true;
+        report("async copy in flight",
+               "%s of %zu bytes at %s: an asynchronous copy of thread %d is still filling it (no "
+               "__pipeline_commit/__pipeline_wait_prior has landed it)",
+               verb, bytes, shared_location(address + i).c_str(), s.in_flight_thread);
+      }
+    } else if (is_write) {
       if (written && !ordered(s.write, thread, warp)) {
         problem = "write-after-write race with " + who(s.write);
       } else if (s.read.block_epoch >= g.block_start_epoch && !ordered(s.read, thread, warp)) {
@@ -245,6 +277,7 @@ void shared_access(uintptr_t address, size_t bytes, bool is_write) {
              verb, bytes, shared_location(address + i).c_str(), problem.c_str());
     }
   }
+  return true;
 }
 
 void global_access(uintptr_t address, size_t bytes, bool is_write) {
@@ -376,6 +409,8 @@ void run_block(uint3 block) {
     Fiber& fiber = g.fibers[t];
     fiber.state = FiberState::kRunnable;
     fiber.linear = static_cast<int>(t);
+    fiber.async_copies.clear();  // copies a thread never waited for die with its block
+    fiber.committed_batches = 0;
     fiber.index = uint3{static_cast<unsigned>(t % dims.x), static_cast<unsigned>((t / dims.x) % dims.y),
                         static_cast<unsigned>(t / (static_cast<size_t>(dims.x) * dims.y))};
     getcontext(&fiber.context);
@@ -483,7 +518,112 @@ void warp_collective(unsigned mask, void* mine, Combine combine) {
 
 void check_access(const void* address, size_t bytes, bool is_write) { on_access(address, bytes, is_write); }
 
+// The thread calling a device-only function, or null (reported) when host code calls it.
+Fiber* device_thread(const char* function) {
+  if (g.current == nullptr) {
+    report("misuse", "%s called from host code", function);
+  }
+  return g.current;
+}
+
+void async_copy_issue(void* dst_shared, const void* src_global, size_t size_and_align, size_t zfill) {
+  Fiber* fiber = device_thread("__pipeline_memcpy_async");
+  if (fiber == nullptr) {
+    return;
+  }
+  const auto dst = reinterpret_cast<uintptr_t>(dst_shared);
+  const auto src = reinterpret_cast<uintptr_t>(src_global);
+  const auto stack = reinterpret_cast<uintptr_t>(fiber->stack.data());
+  const bool src_on_stack = src >= stack && src < stack + fiber->stack.size();
+  const bool src_in_shared = src >= g.shared_begin && src < g.shared_end;
+  if (size_and_align != 4 && size_and_align != 8 && size_and_align != 16) {
+    report("async copy", "__pipeline_memcpy_async of %zu bytes: the size must be 4, 8 or 16", size_and_align);
+  } else if (zfill > size_and_align) {
+    report("async copy", "__pipeline_memcpy_async zero-fills %zu of %zu bytes", zfill, size_and_align);
+  } else if (dst < g.shared_begin || dst + size_and_align > g.shared_end) {
+    report("async copy", "__pipeline_memcpy_async destination 0x%" PRIxPTR " is not in shared memory", dst);
+  } else if (src_on_stack || src_in_shared) {
+    report("async copy", "__pipeline_memcpy_async source 0x%" PRIxPTR " is in %s memory, not global", src,
+           src_on_stack ? "local" : "shared");
+  } else if (dst % size_and_align != 0 || src % size_and_align != 0) {
+    report("async copy",
+           "__pipeline_memcpy_async of %zu bytes: destination at %s and source at 0x%" PRIxPTR
+           " must both be %zu-byte aligned",
+           size_and_align, shared_location(dst).c_str(), src, size_and_align);
+  } else {
+    const size_t reports_before = g.reports.size() + g.suppressed;
+    if (zfill < size_and_align) {
+      global_access(src, size_and_align - zfill, false);
+    }
+    const bool readable_source = g.reports.size() + g.suppressed == reports_before;
+    if (!shared_access(dst, size_and_align, true)) {
+      return;
+    }
+    for (size_t i = 0; i < size_and_align; ++i) {
+      ShadowByte& s = g.shadow[dst + i - g.shared_begin];
+      s.in_flight_block = g.block_start_epoch;
+      s.in_flight_thread = fiber->linear;
+    }
+    std::memset(dst_shared, 0xff, size_and_align);  // poison until it lands (NaN in every float format)
+    fiber->async_copies.push_back(AsyncCopy{static_cast<unsigned char*>(dst_shared),
+                                            static_cast<const unsigned char*>(src_global), size_and_align, zfill,
+                                            fiber->committed_batches, readable_source});
+  }
+}
+
+void async_copy_commit() {
+  if (Fiber* fiber = device_thread("__pipeline_commit")) {
+    ++fiber->committed_batches;
+  }
+}
+
+void async_copy_wait(size_t prior) {
+  Fiber* fiber = device_thread("__pipeline_wait_prior");
+  if (fiber == nullptr) {
+    return;
+  }
+  const uint64_t pending_allowed = std::min<size_t>(prior, 8);  // the toolkit's header waits on at most 8
+  if (fiber->committed_batches < pending_allowed) {
+    return;
+  }
+  const uint64_t landing_below = fiber->committed_batches - pending_allowed;  // batches before it land
+  auto& copies = fiber->async_copies;
+  size_t kept = 0;
+  for (AsyncCopy& copy : copies) {
+    if (copy.batch >= landing_below) {
+      copies[kept++] = copy;
+      continue;
+    }
+    const auto dst = reinterpret_cast<uintptr_t>(copy.dst);
+    for (size_t i = 0; i < copy.bytes; ++i) {
+      g.shadow[dst + i - g.shared_begin].in_flight_block = 0;
+    }
+    shared_access(dst, copy.bytes, true);  // the landing is this thread's write
+    const size_t fetched = copy.bytes - copy.zfill;
+    if (copy.readable_source) {
+      std::memcpy(copy.dst, copy.src, fetched);
+      std::memset(copy.dst + fetched, 0, copy.zfill);
+    }
+  }
+  copies.resize(kept);
+}
+
 void report_misuse(const char* what) { report("misuse", "%s", what); }
+
+const int* fragment_placement(uint64_t key, int elements) {
+  std::vector<int>& placement = g.fragment_placements[key];
+  if (placement.empty()) {
+    placement.resize(elements);
+    for (int i = 0; i < elements; ++i) {
+      placement[i] = i;
+    }
+    if (g.fragment_seed != 0) {
+      std::mt19937_64 rng(g.fragment_seed ^ (key * 0x9e3779b97f4a7c15ull));
+      std::shuffle(placement.begin(), placement.end(), rng);
+    }
+  }
+  return placement.data();
+}
 
 void copy_unchecked(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
 
@@ -614,6 +754,13 @@ void simt_set_order(int order, uint64_t seed) {
   g.order = order;
   g.seed = seed;
   g.shuffle_rng.seed(seed);
+}
+
+// Placement of fragment elements across lanes: 0 identity, else a permutation per fragment type seeded by
+// `seed` (mma.h).
+void simt_set_fragment_seed(uint64_t seed) {
+  g.fragment_seed = seed;
+  g.fragment_placements.clear();
 }
 
 // The kernel module's thread-local segment becomes shared memory; `dynamic` lists its dynamic buffers.

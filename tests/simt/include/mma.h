@@ -1,13 +1,22 @@
 // The nvcuda::wmma subset the kernels use, for the SIMT emulator. A fragment is spread over the 32 lanes
-// of a warp as on a GPU: lane l holds elements l, l + 32, l + 64, ... of the tile in row-major order of
-// the logical matrix. Real hardware keeps that order opaque, so kernels that depend on it fail here.
+// of a warp as on a GPU: slot e of lane l (x[e]) holds element placement[e * 32 + l] of the tile, in
+// row-major order of the logical matrix. CUDA leaves that placement unspecified (it differs between
+// architectures and fragment types), so the emulator scrambles it: a seeded permutation per fragment type
+// (use, m, n, k, element type, layout), the same for every fragment of that type, so elementwise work
+// between fragments of one type stays valid while code that reads or writes x[i] by position, or mixes
+// fragments of different types elementwise, computes garbage. Seed 0 (simt_set_fragment_seed) keeps the
+// identity placement: lane l holds elements l, l + 32, ...
 // mma_sync is a warp collective: the last lane to arrive gathers all lanes' fragments, computes
 // D = A * B + C in fp32 (TF32 inputs truncated to 10 mantissa bits, as tensor cores read them), and
-// scatters D back. Loads and stores check every element they touch.
+// scatters D back. Loads and stores check every element they touch, that the pointer is 256-bit (32-byte)
+// aligned and that ldm is a multiple of 16 bytes, as the CUDA programming guide requires.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstdio>
+#include <type_traits>
 
 #include "simt_device.h"
 
@@ -50,6 +59,32 @@ struct Storage<precision::tf32> {
   using type = float;
 };
 
+// Codes that tell fragment types apart, for their element placement.
+template <typename T>
+struct Code;
+template <>
+struct Code<matrix_a> : std::integral_constant<int, 1> {};
+template <>
+struct Code<matrix_b> : std::integral_constant<int, 2> {};
+template <>
+struct Code<accumulator> : std::integral_constant<int, 3> {};
+template <>
+struct Code<void> : std::integral_constant<int, 0> {};
+template <>
+struct Code<row_major> : std::integral_constant<int, 1> {};
+template <>
+struct Code<col_major> : std::integral_constant<int, 2> {};
+template <>
+struct Code<float> : std::integral_constant<int, 1> {};
+template <>
+struct Code<__half> : std::integral_constant<int, 2> {};
+template <>
+struct Code<__nv_bfloat16> : std::integral_constant<int, 3> {};
+template <>
+struct Code<precision::tf32> : std::integral_constant<int, 4> {};
+template <>
+struct Code<double> : std::integral_constant<int, 5> {};
+
 SIMT_UNCHECKED inline float to_float(float x) { return x; }
 SIMT_UNCHECKED inline float to_float(__half x) { return __half2float(x); }
 SIMT_UNCHECKED inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -71,7 +106,13 @@ struct fragment {
   static constexpr int cols = detail::TileShape<Use, M, N, K>::cols;
   static constexpr bool is_tf32 = std::is_same<T, precision::tf32>::value;
   static constexpr int num_elements = rows * cols / 32;
+  static constexpr uint64_t placement_key =
+      ((((static_cast<uint64_t>(detail::Code<Use>::value) * 256 + M) * 256 + N) * 256 + K) * 16 +
+       detail::Code<T>::value) * 4 + detail::Code<Layout>::value;
   element_type x[num_elements];
+
+  // placement()[e * 32 + lane]: the tile element (row-major index) that x[e] of `lane` holds.
+  SIMT_UNCHECKED static const int* placement() { return simt::fragment_placement(placement_key, rows * cols); }
 };
 
 // Round to nearest, ties away from zero, keeping 10 mantissa bits (cvt.rna.tf32.f32).
@@ -96,11 +137,34 @@ SIMT_UNCHECKED void fill_fragment(fragment<Use, M, N, K, T, Layout>& frag,
 
 namespace detail {
 
+// The CUDA programming guide: "mptr must be a 256-bit aligned pointer", "ldm must be a multiple of 16
+// bytes" (8 __half or __nv_bfloat16 elements, 4 float ones). Both are the same on every lane of the warp,
+// so lane 0 alone reports.
+template <typename Element>
+SIMT_UNCHECKED void check_alignment(const char* function, const Element* ptr, unsigned ldm) {
+  if (simt::lane_id() != 0) {
+    return;
+  }
+  char text[200];
+  if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0) {
+    std::snprintf(text, sizeof(text), "wmma::%s: pointer %p is not 256-bit (32-byte) aligned", function,
+                  static_cast<const void*>(ptr));
+    simt::report_misuse(text);
+  }
+  if (ldm * sizeof(Element) % 16 != 0) {
+    std::snprintf(text, sizeof(text), "wmma::%s: ldm %u is not a multiple of 16 bytes (%zu elements of %zu bytes)",
+                  function, ldm, 16 / sizeof(Element), sizeof(Element));
+    simt::report_misuse(text);
+  }
+}
+
 template <typename Frag, typename Element>
 SIMT_UNCHECKED void load(Frag& frag, const Element* ptr, unsigned ldm, bool row_major) {
+  check_alignment("load_matrix_sync", ptr, ldm);
   const int lane = simt::lane_id();
+  const int* placement = Frag::placement();
   for (int e = 0; e < frag.num_elements; ++e) {
-    const int index = e * 32 + lane;
+    const int index = placement[e * 32 + lane];
     const int r = index / Frag::cols;
     const int c = index % Frag::cols;
     const Element* source = ptr + (row_major ? static_cast<size_t>(r) * ldm + c : static_cast<size_t>(c) * ldm + r);
@@ -127,20 +191,23 @@ SIMT_UNCHECKED void mma_combine(void* const* lanes, int live_lanes) {
     return;
   }
   float a[m * k], b[k * n], c[m * n];
+  const int* place_a = FragA::placement();
+  const int* place_b = FragB::placement();
+  const int* place_c = FragC::placement();
   for (int lane = 0; lane < 32; ++lane) {
     const auto* slot = static_cast<const MmaSlot<FragC>*>(lanes[lane]);
     const auto* fa = static_cast<const FragA*>(slot->a);
     const auto* fb = static_cast<const FragB*>(slot->b);
     for (int e = 0; e < FragA::num_elements; ++e) {
       const float value = to_float(fa->x[e]);
-      a[e * 32 + lane] = FragA::is_tf32 ? truncate_to_tf32(value) : value;
+      a[place_a[e * 32 + lane]] = FragA::is_tf32 ? truncate_to_tf32(value) : value;
     }
     for (int e = 0; e < FragB::num_elements; ++e) {
       const float value = to_float(fb->x[e]);
-      b[e * 32 + lane] = FragB::is_tf32 ? truncate_to_tf32(value) : value;
+      b[place_b[e * 32 + lane]] = FragB::is_tf32 ? truncate_to_tf32(value) : value;
     }
     for (int e = 0; e < FragC::num_elements; ++e) {
-      c[e * 32 + lane] = slot->c->x[e];
+      c[place_c[e * 32 + lane]] = slot->c->x[e];
     }
   }
   for (int i = 0; i < m; ++i) {
@@ -155,7 +222,7 @@ SIMT_UNCHECKED void mma_combine(void* const* lanes, int live_lanes) {
   for (int lane = 0; lane < 32; ++lane) {
     auto* slot = static_cast<const MmaSlot<FragC>*>(lanes[lane]);
     for (int e = 0; e < FragC::num_elements; ++e) {
-      slot->d->x[e] = c[e * 32 + lane];
+      slot->d->x[e] = c[place_c[e * 32 + lane]];
     }
   }
 }
@@ -180,9 +247,11 @@ template <int M, int N, int K, typename T>
 SIMT_UNCHECKED void store_matrix_sync(T* ptr, const fragment<accumulator, M, N, K, T>& frag, unsigned ldm,
                                       layout_t layout) {
   using Frag = fragment<accumulator, M, N, K, T>;
+  detail::check_alignment("store_matrix_sync", ptr, ldm);
   const int lane = simt::lane_id();
+  const int* placement = Frag::placement();
   for (int e = 0; e < Frag::num_elements; ++e) {
-    const int index = e * 32 + lane;
+    const int index = placement[e * 32 + lane];
     const int r = index / Frag::cols;
     const int c = index % Frag::cols;
     T* target = ptr + (layout == mem_row_major ? static_cast<size_t>(r) * ldm + c : static_cast<size_t>(c) * ldm + r);

@@ -47,6 +47,16 @@ void warp_collective(unsigned mask, void* mine, Combine combine);
 void check_access(const void* address, size_t bytes, bool is_write);
 void report_misuse(const char* what);
 
+// The placement of a fragment type's elements across lanes (see mma.h): `elements` indices, a seeded
+// permutation of 0..elements-1 per key, the identity under seed 0.
+const int* fragment_placement(uint64_t key, int elements);
+
+// Asynchronous copies (<cuda_pipeline_primitives.h>): issue, commit the open batch, wait for all but the
+// `prior` most recent committed batches.
+void async_copy_issue(void* dst_shared, const void* src_global, size_t size_and_align, size_t zfill);
+void async_copy_commit();
+void async_copy_wait(size_t prior);
+
 // Copies without instrumentation (kernel arguments onto the fiber's stack).
 void copy_unchecked(void* dst, const void* src, size_t bytes);
 
