@@ -103,19 +103,18 @@ __global__ void __launch_bounds__(kPoolThreads)
         const T* src = batch_input + plane * stride_c;
         Acc* dst = tile + plane * plane_stride;
         // Walk this thread's pixels (pos_first, pos_first + pos_step, ...) in row-major tile order
-        // without a division per element, kLoadBatch at a time: all of a batch's (predicated) loads issue
-        // before its first shared store, so they are in flight together.
+        // without a division per element, kLoadBatch at a time: all of a batch's loads issue before its
+        // first shared store, so they are in flight together. The loads are unconditional (a pixel past the
+        // tile reads the tile's first pixel and is dropped), which keeps the batch straight-line code.
         int r = pos_first / cols;
         int c = pos_first % cols;
         const int step_r = pos_step / cols;
         const int step_c = pos_step % cols;
         const auto advance = [&](int& row, int& col) {
           col += step_c;
-          row += step_r;
-          if (col >= cols) {
-            col -= cols;
-            ++row;
-          }
+          const bool wrap = col >= cols;
+          col -= wrap ? cols : 0;
+          row += step_r + wrap;
         };
         while (r < rows) {
           Acc values[kLoadBatch];
@@ -123,7 +122,8 @@ __global__ void __launch_bounds__(kPoolThreads)
           int load_c = c;
 #pragma unroll
           for (int i = 0; i < kLoadBatch; ++i) {
-            values[i] = load_r < rows ? to_acc(src[(h0 + load_r) * stride_h + (w0 + load_c) * stride_w]) : Acc(0);
+            const bool inside = load_r < rows;
+            values[i] = to_acc(src[inside ? (h0 + load_r) * stride_h + (w0 + load_c) * stride_w : h0 * stride_h + w0 * stride_w]);
             advance(load_r, load_c);
           }
 #pragma unroll

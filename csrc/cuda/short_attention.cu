@@ -132,9 +132,9 @@ constexpr size_t backward_smem_bytes(int keys_padded) {
 // Elements of T in one 16-byte load or store.
 template <typename T>
 constexpr int kVec = static_cast<int>(16 / sizeof(T));
-// Loads a thread keeps in flight before storing them to shared memory: 4 vectors (64 bytes) or 8 scalars.
+// Loads a thread keeps in flight before storing them to shared memory: 8 vectors (128 bytes) or 8 scalars.
 // More would add registers to kernels that already hold their accumulators (spills).
-constexpr int kVectorBatch = 4;
+constexpr int kVectorBatch = 8;
 constexpr int kScalarBatch = 8;
 
 // Entry i of a 16-byte vector of T, and a vector built from kVec<T> entries, through 32-bit words: the vector
@@ -186,9 +186,12 @@ __device__ __forceinline__ uint4 load_partial_vector(const T* from, int valid) {
   return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
-// load_tile's 16-byte path. The fast axis (stride 1) is the rows when kRowsFastest, else the columns; vector
-// g covers kVec<T> consecutive entries of it. A row-major destination takes each vector in one 16-byte shared
-// store; a transposed one takes it entry by entry.
+// load_tile's 16-byte path, for tiles with at least one whole vector along the fast axis (stride 1): the rows
+// when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. Every load of a
+// batch is unconditional (a vector outside the tile reads the tile's first vector and is then zeroed), so the
+// batch is straight-line code and its loads are in flight together; vectors cut by the tile's edge are
+// reloaded entry by entry afterwards. A row-major destination takes each vector in one 16-byte shared store; a
+// transposed one takes it entry by entry.
 template <typename T, int ROWS, int COLS, bool kRowsFastest>
 __device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __restrict__ src, int64_t slow_stride,
                                                   int rows, int cols) {
@@ -208,12 +211,21 @@ __device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __res
       const int g = threadIdx.x + (first + i) * kThreads;
       const int fast = g % kVectorsPerLine * kVec<T>;
       const int slow = g / kVectorsPerLine;
-      const T* from = src + slow * slow_stride + fast;
-      values[i] = make_uint4(0, 0, 0, 0);
-      if (slow < slow_valid && fast + kVec<T> <= fast_valid) {
-        values[i] = *reinterpret_cast<const uint4*>(from);
-      } else if (slow < slow_valid && fast < fast_valid) {
-        values[i] = load_partial_vector(from, fast_valid - fast);
+      const bool inside = slow < slow_valid && fast + kVec<T> <= fast_valid;
+      values[i] = *reinterpret_cast<const uint4*>(inside ? src + slow * slow_stride + fast : src);
+      if (!inside) {
+        values[i] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    if (fast_valid % kVec<T> != 0) {
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int g = threadIdx.x + (first + i) * kThreads;
+        const int fast = g % kVectorsPerLine * kVec<T>;
+        const int slow = g / kVectorsPerLine;
+        if (slow < slow_valid && fast < fast_valid && fast + kVec<T> > fast_valid) {
+          values[i] = load_partial_vector(src + slow * slow_stride + fast, fast_valid - fast);
+        }
       }
     }
 #pragma unroll
@@ -233,7 +245,8 @@ __device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __res
   }
 }
 
-// load_tile's scalar path: entry e = threadIdx.x + k * kThreads, the fast axis first.
+// load_tile's scalar path: entry e = threadIdx.x + k * kThreads, the fast axis first. As in the vector path,
+// every load is unconditional (an entry outside the tile reads the tile's first entry and is then zeroed).
 template <typename T, int ROWS, int COLS>
 __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __restrict__ src, int64_t row_stride,
                                                   int64_t col_stride, int rows, int cols, bool rows_fastest) {
@@ -250,7 +263,9 @@ __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __res
       const int e = threadIdx.x + (first + i) * kThreads;
       const int r = rows_fastest ? e % ROWS : e / COLS;
       const int c = rows_fastest ? e / ROWS : e % COLS;
-      values[i] = (r < rows && c < cols) ? src[r * row_stride + c * col_stride] : zero;
+      const bool inside = r < rows && c < cols;
+      const T value = src[inside ? r * row_stride + c * col_stride : 0];
+      values[i] = inside ? value : zero;
     }
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
@@ -263,7 +278,7 @@ __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __res
 }
 
 // Copies a ROWS x COLS tile of a strided global matrix into shared memory (row-major, leading dimension
-// ld, a multiple of 16 bytes); entries outside rows x cols are zero, so padded keys, rows and depth add nothing
+// ld, a multiple of 16 bytes); rows and cols are at least 1, and entries outside rows x cols are zero, so padded keys, rows and depth add nothing
 // to products. Threads run along the source's stride-1 axis (coalesced). Each thread issues a batch of
 // predicated loads into registers before it stores any of them, so a batch's loads are in flight together
 // instead of one after another. When that axis has stride 1, the base is 16-byte aligned and the other stride
@@ -276,7 +291,7 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ 
   const bool rows_fastest = row_stride == 1 && col_stride != 1;
   const int64_t slow_stride = rows_fastest ? col_stride : row_stride;
   const bool vectors = (rows_fastest || col_stride == 1) && slow_stride % kVec<T> == 0 &&
-                       reinterpret_cast<uintptr_t>(src) % 16 == 0;
+                       reinterpret_cast<uintptr_t>(src) % 16 == 0 && (rows_fastest ? rows : cols) >= kVec<T>;
   if (vectors && rows_fastest) {
     load_tile_vectors<T, ROWS, COLS, true>(dst, ld, src, slow_stride, rows, cols);
   } else if (vectors) {
