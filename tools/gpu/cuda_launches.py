@@ -68,13 +68,16 @@ def launches(cases: list[Case]) -> dict[str, list[dict]]:
         return json.loads(entry.read_text())
     emulator = _emulator()
     result = {}
-    for case in cases:
-        result[case.name] = [
-            {"kernel": type_label(launch.kernel), "grid": list(launch.grid), "threads": launch.block[0] *
-             launch.block[1] * launch.block[2], "dynamic_smem": launch.dynamic_smem,
-             "block_read_bytes": launch.read_bytes, "block_written_bytes": launch.written_bytes}
-            for launch in _run(emulator, case)
-        ]
+    try:
+        for case in cases:
+            result[case.name] = [
+                {"kernel": type_label(launch.kernel), "grid": list(launch.grid), "threads": launch.block[0] *
+                 launch.block[1] * launch.block[2], "dynamic_smem": launch.dynamic_smem,
+                 "block_read_bytes": launch.read_bytes, "block_written_bytes": launch.written_bytes}
+                for launch in _run(emulator, case)
+            ]
+    finally:
+        emulator.run_blocks(None)  # the runtime library is shared with every other Emulator in this process
     entry.parent.mkdir(parents=True, exist_ok=True)
     entry.write_text(json.dumps(result, indent=1))
     return result

@@ -88,7 +88,7 @@ def _demangle(names: list[str]) -> dict[str, str]:
     if not filt or not names:
         return {n: n for n in names}
     out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=True).stdout
-    return dict(zip(names, out.splitlines()))
+    return dict(zip(names, out.splitlines(), strict=True))
 
 
 @dataclass
@@ -196,6 +196,7 @@ def parse_ptxas(log: str) -> dict[str, dict]:
 
 def compile_source(source: Path, include_dirs: tuple[Path, ...] = (), defines: tuple[str, ...] = ()) -> dict:
     """nvcc for sm_90a and cuobjdump of one .cu file: {"ptxas": log, "sass": text}, cached by content."""
+    source = source.resolve()
     include_dirs = (source.parent, *include_dirs)
     headers = sorted({p for d in include_dirs for p in d.iterdir() if p.suffix in (".h", ".cuh")})
     digest = hashlib.sha256()

@@ -1,6 +1,6 @@
 """The H200 constants, the key shapes, the floors, and the latency model behind every "modelled" time.
 
-Nothing here is measured on a GPU. docs/performance.md (section "The static model") explains each constant
+Nothing here is measured on a GPU. docs/performance.md (section 3, the static model) explains each constant
 and what the model leaves out; change the two together.
 """
 
@@ -31,7 +31,9 @@ PEAK_FLOPS = {
     "wgmma-half": 790e12,  # bf16/fp16 warpgroup MMA (HGMMA)
     "wgmma-tf32": 395e12,
     "hmma-half": 0.6 * 790e12,  # mma.sync (HMMA) reaches about 60% of the wgmma peak on Hopper [unverified]
+    "hmma-tf32": 0.6 * 395e12,
     "hmma-3xtf32": 0.6 * 395e12 / 3,  # three TF32 products per fp32 product
+    "wgmma-3xtf32": 395e12 / 3,
     "ffma": 67e12,  # fp32 CUDA cores
     "dfma": 34e12,  # fp64
 }
@@ -115,12 +117,15 @@ def ctas_per_sm(registers: int, threads: int, shared_bytes: int) -> tuple[int, s
     return limits[limiter], limiter
 
 
-def unit_for(tensor_core: str, dtype: str) -> str:
-    """The arithmetic unit a kernel's products run on, from what its SASS shows."""
-    if tensor_core == "wgmma":
-        return "wgmma-half" if dtype in ("bf16", "fp16") else "wgmma-tf32"
-    if tensor_core == "hmma":
-        return "hmma-half" if dtype in ("bf16", "fp16") else "hmma-3xtf32"
+def unit_for(tensor_core: str, dtype: str, tf32: bool | None = None, split3: bool = True) -> str:
+    """The arithmetic unit a kernel's products run on, from what its SASS (and PTX) show. ``tf32``: the
+    tensor-core products take TF32 operands (default: when the data is fp32); ``split3``: the FLOP count
+    is of fp32 products that each take three TF32 products (the 3xTF32 split of the CUDA kernels)."""
+    tf32 = dtype == "fp32" if tf32 is None else tf32
+    if tensor_core in ("wgmma", "hmma"):
+        if not tf32:
+            return f"{tensor_core}-half"
+        return f"{tensor_core}-3xtf32" if split3 else f"{tensor_core}-tf32"
     return "dfma" if dtype == "fp64" else "ffma"
 
 
@@ -148,15 +153,18 @@ class LaunchCost:
         return self.waves * self.round_trips * cycles / (CLOCK_GHZ * 1e9)
 
 
-def modelled_time(case: Case, launches: list[LaunchCost], global_bytes: float, unit: str) -> dict:
+def modelled_time(case: Case, launches: list[LaunchCost], global_bytes: float, unit: str,
+                  flops: float | None = None) -> dict:
     """The modelled time of one op (all its launches) and its three terms, in seconds.
 
     global_bytes: bytes all launches load and store (re-reads included). Loads of the minimal traffic go to
-    HBM; the rest are taken as L2 hits."""
+    HBM; the rest are taken as L2 hits. flops: the products the kernels issue on ``unit`` (default: the
+    op's own FLOPs, Case.flops)."""
+    flops = case.flops if not flops else flops
     hbm_fraction = min(1.0, case.minimal_bytes / global_bytes) if global_bytes else 1.0
     terms = {
         "bytes_s": max(case.minimal_bytes / HBM_BYTES_PER_S, global_bytes / L2_BYTES_PER_S),
-        "compute_s": case.flops / PEAK_FLOPS[unit],
+        "compute_s": flops / PEAK_FLOPS[unit],
         "latency_s": sum(launch.latency_s(hbm_fraction) for launch in launches),
     }
     time_s = max(terms.values())
@@ -167,5 +175,6 @@ def modelled_time(case: Case, launches: list[LaunchCost], global_bytes: float, u
         "floor_s": case.floor_s,
         "fraction_of_floor": case.floor_s / time_s,
         "unit": unit,
+        "flops": flops,
         "hbm_fraction": hbm_fraction,
     }

@@ -28,11 +28,14 @@ ROOT = cuda_static.ROOT
 MODELLED = "modelled (static analysis, no GPU run)"
 
 
-def _git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "csrc", "annkernels"], cwd=ROOT, capture_output=True,
+def _kernel_commit() -> str:
+    """The last commit that changed the kernels (csrc/, annkernels/), "+changes" if they differ from it."""
+    sources = ["csrc", "annkernels"]
+    last = subprocess.run(["git", "log", "-1", "--format=%h", "--", *sources], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", *sources], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
-    return proc.stdout.strip() + ("+changes" if dirty else "")
+    return (last or "unknown") + ("+changes" if dirty else "")
 
 
 def kernel_record(kernel: cuda_static.KernelStatic) -> dict:
@@ -78,7 +81,7 @@ def build_report(with_triton: bool = True) -> dict:
     report = {
         "label": MODELLED,
         "date": datetime.date.today().isoformat(),
-        "commit": _git_commit(),
+        "kernels_at": _kernel_commit(),
         "device": "H200 SXM (modelled)",
         "host": f"{platform.machine()}, Python {platform.python_version()}",
         "constants": {name: getattr(model, name) for name in (
@@ -117,10 +120,12 @@ def _widths(counts: dict) -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"# Static performance report, H200 (modelled), {report['date']}", "",
-             f"Commit {report['commit']}; made on {report['host']} without a GPU by `python -m tools.gpu.perf_report`.",
-             "**Every time here is modelled** (docs/performance.md, \"The static model\"), never measured.", "",
+             f"Kernels at commit {report['kernels_at']}; made on {report['host']} without a GPU by "
+             "`python -m tools.gpu.perf_report`.",
+             "**Every time here is modelled** (docs/performance.md section 3, the static model), never measured.", "",
              "## Modelled time against the H200 floor", "",
-             "| case | floor µs | CUDA modelled µs | bound | CUDA % floor | Triton modelled µs | bound | Triton % floor |",
+             "| case | floor µs | CUDA modelled µs | bound | CUDA % floor "
+             "| Triton modelled µs | bound | Triton % floor |",
              "|---|---|---|---|---|---|---|---|"]
     cuda_cases = report["cuda"].get("cases", {})
     triton_cases = report.get("triton", {}).get("cases", {})
@@ -133,6 +138,9 @@ def markdown(report: dict) -> str:
             else:
                 cells += ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "`bound` names the largest term. The model ignores shared-memory and instruction throughput, so a "
+              "kernel limited there (the CUDA pool backward, which gathers from shared memory) shows at its bytes "
+              "floor."]
     if "skipped" in report["cuda"]:
         lines += ["", f"CUDA kernels skipped: {report['cuda']['skipped']}."]
     else:
@@ -146,8 +154,9 @@ def markdown(report: dict) -> str:
 
 def _cuda_markdown(cuda: dict) -> list[str]:
     lines = ["", "## CUDA kernels (sm_90a)", "",
-             "Loads in flight: for each global load site in a loop, the other global loads in flight with it before "
-             "its first use (histogram `in flight: sites`). Fragment loads: shared (LDS, of which LDSM) / generic LD.", "",
+             "Loads in flight: for each global load site in a loop, the other global loads in flight with it "
+             "before its first use (histogram `in flight: sites`). Fragment loads: shared (LDS, of which LDSM) / "
+             "generic LD.", "",
              "| kernel | regs | spill B | static smem | global loads | global stores | loads in flight (hot sites) "
              "| fragment loads LDS(LDSM)/LD | HMMA | wgmma | cp.async | TMA |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -158,7 +167,8 @@ def _cuda_markdown(cuda: dict) -> list[str]:
                      f"{k['shared_fragment_loads']}({k['ldsm']})/{k['generic_loads']} | {k['hmma']} | {k['wgmma']} | "
                      f"{k['async_copies']} | {k['tma']} |")
     lines += ["", "## CUDA launches at the key shapes (plans from the launchers, via the emulator)", "",
-              "| case | kernel | CTAs | threads | smem | CTAs/SM (limit) | waves | SM fill | loads/thread | round trips |",
+              "| case | kernel | CTAs | threads | smem | CTAs/SM (limit) | waves | SM fill | loads/thread "
+              "| round trips |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name, case in cuda["cases"].items():
         for launch in case["launches"]:
@@ -171,7 +181,8 @@ def _cuda_markdown(cuda: dict) -> list[str]:
               "|---|---|---|---|---|---|"]
     for name, case in cuda["cases"].items():
         lines.append(f"| {name} | {_us(case['bytes_s'])} | {_us(case['compute_s'])} ({case['unit']}) | "
-                     f"{_us(case['latency_s'])} | {case['global_bytes'] / 1e6:.1f} | {case['minimal_bytes'] / 1e6:.1f} |")
+                     f"{_us(case['latency_s'])} | {case['global_bytes'] / 1e6:.1f} | "
+                     f"{case['minimal_bytes'] / 1e6:.1f} |")
     return lines
 
 

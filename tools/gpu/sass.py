@@ -140,7 +140,7 @@ def read_registers(ins: Instruction) -> set[int]:
     operands = ins.operands if ins.base in _NO_DESTINATION else ins.operands[1:]
     registers = set()
     if ins.base == "HMMA":
-        for operand, width in zip(operands, _hmma_widths(ins)):
+        for operand, width in zip(operands, _hmma_widths(ins), strict=False):
             registers |= _register_span(operand, width)
         return registers
     store_width = max(1, load_bits(ins) // 32) if ins.base in ("ST", "STS", "STG", "STL") else 1
