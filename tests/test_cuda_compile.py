@@ -103,3 +103,15 @@ def test_nvcc_compiles(compile_jobs, source, target):
     # ptxas -v lists per-kernel registers and spills; keep them visible with `pytest -rA -s`.
     print(f"{source.name} [{target}]\n" + "\n".join(line for line in stderr.splitlines() if "spill" in line
                                                    or "registers" in line))
+    spilling = [f"{name}: {stores} bytes spill stores" for name, stores in _spills(stderr)
+                if stores and not FLOAT64_INSTANCE.search(name)]
+    assert not spilling, f"{source.name} spills for {target}:\n" + "\n".join(spilling)
+
+
+# ptxas -v: each entry function's name, then its spill stores. fp64 instantiations (for gradcheck) may spill.
+ENTRY_SPILLS = re.compile(r"Compiling entry function '(\S+)' for '\w+'\n.*?\n\s*\d+ bytes stack frame, (\d+) bytes spill stores")
+FLOAT64_INSTANCE = re.compile(r"kernelIdE")  # a kernel template instantiated for double
+
+
+def _spills(ptxas_log: str):
+    return [(name, int(stores)) for name, stores in ENTRY_SPILLS.findall(ptxas_log)]

@@ -137,8 +137,7 @@ constexpr int kVec = static_cast<int>(16 / sizeof(T));
 constexpr int kVectorBatch = 8;
 constexpr int kScalarBatch = 8;
 
-// Entry i of a 16-byte vector of T, and a vector built from kVec<T> entries, through 32-bit words: the vector
-// stays in registers (a T* into a register array would send it to local memory). i is a constant once the
+// Entry i of a 16-byte vector of T, through 32-bit words: the vector stays in registers (a T* into a register array would send it to local memory). i is a constant once the
 // callers' loops are unrolled.
 __device__ __forceinline__ uint32_t vector_word(const uint4& v, int w) {
   return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
@@ -158,40 +157,11 @@ __device__ __forceinline__ T vector_entry(const uint4& v, int i) {
   return entry;
 }
 
-template <typename T>
-__device__ __forceinline__ uint32_t entry_bits(T entry) {
-  if constexpr (sizeof(T) == 4) {
-    uint32_t bits;
-    __builtin_memcpy(&bits, &entry, 4);
-    return bits;
-  } else {
-    uint16_t bits;
-    __builtin_memcpy(&bits, &entry, 2);
-    return bits;
-  }
-}
-
-// The first `valid` entries of a vector at `from`, loaded one by one (a vector cut by the tile's edge), the
-// rest zero.
-template <typename T>
-__device__ __forceinline__ uint4 load_partial_vector(const T* from, int valid) {
-  constexpr int kPerWord = static_cast<int>(4 / sizeof(T));
-  uint32_t words[4] = {0, 0, 0, 0};
-#pragma unroll
-  for (int i = 0; i < kVec<T>; ++i) {
-    if (i < valid) {
-      words[i / kPerWord] |= entry_bits(from[i]) << (32 / kPerWord * (i % kPerWord));
-    }
-  }
-  return make_uint4(words[0], words[1], words[2], words[3]);
-}
-
-// load_tile's 16-byte path, for tiles with at least one whole vector along the fast axis (stride 1): the rows
+// load_tile's 16-byte path, for tiles that no vector straddles the edge of: the fast axis (stride 1) is the rows
 // when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. Every load of a
 // batch is unconditional (a vector outside the tile reads the tile's first vector and is then zeroed), so the
-// batch is straight-line code and its loads are in flight together; vectors cut by the tile's edge are
-// reloaded entry by entry afterwards. A row-major destination takes each vector in one 16-byte shared store; a
-// transposed one takes it entry by entry.
+// batch is straight-line code and its loads are in flight together. A row-major destination takes each vector
+// in one 16-byte shared store; a transposed one takes it entry by entry.
 template <typename T, int ROWS, int COLS, bool kRowsFastest>
 __device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __restrict__ src, int64_t slow_stride,
                                                   int rows, int cols) {
@@ -217,17 +187,6 @@ __device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __res
         values[i] = make_uint4(0, 0, 0, 0);
       }
     }
-    if (fast_valid % kVec<T> != 0) {
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        const int g = threadIdx.x + (first + i) * kThreads;
-        const int fast = g % kVectorsPerLine * kVec<T>;
-        const int slow = g / kVectorsPerLine;
-        if (slow < slow_valid && fast < fast_valid && fast + kVec<T> > fast_valid) {
-          values[i] = load_partial_vector(src + slow * slow_stride + fast, fast_valid - fast);
-        }
-      }
-    }
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
       const int g = threadIdx.x + (first + i) * kThreads;
@@ -245,8 +204,8 @@ __device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __res
   }
 }
 
-// load_tile's scalar path: entry e = threadIdx.x + k * kThreads, the fast axis first. As in the vector path,
-// every load is unconditional (an entry outside the tile reads the tile's first entry and is then zeroed).
+// load_tile's scalar path: entry e = threadIdx.x + k * kThreads, the fast axis first; the loads of a batch are
+// predicated, not branched around.
 template <typename T, int ROWS, int COLS>
 __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __restrict__ src, int64_t row_stride,
                                                   int64_t col_stride, int rows, int cols, bool rows_fastest) {
@@ -263,9 +222,7 @@ __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __res
       const int e = threadIdx.x + (first + i) * kThreads;
       const int r = rows_fastest ? e % ROWS : e / COLS;
       const int c = rows_fastest ? e / ROWS : e % COLS;
-      const bool inside = r < rows && c < cols;
-      const T value = src[inside ? r * row_stride + c * col_stride : 0];
-      values[i] = inside ? value : zero;
+      values[i] = (r < rows && c < cols) ? src[r * row_stride + c * col_stride] : zero;
     }
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
@@ -277,21 +234,22 @@ __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __res
   }
 }
 
-// Copies a ROWS x COLS tile of a strided global matrix into shared memory (row-major, leading dimension
-// ld, a multiple of 16 bytes); rows and cols are at least 1, and entries outside rows x cols are zero, so padded keys, rows and depth add nothing
-// to products. Threads run along the source's stride-1 axis (coalesced). Each thread issues a batch of
-// predicated loads into registers before it stores any of them, so a batch's loads are in flight together
-// instead of one after another. When that axis has stride 1, the base is 16-byte aligned and the other stride
-// a multiple of 16 bytes, each load reads 16 bytes (a part-valid vector at the tile's edge falls back to
-// scalar loads); otherwise the loads are scalar (an odd N such as 9409, an offset view, a stride-0 or permuted
-// gradient).
+// Copies a ROWS x COLS tile of a strided global matrix into shared memory (row-major, leading dimension ld, a
+// multiple of 16 bytes); rows and cols are at least 1, and entries outside rows x cols are zero, so padded
+// keys, rows and depth add nothing to products. Threads run along the source's stride-1 axis (coalesced). Each
+// thread issues a batch of loads into registers before it stores any of them, so a batch's loads are in flight
+// together instead of one after another. Each load reads 16 bytes when that axis has stride 1, the base is
+// 16-byte aligned, the other stride is a multiple of 16 bytes and no vector straddles the tile's edge; the
+// loads are scalar otherwise (an odd N such as 9409, an offset view, a stride-0 or permuted gradient).
 template <typename T, int ROWS, int COLS>
 __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ src, int64_t row_stride,
                                           int64_t col_stride, int rows, int cols) {
   const bool rows_fastest = row_stride == 1 && col_stride != 1;
   const int64_t slow_stride = rows_fastest ? col_stride : row_stride;
+  const int fast_valid = rows_fastest ? rows : cols;
   const bool vectors = (rows_fastest || col_stride == 1) && slow_stride % kVec<T> == 0 &&
-                       reinterpret_cast<uintptr_t>(src) % 16 == 0 && (rows_fastest ? rows : cols) >= kVec<T>;
+                       reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                       (fast_valid % kVec<T> == 0 || fast_valid >= (rows_fastest ? ROWS : COLS));
   if (vectors && rows_fastest) {
     load_tile_vectors<T, ROWS, COLS, true>(dst, ld, src, slow_stride, rows, cols);
   } else if (vectors) {
