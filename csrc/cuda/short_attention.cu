@@ -158,10 +158,10 @@ __device__ __forceinline__ T vector_entry(const uint4& v, int i) {
 }
 
 // load_tile's 16-byte path, for tiles that no vector straddles the edge of: the fast axis (stride 1) is the rows
-// when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. Every load of a
-// batch is unconditional (a vector outside the tile reads the tile's first vector and is then zeroed), so the
-// batch is straight-line code and its loads are in flight together. A row-major destination takes each vector
-// in one 16-byte shared store; a transposed one takes it entry by entry.
+// when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. The loads of a batch
+// are predicated, not branched around, so the batch is straight-line code and its loads are in flight
+// together. A row-major destination takes each vector in one 16-byte shared store; a transposed one takes it
+// entry by entry.
 template <typename T, int ROWS, int COLS, bool kRowsFastest>
 __device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __restrict__ src, int64_t slow_stride,
                                                   int rows, int cols) {
@@ -182,10 +182,7 @@ __device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __res
       const int fast = g % kVectorsPerLine * kVec<T>;
       const int slow = g / kVectorsPerLine;
       const bool inside = slow < slow_valid && fast + kVec<T> <= fast_valid;
-      values[i] = *reinterpret_cast<const uint4*>(inside ? src + slow * slow_stride + fast : src);
-      if (!inside) {
-        values[i] = make_uint4(0, 0, 0, 0);
-      }
+      values[i] = inside ? *reinterpret_cast<const uint4*>(src + slow * slow_stride + fast) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
