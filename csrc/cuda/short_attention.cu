@@ -596,8 +596,11 @@ __global__ void __launch_bounds__(kThreads) short_attention_backward_scores_kern
                            grad_query, p.grad_query.row_stride, p.grad_query.col_stride, rows_valid, stage);
 }
 
-// Tile of the key/value kernel: 64 keys by 64 gradient columns, 64 queries deep per staged step.
+// Tile of the key/value kernel: 64 keys by kKvColumns gradient columns, 64 queries deep per staged step. 128
+// columns halve the re-reads of dS and P; fp32 keeps 64 so the two static tiles stay within 48 KiB.
 constexpr int kKvTile = 64;
+template <typename T>
+constexpr int kKvColumns = sizeof(T) == 2 ? 128 : 64;
 
 struct KeyValueParams {
   ConstView3 query, grad_out;
@@ -609,16 +612,18 @@ struct KeyValueParams {
 };
 
 // Backward, second kernel: [dK | dV] = [dS | P]^T [q | dO] split over the queries. Grid: (key tiles x column
-// tiles, chunks, B). A block owns a 64 x 64 tile of [dK | dV] (dK's columns first) for one chunk of
+// tiles, chunks, B). A block owns a 64 x kKvColumns tile of [dK | dV] (dK's columns first) for one chunk of
 // rows_per_chunk queries and writes its fp32 partial sum; warp w owns the tile's keys [16w, 16w + 16). Each
 // step stages 64 queries of both operands (dS or P rows as they lie, q or dO in its own layout).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) short_attention_backward_key_value_kernel(KeyValueParams p) {
   using M = Mma<T>;
-  constexpr int kFrags = kKvTile / 16;
+  constexpr int kColumns = kKvColumns<T>;
+  constexpr int kFrags = kColumns / 16;
   constexpr int ld = kKvTile + kPad<T>;
-  __shared__ __align__(128) T a_tile[kKvTile * ld];  // [query][key]
-  __shared__ __align__(128) T b_tile[kKvTile * ld];  // [query][column]
+  constexpr int ld_b = kColumns + kPad<T>;
+  __shared__ __align__(128) T a_tile[kKvTile * ld];     // [query][key]
+  __shared__ __align__(128) T b_tile[kKvTile * ld_b];  // [query][column]
 
   const int key_tile = blockIdx.x / p.column_tiles;
   const int column_tile = blockIdx.x % p.column_tiles;
@@ -626,7 +631,7 @@ __global__ void __launch_bounds__(kThreads) short_attention_backward_key_value_k
   const int b = blockIdx.z;
   const bool is_key = column_tile < p.key_column_tiles;
   const int s0 = key_tile * kKvTile;
-  const int d0 = (is_key ? column_tile : column_tile - p.key_column_tiles) * kKvTile;
+  const int d0 = (is_key ? column_tile : column_tile - p.key_column_tiles) * kColumns;
   const int dim = is_key ? p.key_dim : p.value_dim;
   const int dim_padded = is_key ? p.key_dim_padded : p.value_dim_padded;
   const ConstView3 rhs = is_key ? p.query : p.grad_out;
@@ -648,8 +653,8 @@ __global__ void __launch_bounds__(kThreads) short_attention_backward_key_value_k
     __syncthreads();  // the previous step's tiles are no longer read
     load_tile<T, kKvTile, kKvTile>(a_tile, ld, lhs + static_cast<int64_t>(n0) * p.keys_padded, p.keys_padded, 1,
                                    row_end - row_begin - n0, p.keys_padded - s0);
-    load_tile<T, kKvTile, kKvTile>(b_tile, ld, rhs_data + n0 * rhs.row_stride, rhs.row_stride, rhs.col_stride,
-                                   row_end - row_begin - n0, dim - d0);
+    load_tile<T, kKvTile, kColumns>(b_tile, ld_b, rhs_data + n0 * rhs.row_stride, rhs.row_stride, rhs.col_stride,
+                                    row_end - row_begin - n0, dim - d0);
     __syncthreads();
     if (warp_has_keys) {
 #pragma unroll
@@ -661,7 +666,7 @@ __global__ void __launch_bounds__(kThreads) short_attention_backward_key_value_k
         for (int f = 0; f < kFrags; ++f) {
           if (d0 + 16 * f < dim_padded) {
             typename M::template B<wmma::row_major> b_frag;
-            M::load(b_frag, b_tile + kk * ld + 16 * f, ld);
+            M::load(b_frag, b_tile + kk * ld_b + 16 * f, ld_b);
             M::mma(acc[f], a_frag, b_frag);
           }
         }
@@ -804,7 +809,7 @@ cudaError_t plan_backward(const AttentionShape& shape, AttentionBackwardPlan* pl
   constexpr int kKeyValueBlocksPerSm = 2;
   constexpr int kMinStepsPerChunk = 2;
   const int64_t tiles_per_chunk = ceil_div(keys_padded, kKvTile) *
-                                  (ceil_div(key_dim_padded, kKvTile) + ceil_div(value_dim_padded, kKvTile)) *
+                                  (ceil_div(key_dim_padded, kKvColumns<T>) + ceil_div(value_dim_padded, kKvColumns<T>)) *
                                   shape.batch;
   const int64_t steps = ceil_div(shape.queries, kKvTile);
   const int64_t wanted_chunks = std::min<int64_t>(
@@ -871,8 +876,8 @@ cudaError_t launch_backward(const AttentionShape& shape, const BackwardParams& p
   if (status != cudaSuccess) {
     return status;
   }
-  const int key_column_tiles = static_cast<int>(ceil_div(plan.key_dim_padded, kKvTile));
-  const int column_tiles = key_column_tiles + static_cast<int>(ceil_div(plan.value_dim_padded, kKvTile));
+  const int key_column_tiles = static_cast<int>(ceil_div(plan.key_dim_padded, kKvColumns<T>));
+  const int column_tiles = key_column_tiles + static_cast<int>(ceil_div(plan.value_dim_padded, kKvColumns<T>));
   const KeyValueParams kv{params.query,
                           params.grad_out,
                           params.prob,
