@@ -803,10 +803,10 @@ cudaError_t plan_backward(const AttentionShape& shape, AttentionBackwardPlan* pl
   }
   const int64_t key_dim_padded = round_up(shape.key_dim, 16);
   const int64_t value_dim_padded = round_up(shape.value_dim, 16);
-  // Key/value blocks: chunks of whole 64-query steps, enough chunks for two blocks per SM, and at least two
+  // Key/value blocks: chunks of whole 64-query steps, enough chunks for one block per SM, and at least two
   // steps per chunk (a chunk's partial costs about one step's traffic); the fp32 partials (chunks x S_pad x
   // (Dk + Dv) per image, about 4 MB at B=2, S=110, Dk=Dv=256) stay L2-sized.
-  constexpr int kKeyValueBlocksPerSm = 2;
+  constexpr int kKeyValueBlocksPerSm = 1;
   constexpr int kMinStepsPerChunk = 2;
   const int64_t tiles_per_chunk = ceil_div(keys_padded, kKvTile) *
                                   (ceil_div(key_dim_padded, kKvColumns<T>) + ceil_div(value_dim_padded, kKvColumns<T>)) *
