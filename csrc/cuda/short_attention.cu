@@ -7,8 +7,11 @@
 // fp32 accuracy instead of TF32's 10-bit mantissa. Softmax statistics are fp32 for every dtype.
 //
 // Operands are streamed through shared memory in tiles. Loads run threads along whichever operand axis
-// has stride 1, so the channel-first views [B, N, D] with stride (D*N, 1, N) are read coalesced along N;
-// outputs are staged in fp32 and written the same way.
+// has stride 1, so the channel-first views [B, N, D] with stride (D*N, 1, N) are read coalesced along N, and
+// each thread issues a batch of loads (16-byte where the layout allows) before storing any (load_tile);
+// outputs are staged in fp32 and written the same way. The backward is three launches: a scores kernel per
+// query tile (S, dP, softmax backward, dQ; P and dS to a workspace), a key/value GEMM split over the queries
+// with fp32 partials per chunk, and a reduce that adds the chunks in a fixed order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
