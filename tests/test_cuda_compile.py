@@ -103,3 +103,47 @@ def test_nvcc_compiles(compile_jobs, source, target):
     # ptxas -v lists per-kernel registers and spills; keep them visible with `pytest -rA -s`.
     print(f"{source.name} [{target}]\n" + "\n".join(line for line in stderr.splitlines() if "spill" in line
                                                    or "registers" in line))
+    spilling = [f"{name}: {stores} bytes spill stores" for name, stores in _spills(stderr)
+                if stores and not FLOAT64_INSTANCE.search(name) and not KNOWN_SPILL.search(name)]
+    assert not spilling, f"{source.name} spills for {target}:\n" + "\n".join(spilling)
+
+
+# ptxas -v: each entry function's name, then its spill stores. fp64 instantiations (for gradcheck) may spill.
+ENTRY_SPILLS = re.compile(r"Compiling entry function '(\S+)' for '\w+'\n.*?\n\s*\d+ bytes stack frame, (\d+) bytes spill stores")
+FLOAT64_INSTANCE = re.compile(r"kernelIdE")  # a kernel template instantiated for double
+# Issue 19, not yet fixed: ptxas spills 16 bytes at 96 registers in the fp32 backward scores kernel with 16-row
+# tiles (S > 128 or few queries). Held by tests/test_perf_gate.py's below-target list as well.
+KNOWN_SPILL = re.compile(r"short_attention_backward_scores_kernelIfLi16E")
+
+
+def _spills(ptxas_log: str):
+    return [(name, int(stores)) for name, stores in ENTRY_SPILLS.findall(ptxas_log)]
+
+
+# ---- the torch glue ----
+
+GLUE_SOURCES = sorted(CUDA_DIR.glob("*_cuda.cpp"))
+
+
+@pytest.mark.parametrize("source", GLUE_SOURCES, ids=lambda p: p.name)
+def test_torch_glue_compiles_against_the_torch_headers(source, tmp_path):
+    """The glue (*_cuda.cpp) is built only on a machine with a CUDA torch, which CI lacks; a syntax-only g++
+    pass against the CPU wheel's headers catches a launcher signature or plan change it was not updated for.
+    The wheel ships c10/cuda without its generated CMake macro header, so a one-line stand-in goes first."""
+    from torch.utils import cpp_extension
+    from simt import build
+
+    cxx = shutil.which(build.CXX)
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    try:
+        cuda_include = build.cuda_include_dir()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", *(f"-I{p}" for p in cpp_extension.include_paths()), f"-I{tmp_path}",
+           f"-isystem{cuda_include}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{CUDA_DIR}", str(source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    assert proc.returncode == 0, f"{source.name} does not compile:\n{proc.stderr[-4000:]}"

@@ -127,7 +127,7 @@ def test_large_scores_do_not_overflow(emulator, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_attention_backward_is_bitwise_deterministic_across_fiber_orders(emulator, dtype):
-    # The workspace slots are summed in a fixed order, so the fiber order must not change a bit.
+    # The key/value kernel's chunk partials are summed in a fixed order, so the fiber order must not change a bit.
     leaves = _attention_inputs((2, 600, 110, 32, 32), "channel_first", dtype)
     out = emulator.configure(order="forward").short_attention(*leaves)
     grad = torch.randn_like(out)
@@ -156,14 +156,27 @@ def test_forward_query_tile_follows_the_sm_count(emulator, device, block_m):
     assert forward == [f"short_attention_forward_kernel<float, {block_m}>"]
 
 
-# Several tiles per block: more tiles than the 2 x 132 / B workspace slots per batch.
-@pytest.mark.parametrize("case, block_m", [((16, 300, 130, 8, 8), 16), ((16, 1100, 100, 8, 8), 64)], ids=str)
-def test_backward_with_several_query_tiles_per_block(emulator, case, block_m):
+# The key/value GEMM over several 64-query steps per chunk, with a part-filled last step and last chunk.
+@pytest.mark.parametrize("case", [(16, 300, 130, 8, 8), (3, 1100, 100, 40, 24)], ids=str)
+def test_backward_with_several_query_steps_per_chunk(emulator, case):
     emulator.configure(device="h100", order="shuffle", seed=5)
     plan = emulator.attention_backward_plan(torch.float32, case)
-    tiles = math.ceil(case[1] / plan["block_m"])
-    assert plan["block_m"] == block_m and tiles > plan["chunks_per_batch"] > 1, plan
+    assert plan["rows_per_chunk"] > 64 and plan["chunks"] > 1 and plan["rows_per_chunk"] % 64 == 0, plan
     _check_attention_fp32(emulator, case, "contiguous")
+
+
+def test_backward_key_value_grid_fills_an_h200_at_the_key_shapes(emulator):
+    # Kernel B's grid (key tiles x column tiles x chunks x B) must cover the 132 SMs, and its fp32 partials must
+    # stay L2-sized: the 60 MB dK/dV workspace of the one-kernel backward is gone.
+    emulator.configure(device="h200")
+    for shape in [(2, 8192, 110, 256, 256), (1, 32768, 110, 256, 256), (1, 9409, 110, 256, 256)]:
+        plan = emulator.attention_backward_plan(torch.bfloat16, shape)
+        columns = 128  # [dK | dV] columns per block in 16-bit types
+        blocks = math.ceil(plan["keys_padded"] / 64) * (math.ceil(plan["key_dim_padded"] / columns) +
+                                                        math.ceil(plan["value_dim_padded"] / columns))
+        assert blocks * plan["chunks"] * shape[0] >= 132, (shape, plan)
+        partial_bytes = plan["workspace_bytes"] - plan["partial_offset"]
+        assert partial_bytes <= 8 << 20, (shape, plan)
 
 
 def test_fp32_with_s_near_1024_uses_the_shared_memory_opt_in(emulator):
@@ -172,7 +185,7 @@ def test_fp32_with_s_near_1024_uses_the_shared_memory_opt_in(emulator):
     _check_attention_fp32(emulator, (1, 40, 1000, 24, 16), "channel_first")
     big = [launch for launch in emulator.launches[start:] if launch.dynamic_smem > 48 * 1024]
     assert {launch.kernel.split("<")[0] for launch in big} == {"short_attention_forward_kernel",
-                                                                "short_attention_backward_kernel"}
+                                                                "short_attention_backward_scores_kernel"}
 
 
 def test_fp32_backward_with_s_near_1024_does_not_fit_an_a100(emulator):

@@ -22,19 +22,32 @@ PLANTS = [
      "      __syncthreads();  // the previous tiles are no longer read\n",
      "      if (simt_planted_bug() != 1) __syncthreads();  // the previous tiles are no longer read\n"),
     (2, "key mask off by one in the softmax row sum",
-     "  for (int j = lane; j < keys; j += kWarpSize) {\n    sum += exp2f(",
-     "  for (int j = lane; j < keys + (simt_planted_bug() == 2); j += kWarpSize) {\n    sum += exp2f("),
+     "  for (int j = lane; j < keys; j += kWarpSize) {\n    const float e = exp2f(",
+     "  for (int j = lane; j < keys + (simt_planted_bug() == 2); j += kWarpSize) {\n    const float e = exp2f("),
     (3, "query mask off by one when storing an output tile",
      "    if (r < rows && c < cols) {\n      dst[r * row_stride",
      "    if (r < rows + (simt_planted_bug() == 3) && c < cols) {\n      dst[r * row_stride"),
-    (4, "shared operand tile overrun by one element",
-     "  for (int e = threadIdx.x; e < ROWS * COLS; e += kThreads) {\n    const int r = rows_fastest",
-     "  for (int e = threadIdx.x; e < ROWS * COLS + (simt_planted_bug() == 4); e += kThreads) {\n"
-     "    const int r = rows_fastest"),
+    # Shifted right, not past the tile: the last entry lands in the row padding, so the bug cannot scribble
+    # outside shared memory (the emulator reports such writes but cannot stop them).
+    (4, "16-byte operand tile stores shifted one vector to the right",
+     "        *reinterpret_cast<uint4*>(dst + slow * ld + fast) = values[i];",
+     "        *reinterpret_cast<uint4*>(dst + slow * ld + fast + (simt_planted_bug() == 4) * kVec<T>) = values[i];"),
     (5, "score accumulator fragment stored with the wrong layout",
      "acc[m][f], ld_out, wmma::mem_row_major);\n        }\n      }\n    }\n  }\n}",
      "acc[m][f], ld_out,\n                                  simt_planted_bug() == 5 ? wmma::mem_col_major : "
      "wmma::mem_row_major);\n        }\n      }\n    }\n  }\n}"),
+    (9, "scalar operand tile stores shifted one entry along the row",
+     "      dst[r * ld + c] = values[i];",
+     "      dst[r * ld + c + (simt_planted_bug() == 9)] = values[i];"),
+    (10, "removed __syncthreads before the key/value kernel's next query step overwrites its tiles",
+     "    __syncthreads();  // the previous step's tiles are no longer read\n",
+     "    if (simt_planted_bug() != 10) __syncthreads();  // the previous step's tiles are no longer read\n"),
+    (11, "the reduce drops the last chunk's partial",
+     "        values[i] = c0 + i < chunks ? src[(c0 + i) * slot_elems] : 0.0f;",
+     "        values[i] = c0 + i < chunks - (simt_planted_bug() == 11) ? src[(c0 + i) * slot_elems] : 0.0f;"),
+    (12, "P and dS copied to the workspace with one row too few",
+     "  for (int v = threadIdx.x; v < rows_valid * vectors_per_row; v += kThreads) {",
+     "  for (int v = threadIdx.x; v < (rows_valid - (simt_planted_bug() == 12)) * vectors_per_row; v += kThreads) {"),
 ]
 # Launch mistakes, each with a case that reaches it: (bug id, what, original, planted, case).
 LAUNCH_PLANTS = [

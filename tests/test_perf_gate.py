@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLANTED = Path(__file__).resolve().parent / "perf_gate"
 # The committed report the modelled fractions are held against. A redesign that gains writes a new dated
 # baseline (python -m tools.gpu.perf_report --out bench/results/static-h200-DATE-NAME) and points this at it.
-BASELINE = ROOT / "bench" / "results" / "static-h200-2026-12-05-baseline.json"
+BASELINE = ROOT / "bench" / "results" / "static-h200-2026-12-05-cuda-redesign.json"
 
 # The gate's thresholds, in one table; the redesign issues raise them as they land.
 THRESHOLDS = {
@@ -33,27 +33,31 @@ THRESHOLDS = {
     "spill_free_dtypes": ("fp16", "bf16", "fp32"),
 }
 
-# Below target, issue 19 (the CUDA redesign): today's kernels that break a rule, by rule. The redesign
-# empties these sets. An entry that starts to pass fails the gate too, so that it is removed and the rule
-# holds the kernel from then on; a kernel not listed must pass.
+# Below target, issue 19 (the CUDA redesign): kernels that still break a rule, by rule. An entry that starts to
+# pass fails the gate too, so that it is removed and the rule holds the kernel from then on; a kernel not
+# listed must pass. The redesign's first round (bench/results/static-h200-2026-12-05-cuda-redesign.md) batches
+# every tile load (8 in flight at most sites) and fixes the reduce; what is left:
 BELOW_TARGET_ISSUE_19 = {
-    # One load in flight per thread: load_tile / the pool loader store each element to shared memory
-    # before the next load issues (docs/gpu-kernel-review.md, finding 1).
     "min_loads_in_flight": {
+        # Gather of at most num_bins gradient values per plane, one at a time (a small share of the traffic).
         "pyramid_pool_backward_kernel<bf16>", "pyramid_pool_backward_kernel<fp16>",
         "pyramid_pool_backward_kernel<fp32>", "pyramid_pool_backward_kernel<fp64>",
+        # 16 loads per batch in the source, but ptxas interleaves them with the shared stores (2-4 in flight).
         "pyramid_pool_forward_kernel<bf16>", "pyramid_pool_forward_kernel<fp16>",
         "pyramid_pool_forward_kernel<fp32>", "pyramid_pool_forward_kernel<fp64>",
-        "reduce_chunks_kernel<bf16>", "reduce_chunks_kernel<fp16>", "reduce_chunks_kernel<fp32>",
-        "short_attention_backward_kernel<bf16, 16>", "short_attention_backward_kernel<bf16, 64>",
-        "short_attention_backward_kernel<fp16, 16>", "short_attention_backward_kernel<fp16, 64>",
-        "short_attention_backward_kernel<fp32, 16>", "short_attention_backward_kernel<fp32, 64>",
+        # Tiles of 1 or 4 vectors per thread (16- and 64-row query tiles, the key/value kernel's 64 x 64 tiles):
+        # the batch is the whole tile. Loading a stage's two tiles as one batch would lift them.
+        "short_attention_backward_key_value_kernel<bf16>", "short_attention_backward_key_value_kernel<fp16>",
+        "short_attention_backward_key_value_kernel<fp32>",
+        "short_attention_backward_scores_kernel<bf16, 16>", "short_attention_backward_scores_kernel<bf16, 64>",
+        "short_attention_backward_scores_kernel<fp16, 16>", "short_attention_backward_scores_kernel<fp16, 64>",
+        "short_attention_backward_scores_kernel<fp32, 16>",
         "short_attention_forward_kernel<bf16, 16>", "short_attention_forward_kernel<bf16, 64>",
         "short_attention_forward_kernel<fp16, 16>", "short_attention_forward_kernel<fp16, 64>",
-        "short_attention_forward_kernel<fp32, 16>", "short_attention_forward_kernel<fp32, 64>",
+        "short_attention_forward_kernel<fp32, 16>",
     },
-    # ptxas spills at 128 and 72 registers.
-    "spill_free_dtypes": {"short_attention_forward_kernel<bf16, 64>", "short_attention_backward_kernel<fp16, 16>"},
+    # ptxas spills 16 bytes at 96 registers (tests/test_cuda_compile.py lists it too).
+    "spill_free_dtypes": {"short_attention_backward_scores_kernel<fp32, 16>"},
 }
 
 requires_cuda_tools = pytest.mark.skipif(cuda_static.missing_tools() is not None,

@@ -106,13 +106,24 @@ cudaError_t dispatch_dtype(DType dtype, Launch&& launch) {
   return cudaErrorInvalidValue;
 }
 
-// Every kernel launch goes through here. Under nvcc it is <<<grid, block, smem, stream>>>; when g++
-// compiles these sources against the CPU SIMT emulator (tests/simt), the emulator runs the grid.
+#if defined(__CUDACC__)
+// cudaLaunchKernel with each argument converted to the kernel's own parameter type first (TypeTag<P>::type
+// takes no part in deduction), so the argument array it copies from matches the kernel's signature.
+template <typename... Params>
+cudaError_t launch_converted(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                             typename TypeTag<Params>::type... params) {
+  void* arguments[] = {static_cast<void*>(&params)...};
+  return cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, block, arguments, smem, stream);
+}
+#endif
+
+// Every kernel launch goes through here. Under nvcc it is cudaLaunchKernel, whose status is this launch's
+// own (cudaGetLastError() after <<<...>>> could report an error left by an earlier, unrelated kernel); when
+// g++ compiles these sources against the CPU SIMT emulator (tests/simt), the emulator runs the grid.
 template <auto Kernel, typename... Args>
 cudaError_t launch_kernel(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
 #if defined(__CUDACC__)
-  Kernel<<<grid, block, smem, stream>>>(args...);
-  return cudaGetLastError();
+  return launch_converted(Kernel, grid, block, smem, stream, args...);
 #else
   (void)stream;
   return simt::launch_kernel(__PRETTY_FUNCTION__, Kernel, grid, block, smem, args...);

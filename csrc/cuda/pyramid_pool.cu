@@ -17,6 +17,8 @@ constexpr int kPoolThreads = 256;
 constexpr int kPoolWarps = kPoolThreads / kWarpSize;
 // Input staged per block, converted to the accumulation type.
 constexpr int kTileBytes = 32 * 1024;
+// Tile loads each thread keeps in flight.
+constexpr int kLoadBatch = 16;
 
 struct BinBox {
   int row_begin, row_end, col_begin, col_end;
@@ -101,18 +103,35 @@ __global__ void __launch_bounds__(kPoolThreads)
         const T* src = batch_input + plane * stride_c;
         Acc* dst = tile + plane * plane_stride;
         // Walk this thread's pixels (pos_first, pos_first + pos_step, ...) in row-major tile order
-        // without a division per element.
+        // without a division per element, kLoadBatch at a time: all of a batch's loads issue before its
+        // first shared store, so they are in flight together. The loads are unconditional (a pixel past the
+        // tile reads the tile's first pixel and is dropped), which keeps the batch straight-line code.
         int r = pos_first / cols;
         int c = pos_first % cols;
         const int step_r = pos_step / cols;
         const int step_c = pos_step % cols;
+        const auto advance = [&](int& row, int& col) {
+          col += step_c;
+          const bool wrap = col >= cols;
+          col -= wrap ? cols : 0;
+          row += step_r + wrap;
+        };
         while (r < rows) {
-          dst[r * tile_cols + c] = to_acc(src[(h0 + r) * stride_h + (w0 + c) * stride_w]);
-          c += step_c;
-          r += step_r;
-          if (c >= cols) {
-            c -= cols;
-            ++r;
+          Acc values[kLoadBatch];
+          int load_r = r;
+          int load_c = c;
+#pragma unroll
+          for (int i = 0; i < kLoadBatch; ++i) {
+            const bool inside = load_r < rows;
+            values[i] = to_acc(src[inside ? (h0 + load_r) * stride_h + (w0 + load_c) * stride_w : h0 * stride_h + w0 * stride_w]);
+            advance(load_r, load_c);
+          }
+#pragma unroll
+          for (int i = 0; i < kLoadBatch; ++i) {
+            if (r < rows) {
+              dst[r * tile_cols + c] = values[i];
+            }
+            advance(r, c);
           }
         }
       }

@@ -7,8 +7,11 @@
 // fp32 accuracy instead of TF32's 10-bit mantissa. Softmax statistics are fp32 for every dtype.
 //
 // Operands are streamed through shared memory in tiles. Loads run threads along whichever operand axis
-// has stride 1, so the channel-first views [B, N, D] with stride (D*N, 1, N) are read coalesced along N;
-// outputs are staged in fp32 and written the same way.
+// has stride 1, so the channel-first views [B, N, D] with stride (D*N, 1, N) are read coalesced along N, and
+// each thread issues a batch of loads (16-byte where the layout allows) before storing any (load_tile);
+// outputs are staged in fp32 and written the same way. The backward is three launches: a scores kernel per
+// query tile (S, dP, softmax backward, dQ; P and dS to a workspace), a key/value GEMM split over the queries
+// with fp32 partials per chunk, and a reduce that adds the chunks in a fixed order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -129,17 +132,130 @@ constexpr size_t backward_smem_bytes(int keys_padded) {
   return 2 * align128(static_cast<size_t>(BM) * score_ld(keys_padded) * sizeof(float)) + stage_bytes<T, BM>();
 }
 
-// Copies a ROWS x COLS tile of a strided global matrix into shared memory (row-major, leading dimension
-// ld); entries outside rows x cols are zero, so padded keys, rows and depth add nothing to products.
+// Elements of T in one 16-byte load or store.
+template <typename T>
+constexpr int kVec = static_cast<int>(16 / sizeof(T));
+// Loads a thread keeps in flight before storing them to shared memory: 8 vectors (128 bytes) or 8 scalars.
+// More would add registers to kernels that already hold their accumulators (spills).
+constexpr int kVectorBatch = 8;
+constexpr int kScalarBatch = 8;
+
+// Entry i of a 16-byte vector of T, through 32-bit words: the vector stays in registers (a T* into a register array would send it to local memory). i is a constant once the
+// callers' loops are unrolled.
+__device__ __forceinline__ uint32_t vector_word(const uint4& v, int w) {
+  return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+}
+
+template <typename T>
+__device__ __forceinline__ T vector_entry(const uint4& v, int i) {
+  constexpr int kPerWord = static_cast<int>(4 / sizeof(T));
+  const uint32_t word = vector_word(v, i / kPerWord) >> (32 / kPerWord * (i % kPerWord));
+  T entry;
+  if constexpr (kPerWord == 1) {
+    __builtin_memcpy(&entry, &word, sizeof(T));
+  } else {
+    const uint16_t half_word = static_cast<uint16_t>(word);
+    __builtin_memcpy(&entry, &half_word, sizeof(T));
+  }
+  return entry;
+}
+
+// load_tile's 16-byte path, for tiles that no vector straddles the edge of: the fast axis (stride 1) is the rows
+// when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. The loads of a batch
+// are predicated, not branched around, so the batch is straight-line code and its loads are in flight
+// together. A row-major destination takes each vector in one 16-byte shared store; a transposed one takes it
+// entry by entry.
+template <typename T, int ROWS, int COLS, bool kRowsFastest>
+__device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __restrict__ src, int64_t slow_stride,
+                                                  int rows, int cols) {
+  constexpr int kFast = kRowsFastest ? ROWS : COLS;
+  constexpr int kVectorsPerLine = kFast / kVec<T>;
+  constexpr int kPerThread = ROWS * COLS / kVec<T> / kThreads;
+  static_assert(kFast % kVec<T> == 0 && (kPerThread % kVectorBatch == 0 || kPerThread < kVectorBatch),
+                "tile shape must split into whole vector batches");
+  constexpr int kBatch = kPerThread < kVectorBatch ? kPerThread : kVectorBatch;
+  const int fast_valid = kRowsFastest ? rows : cols;
+  const int slow_valid = kRowsFastest ? cols : rows;
+#pragma unroll 1
+  for (int first = 0; first < kPerThread; first += kBatch) {
+    uint4 values[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int g = threadIdx.x + (first + i) * kThreads;
+      const int fast = g % kVectorsPerLine * kVec<T>;
+      const int slow = g / kVectorsPerLine;
+      const bool inside = slow < slow_valid && fast + kVec<T> <= fast_valid;
+      values[i] = inside ? *reinterpret_cast<const uint4*>(src + slow * slow_stride + fast) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int g = threadIdx.x + (first + i) * kThreads;
+      const int fast = g % kVectorsPerLine * kVec<T>;
+      const int slow = g / kVectorsPerLine;
+      if (kRowsFastest) {
+#pragma unroll
+        for (int v = 0; v < kVec<T>; ++v) {
+          dst[(fast + v) * ld + slow] = vector_entry<T>(values[i], v);
+        }
+      } else {
+        *reinterpret_cast<uint4*>(dst + slow * ld + fast) = values[i];
+      }
+    }
+  }
+}
+
+// load_tile's scalar path: entry e = threadIdx.x + k * kThreads, the fast axis first; the loads of a batch are
+// predicated, not branched around.
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __restrict__ src, int64_t row_stride,
+                                                  int64_t col_stride, int rows, int cols, bool rows_fastest) {
+  constexpr int kPerThread = ROWS * COLS / kThreads;
+  static_assert(kPerThread % kScalarBatch == 0 || kPerThread < kScalarBatch,
+                "tile shape must split into whole scalar batches");
+  constexpr int kBatch = kPerThread < kScalarBatch ? kPerThread : kScalarBatch;
+  const T zero = from_acc<T>(0.0f);
+#pragma unroll 1
+  for (int first = 0; first < kPerThread; first += kBatch) {
+    T values[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int e = threadIdx.x + (first + i) * kThreads;
+      const int r = rows_fastest ? e % ROWS : e / COLS;
+      const int c = rows_fastest ? e / ROWS : e % COLS;
+      values[i] = (r < rows && c < cols) ? src[r * row_stride + c * col_stride] : zero;
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int e = threadIdx.x + (first + i) * kThreads;
+      const int r = rows_fastest ? e % ROWS : e / COLS;
+      const int c = rows_fastest ? e / ROWS : e % COLS;
+      dst[r * ld + c] = values[i];
+    }
+  }
+}
+
+// Copies a ROWS x COLS tile of a strided global matrix into shared memory (row-major, leading dimension ld, a
+// multiple of 16 bytes); rows and cols are at least 1, and entries outside rows x cols are zero, so padded
+// keys, rows and depth add nothing to products. Threads run along the source's stride-1 axis (coalesced). Each
+// thread issues a batch of loads into registers before it stores any of them, so a batch's loads are in flight
+// together instead of one after another. Each load reads 16 bytes when that axis has stride 1, the base is
+// 16-byte aligned, the other stride is a multiple of 16 bytes and no vector straddles the tile's edge; the
+// loads are scalar otherwise (an odd N such as 9409, an offset view, a stride-0 or permuted gradient).
 template <typename T, int ROWS, int COLS>
 __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ src, int64_t row_stride,
                                           int64_t col_stride, int rows, int cols) {
   const bool rows_fastest = row_stride == 1 && col_stride != 1;
-  const T zero = from_acc<T>(0.0f);
-  for (int e = threadIdx.x; e < ROWS * COLS; e += kThreads) {
-    const int r = rows_fastest ? e % ROWS : e / COLS;
-    const int c = rows_fastest ? e / ROWS : e % COLS;
-    dst[r * ld + c] = (r < rows && c < cols) ? src[r * row_stride + c * col_stride] : zero;
+  const int64_t slow_stride = rows_fastest ? col_stride : row_stride;
+  const int fast_valid = rows_fastest ? rows : cols;
+  const bool vectors = (rows_fastest || col_stride == 1) && slow_stride % kVec<T> == 0 &&
+                       reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                       (fast_valid % kVec<T> == 0 || fast_valid >= (rows_fastest ? ROWS : COLS));
+  if (vectors && rows_fastest) {
+    load_tile_vectors<T, ROWS, COLS, true>(dst, ld, src, slow_stride, rows, cols);
+  } else if (vectors) {
+    load_tile_vectors<T, ROWS, COLS, false>(dst, ld, src, slow_stride, rows, cols);
+  } else {
+    load_tile_scalars<T, ROWS, COLS>(dst, ld, src, row_stride, col_stride, rows, cols, rows_fastest);
   }
 }
 
@@ -287,57 +403,18 @@ __device__ void gemm_ab_to_global(const T* a, int ld_a, int depth_padded, const 
   }
 }
 
-// Adds A^T * B to this block's fp32 workspace slot W[rows_padded x ld_w] (or overwrites it when `first`):
-// A[BM x rows_padded] is in shared memory (row-major, ld_a), B[BM x cols] global (b_rows valid rows).
-// Fragments of W are spread over the warps; each warp always gets the same ones, so the accumulation
-// order is fixed.
-template <typename T, int BM>
-__device__ void gemm_atb_to_workspace(const T* a, int ld_a, int rows_padded, const T* b, int64_t b_rs, int64_t b_cs,
-                                      int b_rows, int cols, float* w, int ld_w, bool first, T* stage) {
-  using M = Mma<T>;
-  constexpr int ld_b = kTileN + kPad<T>;
-  T* b_tile = stage;
-  const int warp = threadIdx.x / kWarpSize;
-  for (int n0 = 0; n0 < cols; n0 += kTileN) {
-    __syncthreads();
-    load_tile<T, BM, kTileN>(b_tile, ld_b, b + n0 * b_cs, b_rs, b_cs, b_rows, cols - n0);
-    __syncthreads();
-    const int col_frags = min(kTileN, ld_w - n0) / 16;
-    const int frags = rows_padded / 16 * col_frags;
-    for (int f = warp; f < frags; f += kWarps) {
-      const int row_frag = f / col_frags;
-      const int col_frag = f % col_frags;
-      float* dst = w + 16 * row_frag * ld_w + n0 + 16 * col_frag;
-      typename M::Acc acc;
-      if (first) {
-        wmma::fill_fragment(acc, 0.0f);
-      } else {
-        wmma::load_matrix_sync(acc, dst, ld_w, wmma::mem_row_major);
-      }
-#pragma unroll
-      for (int kk = 0; kk < BM; kk += M::kK) {
-        // A^T as a column-major view of A: element (s, m) is a[m * ld_a + s].
-        typename M::template A<wmma::col_major> a_frag;
-        typename M::template B<wmma::row_major> b_frag;
-        M::load(a_frag, a + kk * ld_a + 16 * row_frag, ld_a);
-        M::load(b_frag, b_tile + kk * ld_b + 16 * col_frag, ld_b);
-        M::mma(acc, a_frag, b_frag);
-      }
-      wmma::store_matrix_sync(dst, acc, ld_w, wmma::mem_row_major);
-    }
-  }
-}
-
-// Maximum and sum of exp2(x - maximum) over x = row[j] * scale_log2, j < keys; one warp per row, every lane
-// gets both. P_j = exp2(x_j - maximum) / sum: the largest P is exactly 1 when one key dominates, however
-// large the scores, which a P rebuilt from the log-sum-exp (about 1e3 for large scores, so its fp32
-// rounding shifts every exponent) would not give.
+// Exponentiates a score row in place, once per entry: x_j = row[j] * scale_log2 for j < keys, row[j] becomes
+// exp2(x_j - maximum); every lane of the warp gets the maximum and the reciprocal of the sum of those. Each
+// lane reads and writes only its own entries, so the row needs no barrier. P_j = row[j] * reciprocal: the
+// largest P is exactly 1 when one key dominates, however large the scores, which a P rebuilt from the
+// log-sum-exp (about 1e3 for large scores, so its fp32 rounding shifts every exponent) would not give.
 struct RowStats {
   float maximum;
   float sum;
+  float reciprocal;
 };
 
-__device__ __forceinline__ RowStats row_stats(const float* row, int keys, float scale_log2, int lane) {
+__device__ __forceinline__ RowStats exponentiate_row(float* row, int keys, float scale_log2, int lane) {
   float maximum = -INFINITY;
   for (int j = lane; j < keys; j += kWarpSize) {
     maximum = fmaxf(maximum, row[j] * scale_log2);
@@ -345,13 +422,12 @@ __device__ __forceinline__ RowStats row_stats(const float* row, int keys, float 
   maximum = warp_max(maximum);
   float sum = 0.0f;
   for (int j = lane; j < keys; j += kWarpSize) {
-    sum += exp2f(row[j] * scale_log2 - maximum);
+    const float e = exp2f(row[j] * scale_log2 - maximum);
+    row[j] = e;
+    sum += e;
   }
-  return {maximum, warp_sum(sum)};
-}
-
-__device__ __forceinline__ float row_prob(float score, float scale_log2, RowStats stats) {
-  return exp2f(score * scale_log2 - stats.maximum) / stats.sum;
+  sum = warp_sum(sum);
+  return {maximum, sum, 1.0f / sum};
 }
 
 // Softmax of each scaled score row, in place: row r of `scores` (fp32, ld_s) becomes P in T with the
@@ -366,15 +442,15 @@ __device__ void softmax_rows(float* scores, int ld_s, int keys, int keys_padded,
   const int ld_p = ld_s * static_cast<int>(sizeof(float) / sizeof(T));
   const float scale_log2 = scale * kLog2e;
   for (int r = warp; r < BM; r += kWarps) {
-    const float* row = scores + r * ld_s;
+    float* row = scores + r * ld_s;
     T* prob = reinterpret_cast<T*>(scores) + r * ld_p;
-    const RowStats stats = row_stats(row, keys, scale_log2, lane);
+    const RowStats stats = exponentiate_row(row, keys, scale_log2, lane);
     if (lane == 0 && r < rows_valid) {
       lse[r] = (stats.maximum + log2f(stats.sum)) * kLn2;
     }
     for (int j0 = 0; j0 < keys_padded; j0 += kWarpSize) {
       const int j = j0 + lane;
-      const float p = j < keys ? row_prob(row[j], scale_log2, stats) : 0.0f;
+      const float p = j < keys ? row[j] * stats.reciprocal : 0.0f;
       __syncwarp();
       if (j < keys_padded) {
         prob[j] = from_acc<T>(p);
@@ -387,7 +463,7 @@ __device__ void softmax_rows(float* scores, int ld_s, int keys, int keys_padded,
 // Backward of the softmax, in place: P (recomputed from the score row exactly as the forward computes it)
 // replaces the score row and dS = P * (dP - sum_j P_j dP_j) * scale replaces the dP row (both in T, same
 // aliasing as softmax_rows). sum_j P_j dP_j equals rowsum(dO * O) but comes from the fp32 tile, so `out`
-// is not read. Rows past the last query get P = dS = 0 and so add nothing to dK and dV.
+// is not read. Rows past the last query get P = dS = 0, so the key/value kernel reads zeros there.
 template <typename T, int BM>
 __device__ void softmax_backward_rows(float* scores, float* dprob, int ld_s, int keys, int keys_padded, float scale,
                                       int rows_valid) {
@@ -397,15 +473,15 @@ __device__ void softmax_backward_rows(float* scores, float* dprob, int ld_s, int
   const float scale_log2 = scale * kLog2e;
   for (int r = warp; r < BM; r += kWarps) {
     const bool valid = r < rows_valid;
-    const float* s_row = scores + r * ld_s;
+    float* s_row = scores + r * ld_s;
     const float* dp_row = dprob + r * ld_s;
     T* p_out = reinterpret_cast<T*>(scores) + r * ld_p;
     T* ds_out = reinterpret_cast<T*>(dprob) + r * ld_p;
-    const RowStats stats = row_stats(s_row, keys, scale_log2, lane);
+    const RowStats stats = exponentiate_row(s_row, keys, scale_log2, lane);
     float delta = 0.0f;
     if (valid) {
       for (int j = lane; j < keys; j += kWarpSize) {
-        delta += row_prob(s_row[j], scale_log2, stats) * dp_row[j];
+        delta += s_row[j] * stats.reciprocal * dp_row[j];
       }
     }
     delta = warp_sum(delta);
@@ -414,7 +490,7 @@ __device__ void softmax_backward_rows(float* scores, float* dprob, int ld_s, int
       float p = 0.0f;
       float ds = 0.0f;
       if (valid && j < keys) {
-        p = row_prob(s_row[j], scale_log2, stats);
+        p = s_row[j] * stats.reciprocal;
         ds = p * (dp_row[j] - delta) * scale;
       }
       __syncwarp();
@@ -468,18 +544,17 @@ __global__ void __launch_bounds__(kThreads) short_attention_forward_kernel(Forwa
 struct BackwardParams {
   ConstView3 grad_out, query, key, value;
   View3 grad_query;
-  float* workspace_key;    // [B][chunks][S_pad][Dk_pad]
-  float* workspace_value;  // [B][chunks][S_pad][Dv_pad]
+  void* prob;    // [B][N][keys_padded] in T
+  void* dscore;  // [B][N][keys_padded] in T
   int queries, keys, key_dim, value_dim;
-  int key_dim_padded, value_dim_padded;
   float scale;
 };
 
-// Backward. Grid: (chunks, B); block x handles query tiles x, x + chunks, ... of BM rows. Per tile:
-// scores = q k^T and dP = dO v^T into two fp32 buffers, the softmax backward in place (P, dS*scale in T),
-// dQ = dS k written directly, and dK += dS^T q, dV += P^T dO into the block's workspace slot.
+// Backward, first kernel. Grid: (ceil(N / BM), B). Per query tile: scores = q k^T and dP = dO v^T into two
+// fp32 buffers, the softmax backward in place (P, dS*scale in T), dQ = dS k written directly, and P and dS
+// copied to the workspace for the key/value kernel.
 template <typename T, int BM>
-__global__ void __launch_bounds__(kThreads) short_attention_backward_kernel(BackwardParams p) {
+__global__ void __launch_bounds__(kThreads) short_attention_backward_scores_kernel(BackwardParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int keys_padded = static_cast<int>(round_up(p.keys, 16));
   const int ld_s = score_ld(keys_padded);
@@ -490,61 +565,160 @@ __global__ void __launch_bounds__(kThreads) short_attention_backward_kernel(Back
   T* stage = reinterpret_cast<T*>(smem + 2 * score_bytes);
 
   const int b = blockIdx.y;
-  const int64_t slot = static_cast<int64_t>(b) * gridDim.x + blockIdx.x;
-  float* ws_key = p.workspace_key + slot * keys_padded * p.key_dim_padded;
-  float* ws_value = p.workspace_value + slot * keys_padded * p.value_dim_padded;
+  const int row0 = blockIdx.x * BM;
+  const int rows_valid = min(BM, p.queries - row0);
   const T* key = static_cast<const T*>(p.key.data) + b * p.key.batch_stride;
   const T* value = static_cast<const T*>(p.value.data) + b * p.value.batch_stride;
-  const int tiles = static_cast<int>(ceil_div(p.queries, BM));
+  const T* query = static_cast<const T*>(p.query.data) + b * p.query.batch_stride + row0 * p.query.row_stride;
+  const T* grad_out =
+      static_cast<const T*>(p.grad_out.data) + b * p.grad_out.batch_stride + row0 * p.grad_out.row_stride;
+  T* grad_query = static_cast<T*>(p.grad_query.data) + b * p.grad_query.batch_stride + row0 * p.grad_query.row_stride;
 
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int row0 = tile * BM;
-    const int rows_valid = min(BM, p.queries - row0);
-    const bool first = tile == static_cast<int>(blockIdx.x);
-    const T* query = static_cast<const T*>(p.query.data) + b * p.query.batch_stride + row0 * p.query.row_stride;
-    const T* grad_out =
-        static_cast<const T*>(p.grad_out.data) + b * p.grad_out.batch_stride + row0 * p.grad_out.row_stride;
-    T* grad_query =
-        static_cast<T*>(p.grad_query.data) + b * p.grad_query.batch_stride + row0 * p.grad_query.row_stride;
+  gemm_abt_to_smem<T, BM>(query, p.query.row_stride, p.query.col_stride, rows_valid, key, p.key.row_stride,
+                          p.key.col_stride, p.keys, p.key_dim, keys_padded, scores, ld_s, stage);
+  gemm_abt_to_smem<T, BM>(grad_out, p.grad_out.row_stride, p.grad_out.col_stride, rows_valid, value,
+                          p.value.row_stride, p.value.col_stride, p.keys, p.value_dim, keys_padded, dprob, ld_s,
+                          stage);
+  __syncthreads();
+  softmax_backward_rows<T, BM>(scores, dprob, ld_s, p.keys, keys_padded, p.scale, rows_valid);
+  __syncthreads();
+  const T* prob = reinterpret_cast<const T*>(scores);
+  const T* dscore = reinterpret_cast<const T*>(dprob);
+  // P and dS rows to the workspace in 16-byte stores (keys_padded * sizeof(T) is a multiple of 32 bytes).
+  const int vectors_per_row = keys_padded / kVec<T>;
+  const int64_t workspace_row0 = (static_cast<int64_t>(b) * p.queries + row0) * keys_padded;
+  for (int v = threadIdx.x; v < rows_valid * vectors_per_row; v += kThreads) {
+    const int r = v / vectors_per_row;
+    const int j = v % vectors_per_row * kVec<T>;
+    const int64_t to = workspace_row0 + static_cast<int64_t>(r) * keys_padded + j;
+    *reinterpret_cast<uint4*>(static_cast<T*>(p.prob) + to) = *reinterpret_cast<const uint4*>(prob + r * ld_p + j);
+    *reinterpret_cast<uint4*>(static_cast<T*>(p.dscore) + to) =
+        *reinterpret_cast<const uint4*>(dscore + r * ld_p + j);
+  }
+  gemm_ab_to_global<T, BM>(dscore, ld_p, keys_padded, key, p.key.row_stride, p.key.col_stride, p.keys, p.key_dim,
+                           grad_query, p.grad_query.row_stride, p.grad_query.col_stride, rows_valid, stage);
+}
 
-    gemm_abt_to_smem<T, BM>(query, p.query.row_stride, p.query.col_stride, rows_valid, key, p.key.row_stride,
-                            p.key.col_stride, p.keys, p.key_dim, keys_padded, scores, ld_s, stage);
-    gemm_abt_to_smem<T, BM>(grad_out, p.grad_out.row_stride, p.grad_out.col_stride, rows_valid, value,
-                            p.value.row_stride, p.value.col_stride, p.keys, p.value_dim, keys_padded, dprob, ld_s,
-                            stage);
+// Tile of the key/value kernel: 64 keys by kKvColumns gradient columns, 64 queries deep per staged step. 128
+// columns halve the re-reads of dS and P; fp32 keeps 64 so the two static tiles stay within 48 KiB.
+constexpr int kKvTile = 64;
+template <typename T>
+constexpr int kKvColumns = sizeof(T) == 2 ? 128 : 64;
+
+struct KeyValueParams {
+  ConstView3 query, grad_out;
+  const void* prob;    // [B][N][keys_padded] in T
+  const void* dscore;  // [B][N][keys_padded] in T
+  float* partial;      // [B][chunks][keys_padded][key_dim_padded + value_dim_padded]
+  int queries, keys_padded, key_dim, value_dim, key_dim_padded, value_dim_padded;
+  int rows_per_chunk, column_tiles, key_column_tiles;
+};
+
+// Backward, second kernel: [dK | dV] = [dS | P]^T [q | dO] split over the queries. Grid: (key tiles x column
+// tiles, chunks, B). A block owns a 64 x kKvColumns tile of [dK | dV] (dK's columns first) for one chunk of
+// rows_per_chunk queries and writes its fp32 partial sum; warp w owns the tile's keys [16w, 16w + 16). Each
+// step stages 64 queries of both operands (dS or P rows as they lie, q or dO in its own layout).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) short_attention_backward_key_value_kernel(KeyValueParams p) {
+  using M = Mma<T>;
+  constexpr int kColumns = kKvColumns<T>;
+  constexpr int kFrags = kColumns / 16;
+  constexpr int ld = kKvTile + kPad<T>;
+  constexpr int ld_b = kColumns + kPad<T>;
+  __shared__ __align__(128) T a_tile[kKvTile * ld];     // [query][key]
+  __shared__ __align__(128) T b_tile[kKvTile * ld_b];  // [query][column]
+
+  const int key_tile = blockIdx.x / p.column_tiles;
+  const int column_tile = blockIdx.x % p.column_tiles;
+  const int chunk = blockIdx.y;
+  const int b = blockIdx.z;
+  const bool is_key = column_tile < p.key_column_tiles;
+  const int s0 = key_tile * kKvTile;
+  const int d0 = (is_key ? column_tile : column_tile - p.key_column_tiles) * kColumns;
+  const int dim = is_key ? p.key_dim : p.value_dim;
+  const int dim_padded = is_key ? p.key_dim_padded : p.value_dim_padded;
+  const ConstView3 rhs = is_key ? p.query : p.grad_out;
+  const int row_begin = chunk * p.rows_per_chunk;
+  const int row_end = min(p.queries, row_begin + p.rows_per_chunk);
+  const T* lhs = static_cast<const T*>(is_key ? p.dscore : p.prob) +
+                 (static_cast<int64_t>(b) * p.queries + row_begin) * p.keys_padded + s0;
+  const T* rhs_data = static_cast<const T*>(rhs.data) + b * rhs.batch_stride + row_begin * rhs.row_stride +
+                      d0 * rhs.col_stride;
+  const int warp = threadIdx.x / kWarpSize;
+  const bool warp_has_keys = s0 + 16 * warp < p.keys_padded;
+
+  typename M::Acc acc[kFrags];
+#pragma unroll
+  for (int f = 0; f < kFrags; ++f) {
+    wmma::fill_fragment(acc[f], 0.0f);
+  }
+  for (int n0 = 0; n0 < row_end - row_begin; n0 += kKvTile) {
+    __syncthreads();  // the previous step's tiles are no longer read
+    load_tile<T, kKvTile, kKvTile>(a_tile, ld, lhs + static_cast<int64_t>(n0) * p.keys_padded, p.keys_padded, 1,
+                                   row_end - row_begin - n0, p.keys_padded - s0);
+    load_tile<T, kKvTile, kColumns>(b_tile, ld_b, rhs_data + n0 * rhs.row_stride, rhs.row_stride, rhs.col_stride,
+                                    row_end - row_begin - n0, dim - d0);
     __syncthreads();
-    softmax_backward_rows<T, BM>(scores, dprob, ld_s, p.keys, keys_padded, p.scale, rows_valid);
-    __syncthreads();
-    const T* prob = reinterpret_cast<const T*>(scores);
-    const T* dscore = reinterpret_cast<const T*>(dprob);
-    gemm_ab_to_global<T, BM>(dscore, ld_p, keys_padded, key, p.key.row_stride, p.key.col_stride, p.keys, p.key_dim,
-                             grad_query, p.grad_query.row_stride, p.grad_query.col_stride, rows_valid, stage);
-    gemm_atb_to_workspace<T, BM>(dscore, ld_p, keys_padded, query, p.query.row_stride, p.query.col_stride,
-                                 rows_valid, p.key_dim, ws_key, p.key_dim_padded, first, stage);
-    gemm_atb_to_workspace<T, BM>(prob, ld_p, keys_padded, grad_out, p.grad_out.row_stride, p.grad_out.col_stride,
-                                 rows_valid, p.value_dim, ws_value, p.value_dim_padded, first, stage);
-    __syncthreads();  // the next tile overwrites the score buffers
+    if (warp_has_keys) {
+#pragma unroll
+      for (int kk = 0; kk < kKvTile; kk += M::kK) {
+        // (dS)^T as a column-major view of the [query][key] tile: element (s, n) is a_tile[n * ld + s].
+        typename M::template A<wmma::col_major> a_frag;
+        M::load(a_frag, a_tile + kk * ld + 16 * warp, ld);
+#pragma unroll
+        for (int f = 0; f < kFrags; ++f) {
+          if (d0 + 16 * f < dim_padded) {
+            typename M::template B<wmma::row_major> b_frag;
+            M::load(b_frag, b_tile + kk * ld_b + 16 * f, ld_b);
+            M::mma(acc[f], a_frag, b_frag);
+          }
+        }
+      }
+    }
+  }
+  if (warp_has_keys) {
+    const int ld_partial = p.key_dim_padded + p.value_dim_padded;
+    float* dst = p.partial +
+                 ((static_cast<int64_t>(b) * gridDim.y + chunk) * p.keys_padded + s0 + 16 * warp) * ld_partial +
+                 (is_key ? 0 : p.key_dim_padded) + d0;
+#pragma unroll
+    for (int f = 0; f < kFrags; ++f) {
+      if (d0 + 16 * f < dim_padded) {
+        wmma::store_matrix_sync(dst + 16 * f, acc[f], ld_partial, wmma::mem_row_major);
+      }
+    }
   }
 }
 
-// dK or dV: out[b, s, d] = sum over chunks c (in order) of workspace[b][c][s][d]. One thread per output
-// element, d fastest so the workspace reads are coalesced; fixed order makes the result bitwise
+// Partial sums added per thread at a time: their loads are in flight together.
+constexpr int kReduceBatch = 8;
+
+// dK or dV: out[b, s, d] = sum over chunks c (in order) of partial[b][c][s][column0 + d]. One thread per
+// output element, d fastest so the partial reads are coalesced; the fixed order makes the result bitwise
 // reproducible.
 template <typename T>
 __global__ void __launch_bounds__(256)
-    reduce_chunks_kernel(const float* __restrict__ workspace, int64_t chunks, int rows, int cols, int rows_padded,
-                         int ld, int64_t total, View3 out) {
+    reduce_chunks_kernel(const float* __restrict__ partial, int chunks, int rows, int cols, int rows_padded, int ld,
+                         int column0, int64_t total, View3 out) {
   T* dst = static_cast<T*>(out.data);
+  const int64_t slot_elems = static_cast<int64_t>(rows_padded) * ld;
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int d = static_cast<int>(index % cols);
     const int s = static_cast<int>((index / cols) % rows);
     const int64_t b = index / (static_cast<int64_t>(cols) * rows);
-    const int64_t slot_elems = static_cast<int64_t>(rows_padded) * ld;
-    const float* src = workspace + b * chunks * slot_elems + static_cast<int64_t>(s) * ld + d;
+    const float* src = partial + b * chunks * slot_elems + static_cast<int64_t>(s) * ld + column0 + d;
     float sum = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) {
-      sum += src[c * slot_elems];
+    for (int c0 = 0; c0 < chunks; c0 += kReduceBatch) {
+      float values[kReduceBatch];
+#pragma unroll
+      for (int i = 0; i < kReduceBatch; ++i) {
+        values[i] = c0 + i < chunks ? src[(c0 + i) * slot_elems] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kReduceBatch; ++i) {
+        sum += values[i];
+      }
     }
     dst[b * out.batch_stride + s * out.row_stride + d * out.col_stride] = from_acc<T>(sum);
   }
@@ -612,6 +786,8 @@ cudaError_t launch_forward(const AttentionShape& shape, const ForwardParams& par
   }
 }
 
+constexpr int64_t align256(int64_t bytes) { return round_up(bytes, 256); }
+
 template <typename T>
 cudaError_t plan_backward(const AttentionShape& shape, AttentionBackwardPlan* plan) {
   int sm_count = 0;
@@ -628,55 +804,74 @@ cudaError_t plan_backward(const AttentionShape& shape, AttentionBackwardPlan* pl
   if (smem > static_cast<size_t>(max_smem)) {
     return cudaErrorInvalidValue;
   }
-  // Blocks (= workspace slots) in all: enough to occupy every SM, few enough that the fp32 partials
-  // (slots x S_pad x (Dk + Dv) floats, written and read once) stay small. Untuned: measure on a GPU.
-  constexpr int kBackwardBlocksPerSm = 2;
-  const int64_t tiles = ceil_div(shape.queries, block_m);
-  const int64_t chunks =
-      std::min<int64_t>(tiles, std::max<int64_t>(1, ceil_div(kBackwardBlocksPerSm * sm_count, shape.batch)));
+  const int64_t key_dim_padded = round_up(shape.key_dim, 16);
+  const int64_t value_dim_padded = round_up(shape.value_dim, 16);
+  // Key/value blocks: chunks of whole 64-query steps, enough chunks for one block per SM, and at least two
+  // steps per chunk (a chunk's partial costs about one step's traffic); the fp32 partials (chunks x S_pad x
+  // (Dk + Dv) per image, about 4 MB at B=2, S=110, Dk=Dv=256) stay L2-sized.
+  constexpr int kKeyValueBlocksPerSm = 1;
+  constexpr int kMinStepsPerChunk = 2;
+  const int64_t tiles_per_chunk = ceil_div(keys_padded, kKvTile) *
+                                  (ceil_div(key_dim_padded, kKvColumns<T>) + ceil_div(value_dim_padded, kKvColumns<T>)) *
+                                  shape.batch;
+  const int64_t steps = ceil_div(shape.queries, kKvTile);
+  const int64_t wanted_chunks = std::min<int64_t>(
+      std::min<int64_t>(ceil_div(steps, kMinStepsPerChunk), 65535),
+      std::max<int64_t>(1, ceil_div(kKeyValueBlocksPerSm * sm_count, tiles_per_chunk)));
+  const int64_t rows_per_chunk = ceil_div(steps, wanted_chunks) * kKvTile;
+  const int64_t chunks = ceil_div(shape.queries, rows_per_chunk);
+  const int64_t score_bytes = align256(shape.batch * shape.queries * keys_padded * static_cast<int64_t>(sizeof(T)));
+  const int64_t partial_bytes =
+      shape.batch * chunks * keys_padded * (key_dim_padded + value_dim_padded) * static_cast<int64_t>(sizeof(float));
   plan->block_m = block_m;
-  plan->chunks_per_batch = chunks;
   plan->keys_padded = keys_padded;
-  plan->key_dim_padded = round_up(shape.key_dim, 16);
-  plan->value_dim_padded = round_up(shape.value_dim, 16);
-  plan->workspace_floats =
-      shape.batch * chunks * keys_padded * (plan->key_dim_padded + plan->value_dim_padded);
-  plan->smem_bytes = smem;
+  plan->key_dim_padded = key_dim_padded;
+  plan->value_dim_padded = value_dim_padded;
+  plan->chunks = chunks;
+  plan->rows_per_chunk = rows_per_chunk;
+  plan->dscore_offset = score_bytes;
+  plan->partial_offset = 2 * score_bytes;
+  plan->workspace_bytes = 2 * score_bytes + partial_bytes;
+  plan->smem_bytes = static_cast<int64_t>(smem);
   return cudaSuccess;
 }
 
 template <typename T, int BM>
-cudaError_t launch_backward_bm(const AttentionShape& shape, const AttentionBackwardPlan& plan,
-                               const BackwardParams& params, cudaStream_t stream) {
-  cudaError_t status = allow_dynamic_smem(short_attention_backward_kernel<T, BM>, plan.smem_bytes);
+cudaError_t launch_backward_scores(const AttentionShape& shape, const AttentionBackwardPlan& plan,
+                                   const BackwardParams& params, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(plan.smem_bytes);
+  cudaError_t status = allow_dynamic_smem(short_attention_backward_scores_kernel<T, BM>, smem);
   if (status != cudaSuccess) {
     return status;
   }
-  const dim3 grid(static_cast<unsigned>(plan.chunks_per_batch), static_cast<unsigned>(shape.batch));
-  return launch_kernel<short_attention_backward_kernel<T, BM>>(grid, kThreads, plan.smem_bytes, stream, params);
+  const dim3 grid(static_cast<unsigned>(ceil_div(shape.queries, BM)), static_cast<unsigned>(shape.batch));
+  return launch_kernel<short_attention_backward_scores_kernel<T, BM>>(grid, kThreads, smem, stream, params);
 }
 
 template <typename T>
-cudaError_t launch_reduce(const float* workspace, const AttentionShape& shape, const AttentionBackwardPlan& plan,
-                          int cols, int ld, View3 out, cudaStream_t stream) {
+cudaError_t launch_reduce(const float* partial, const AttentionShape& shape, const AttentionBackwardPlan& plan,
+                          int cols, int column0, View3 out, cudaStream_t stream) {
   constexpr int kReduceThreads = 256;
   const int64_t total = shape.batch * shape.keys * cols;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kReduceThreads), 65535));
-  return launch_kernel<reduce_chunks_kernel<T>>(blocks, kReduceThreads, 0, stream, workspace, plan.chunks_per_batch,
-                                                static_cast<int>(shape.keys), cols,
-                                                static_cast<int>(plan.keys_padded), ld, total, out);
+  return launch_kernel<reduce_chunks_kernel<T>>(blocks, kReduceThreads, 0, stream, partial,
+                                                static_cast<int>(plan.chunks), static_cast<int>(shape.keys), cols,
+                                                static_cast<int>(plan.keys_padded),
+                                                static_cast<int>(plan.key_dim_padded + plan.value_dim_padded),
+                                                column0, total, out);
 }
 
 template <typename T>
 cudaError_t launch_backward(const AttentionShape& shape, const BackwardParams& params, View3 grad_key,
-                            View3 grad_value, const AttentionBackwardPlan& plan, cudaStream_t stream) {
+                            View3 grad_value, const AttentionBackwardPlan& plan, float* partial,
+                            cudaStream_t stream) {
   cudaError_t status = cudaErrorInvalidValue;
   switch (plan.block_m) {
     case 64:
-      status = launch_backward_bm<T, 64>(shape, plan, params, stream);
+      status = launch_backward_scores<T, 64>(shape, plan, params, stream);
       break;
     case 16:
-      status = launch_backward_bm<T, 16>(shape, plan, params, stream);
+      status = launch_backward_scores<T, 16>(shape, plan, params, stream);
       break;
     default:
       break;
@@ -684,12 +879,33 @@ cudaError_t launch_backward(const AttentionShape& shape, const BackwardParams& p
   if (status != cudaSuccess) {
     return status;
   }
-  status = launch_reduce<T>(params.workspace_key, shape, plan, params.key_dim, params.key_dim_padded, grad_key,
-                            stream);
+  const int key_column_tiles = static_cast<int>(ceil_div(plan.key_dim_padded, kKvColumns<T>));
+  const int column_tiles = key_column_tiles + static_cast<int>(ceil_div(plan.value_dim_padded, kKvColumns<T>));
+  const KeyValueParams kv{params.query,
+                          params.grad_out,
+                          params.prob,
+                          params.dscore,
+                          partial,
+                          params.queries,
+                          static_cast<int>(plan.keys_padded),
+                          params.key_dim,
+                          params.value_dim,
+                          static_cast<int>(plan.key_dim_padded),
+                          static_cast<int>(plan.value_dim_padded),
+                          static_cast<int>(plan.rows_per_chunk),
+                          column_tiles,
+                          key_column_tiles};
+  const dim3 grid(static_cast<unsigned>(ceil_div(plan.keys_padded, kKvTile) * column_tiles),
+                  static_cast<unsigned>(plan.chunks), static_cast<unsigned>(shape.batch));
+  status = launch_kernel<short_attention_backward_key_value_kernel<T>>(grid, kThreads, 0, stream, kv);
   if (status != cudaSuccess) {
     return status;
   }
-  return launch_reduce<T>(params.workspace_value, shape, plan, params.value_dim, params.value_dim_padded, grad_value,
+  status = launch_reduce<T>(partial, shape, plan, params.key_dim, 0, grad_key, stream);
+  if (status != cudaSuccess) {
+    return status;
+  }
+  return launch_reduce<T>(partial, shape, plan, params.value_dim, static_cast<int>(plan.key_dim_padded), grad_value,
                           stream);
 }
 
@@ -725,28 +941,28 @@ cudaError_t short_attention_backward_plan(DType dtype, const AttentionShape& sha
 }
 
 cudaError_t short_attention_backward(DType dtype, const AttentionShape& shape, ConstView3 grad_out, ConstView3 query,
-                                     ConstView3 key, ConstView3 value, float scale, View3 grad_query, View3 grad_key, View3 grad_value,
-                                     const AttentionBackwardPlan& plan, float* workspace, cudaStream_t stream) {
+                                     ConstView3 key, ConstView3 value, float scale, View3 grad_query, View3 grad_key,
+                                     View3 grad_value, const AttentionBackwardPlan& plan, void* workspace,
+                                     cudaStream_t stream) {
   if (!valid_shape(shape)) {
     return cudaErrorInvalidValue;
   }
-  const int64_t key_slots = shape.batch * plan.chunks_per_batch * plan.keys_padded * plan.key_dim_padded;
+  unsigned char* bytes = static_cast<unsigned char*>(workspace);
   const BackwardParams params{grad_out,
                               query,
                               key,
                               value,
                               grad_query,
-                              workspace,
-                              workspace + key_slots,
+                              bytes,
+                              bytes + plan.dscore_offset,
                               static_cast<int>(shape.queries),
                               static_cast<int>(shape.keys),
                               static_cast<int>(shape.key_dim),
                               static_cast<int>(shape.value_dim),
-                              static_cast<int>(plan.key_dim_padded),
-                              static_cast<int>(plan.value_dim_padded),
                               scale};
+  float* partial = reinterpret_cast<float*>(bytes + plan.partial_offset);
   return dispatch_dtype<false>(dtype, [&](auto tag) {
-    return launch_backward<typename decltype(tag)::type>(shape, params, grad_key, grad_value, plan, stream);
+    return launch_backward<typename decltype(tag)::type>(shape, params, grad_key, grad_value, plan, partial, stream);
   });
 }
 

@@ -70,11 +70,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> short_attention_backward_cuda(
   at::Tensor grad_query = empty_like_layout(query, shape.batch, shape.queries, shape.key_dim, query.scalar_type());
   at::Tensor grad_key = empty_like_layout(key, shape.batch, shape.keys, shape.key_dim, query.scalar_type());
   at::Tensor grad_value = empty_like_layout(value, shape.batch, shape.keys, shape.value_dim, query.scalar_type());
-  at::Tensor workspace = at::empty({plan.workspace_floats}, query.options().dtype(at::kFloat));
+  at::Tensor workspace = at::empty({plan.workspace_bytes}, query.options().dtype(at::kByte));
   status = cuda_kernels::short_attention_backward(
       dtype, shape, const_view3(grad_out), const_view3(query), const_view3(key), const_view3(value),
       static_cast<float>(scale), view3(grad_query), view3(grad_key), view3(grad_value),
-      plan, workspace.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+      plan, workspace.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
   ANNK_CHECK_CUDA_STATUS(status, "short_attention_backward");
   return {grad_query, grad_key, grad_value};
 }

@@ -22,8 +22,6 @@ from . import build
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
-PLAN_FIELDS = ("block_m", "chunks_per_batch", "keys_padded", "key_dim_padded", "value_dim_padded",
-               "workspace_floats", "smem_bytes")
 
 _i64p = ctypes.POINTER(ctypes.c_int64)
 _vp = ctypes.c_void_p
@@ -63,7 +61,7 @@ def _guarded_nan(shape, dtype, transpose=False):
     """A NaN-filled tensor inside a larger allocation: a kernel that writes past its ends hits the margins
     (which belong to no registered buffer, so the checker reports it) instead of the process's heap."""
     numel = math.prod(shape)
-    margin = max(1 << 14, numel // 4)
+    margin = max(1 << 14, numel // 4 // 64 * 64)  # keeps the tensor 256-byte aligned, as a GPU allocation is
     storage = torch.full((numel + 2 * margin,), float("nan"), dtype=dtype)
     tensor = storage[margin:margin + numel].view(shape)
     return tensor.transpose(1, 2) if transpose else tensor
@@ -94,6 +92,9 @@ class Emulator:
         k.simt_short_attention_forward.argtypes = [ctypes.c_int, _i64p, *([_vp, _i64p] * 3), ctypes.c_float, _vp,
                                                    _i64p, _vp]
         k.simt_short_attention_backward_plan.argtypes = [ctypes.c_int, _i64p, _i64p]
+        k.simt_short_attention_backward_plan_fields.restype = ctypes.c_char_p
+        # The plan's fields as the C++ header lists them (ANNK_ATTENTION_BACKWARD_PLAN_FIELDS), all int64.
+        self.plan_fields = tuple(k.simt_short_attention_backward_plan_fields().decode().rstrip(",").split(","))
         k.simt_short_attention_backward.argtypes = [ctypes.c_int, _i64p, *([_vp, _i64p] * 4), ctypes.c_float,
                                                     *([_vp, _i64p] * 3), _i64p, _vp]
         k.simt_pyramid_pool_forward.argtypes = [ctypes.c_int, _vp, _i64p, _i64p, ctypes.c_int,
@@ -166,11 +167,11 @@ class Emulator:
         return out, lse
 
     def attention_backward_plan(self, dtype, shape):
-        plan = (ctypes.c_int64 * 7)()
+        plan = (ctypes.c_int64 * len(self.plan_fields))()
         status = self._kernels.simt_short_attention_backward_plan(DTYPES[dtype], _int64s(shape), plan)
         if status != 0:
             raise RuntimeError(f"short_attention_backward_plan returned cudaError_t {status}")
-        return dict(zip(PLAN_FIELDS, list(plan)))
+        return dict(zip(self.plan_fields, list(plan)))
 
     def attention_backward(self, grad_out, query, key, value, scale):
         batch, queries, key_dim = query.shape
@@ -179,14 +180,14 @@ class Emulator:
         plan = self.attention_backward_plan(query.dtype, shape)
         grads = (_nan_like_layout(query, queries, key_dim), _nan_like_layout(key, keys, key_dim),
                  _nan_like_layout(value, keys, value_dim))
-        workspace = _guarded_nan((plan["workspace_floats"],), torch.float32)
+        workspace = _guarded_nan((math.ceil(plan["workspace_bytes"] / 4),), torch.float32)
         args = [DTYPES[query.dtype], _int64s(shape)]
         for t in (grad_out, query, key, value):
             args += [t.data_ptr(), _int64s(t.stride())]
         args.append(scale)
         for t in grads:
             args += [t.data_ptr(), _int64s(t.stride())]
-        args += [_int64s([plan[f] for f in PLAN_FIELDS]), workspace.data_ptr()]
+        args += [_int64s([plan[f] for f in self.plan_fields]), workspace.data_ptr()]
         self._call(self._kernels.simt_short_attention_backward, args,
                    [("grad_out", grad_out), ("query", query), ("key", key), ("value", value)],
                    [("grad_query", grads[0]), ("grad_key", grads[1]), ("grad_value", grads[2]),

@@ -69,17 +69,19 @@ int simt_short_attention_forward(int dtype, const int64_t shape[5], const void* 
                                  view(out, out_strides), logsumexp, nullptr);
 }
 
-// plan: block_m, chunks_per_batch, keys_padded, key_dim_padded, value_dim_padded, workspace_floats, smem_bytes.
-int simt_short_attention_backward_plan(int dtype, const int64_t shape[5], int64_t plan[7]) {
-  AttentionBackwardPlan p{};
-  const cudaError_t status = short_attention_backward_plan(static_cast<DType>(dtype), attention_shape(shape), &p);
-  const int64_t values[7] = {p.block_m,          p.chunks_per_batch, p.keys_padded,
-                             p.key_dim_padded,   p.value_dim_padded, p.workspace_floats,
-                             static_cast<int64_t>(p.smem_bytes)};
-  for (int i = 0; i < 7; ++i) {
-    plan[i] = values[i];
-  }
-  return status;
+// The plan's field names in order, comma-separated: the Python side lays out its int64 array by them.
+const char* simt_short_attention_backward_plan_fields() {
+#define ANNK_PLAN_NAME(name) #name ","
+  return ANNK_ATTENTION_BACKWARD_PLAN_FIELDS(ANNK_PLAN_NAME);
+#undef ANNK_PLAN_NAME
+}
+
+// AttentionBackwardPlan is all int64_t, so the Python side passes it as an int64 array.
+static_assert(sizeof(AttentionBackwardPlan) % sizeof(int64_t) == 0 && alignof(AttentionBackwardPlan) == alignof(int64_t),
+              "AttentionBackwardPlan must be a plain run of int64_t fields");
+
+int simt_short_attention_backward_plan(int dtype, const int64_t shape[5], AttentionBackwardPlan* plan) {
+  return short_attention_backward_plan(static_cast<DType>(dtype), attention_shape(shape), plan);
 }
 
 int simt_short_attention_backward(int dtype, const int64_t shape[5], const void* grad_out,
@@ -87,18 +89,16 @@ int simt_short_attention_backward(int dtype, const int64_t shape[5], const void*
                                   const void* key, const int64_t key_strides[3], const void* value,
                                   const int64_t value_strides[3], float scale, void* grad_query,
                                   const int64_t grad_query_strides[3], void* grad_key, const int64_t grad_key_strides[3],
-                                  void* grad_value, const int64_t grad_value_strides[3], const int64_t plan[7],
-                                  float* workspace) {
+                                  void* grad_value, const int64_t grad_value_strides[3],
+                                  const AttentionBackwardPlan* plan, void* workspace) {
   if (bind() != 0) {
     return cudaErrorInitializationError;
   }
-  const AttentionBackwardPlan p{static_cast<int>(plan[0]), plan[1], plan[2], plan[3], plan[4], plan[5],
-                                static_cast<size_t>(plan[6])};
   return short_attention_backward(static_cast<DType>(dtype), attention_shape(shape),
                                   const_view(grad_out, grad_out_strides), const_view(query, query_strides),
                                   const_view(key, key_strides), const_view(value, value_strides), scale,
                                   view(grad_query, grad_query_strides), view(grad_key, grad_key_strides),
-                                  view(grad_value, grad_value_strides), p, workspace, nullptr);
+                                  view(grad_value, grad_value_strides), *plan, workspace, nullptr);
 }
 
 }  // extern "C"
