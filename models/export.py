@@ -2,28 +2,19 @@
 
 ``adaptive_avg_pool2d`` to 3x3/6x6/8x8 has no ONNX form when the sizes do not divide the feature map
 (pytorch#42653, mmsegmentation#1840). annkernels resolves every backend to the reference one during an export,
-which keeps its custom ops out of the graph, and the reference computes the pyramid pooling as one MatMul with a
-constant [h*w, S] matrix built for the traced map size (``annkernels.ops.reference.pooling_matrix``): exact,
-but only at that size.
-
-With ``dynamic_size=True`` the pooling is built in the graph from the runtime map size instead
-(``pyramid_pool_in_graph``): per scale s and axis of length n, bin i averages positions
-[floor(i*n/s), ceil((i+1)*n/s)), adaptive pooling's own bins, as an [s, n] averaging matrix made from Range,
-integer Div and comparisons; the pooled map is rows @ x @ cols^T. Every bin holds at least one position for
-any n >= 1, so maps smaller than the scales (an 8x8 pool of a 3x5 map) are exact too.
+which keeps its custom ops out of the graph, and the reference's export form builds the pyramid pooling in the
+graph from the runtime map size with adaptive pooling's own bins (``annkernels.ops.reference.pyramid_pool_in_graph``):
+exact at every size, so ``dynamic_size=True`` only has to mark height and width free.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from annkernels.ops import reference
 
 from .checkpoint import unwrap_model
 
@@ -76,7 +67,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, height: int, width: i
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _pooling_for(dynamic_size):
+        with torch.no_grad():
             if dynamo:
                 dimensions = {0: torch.export.Dim("batch", min=1)}
                 dimensions.update({axis: torch.export.Dim(name, min=1) for axis, name in spatial.items()})
@@ -91,49 +82,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, height: int, width: i
     _write_metadata(path, {RESIZED_KEY: str(resize_to_input), ALIGN_CORNERS_KEY: str(model.align_corners),
                            NUM_CLASSES_KEY: str(model.num_classes)})
     return os.fspath(path)
-
-
-def pyramid_pool_in_graph(x: torch.Tensor, scales: Sequence[int]) -> torch.Tensor:
-    """[B, C, H, W] -> [B, C, S], equal to ``torch.cat([F.adaptive_avg_pool2d(x, s).flatten(2) for s in scales],
-    2)``, written with tensor ops on the map's size so that an ONNX export keeps H and W free."""
-    height, width = _runtime_size(x)
-    pooled = [torch.matmul(torch.matmul(_averaging_matrix(height, s, x), x), _averaging_matrix(width, s, x).t())
-              for s in scales]
-    return torch.cat([p.flatten(2) for p in pooled], dim=2)
-
-
-def _averaging_matrix(size, bins: int, like: torch.Tensor) -> torch.Tensor:
-    """[bins, size] matrix whose row i averages positions [floor(i*size/bins), ceil((i+1)*size/bins))."""
-    index = torch.arange(bins, device=like.device)
-    start = torch.div(index * size, bins, rounding_mode="floor")
-    end = torch.div((index + 1) * size + (bins - 1), bins, rounding_mode="floor")
-    position = torch.arange(size, device=like.device)
-    member = (position[None, :] >= start[:, None]) & (position[None, :] < end[:, None])
-    return member.to(like.dtype) / (end - start).to(like.dtype)[:, None]
-
-
-def _runtime_size(x: torch.Tensor):
-    """(H, W) of x as values the exporter records: 0-dim int64 tensors (Shape -> Gather in the graph) under the
-    TorchScript exporter, symbolic ints under torch.export, plain ints in eager mode."""
-    if torch.jit.is_tracing():
-        shape = torch._shape_as_tensor(x)
-        return shape[-2], shape[-1]
-    return x.shape[-2], x.shape[-1]
-
-
-@contextlib.contextmanager
-def _pooling_for(dynamic_size: bool):
-    """During a dynamic-size export, the reference backend's pyramid pooling is the in-graph one: the
-    reference's own export form builds its matrix from the traced size as Python ints, a constant."""
-    if not dynamic_size:
-        yield
-        return
-    fixed_size_pooling = reference.pyramid_pool
-    reference.pyramid_pool = pyramid_pool_in_graph
-    try:
-        yield
-    finally:
-        reference.pyramid_pool = fixed_size_pooling
 
 
 class _Predictor(nn.Module):

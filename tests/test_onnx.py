@@ -9,7 +9,8 @@ from conftest import assert_close
 
 import annkernels
 from annkernels import models
-from annkernels.models.export import OnnxSegmentor, export_onnx, pyramid_pool_in_graph
+from annkernels.models.export import OnnxSegmentor, export_onnx
+from annkernels.ops.reference import pyramid_pool_in_graph
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")

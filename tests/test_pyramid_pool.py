@@ -109,13 +109,6 @@ def test_autocast_keeps_the_inputs_dtype(device, backend):
     assert grad_x.dtype == torch.float32
 
 
-def test_pooling_matrix_equals_reference():
-    # The ONNX export path: pooling as one matmul with a constant [H*W, S] matrix.
-    x = torch.randn(2, 3, 13, 7, dtype=torch.float64)
-    matrix = reference.pooling_matrix(13, 7, [1, 3, 6, 8], dtype=torch.float64)
-    assert_close(x.flatten(2) @ matrix, _expected(x, (1, 3, 6, 8)), atol=1e-12, rtol=1e-12, name="matmul pooling")
-
-
 @pytest.mark.parametrize("backend", ["reference", "composite"] +
                          (["cpu"] if "cpu" in annkernels.available_backends() else []))
 @pytest.mark.parametrize(

@@ -34,8 +34,8 @@ def _autocast_off(function):
 # pool_s(X) = A_s X B_s^T with A_s [s, H] and B_s [s, W] holding 1/(r1 - r0) and 1/(c1 - c0) on each bin.
 # Stacking the scales gives rows [K, H] and cols [K, W], K = sum(scales) (18 for ANN's (1, 3, 6, 8)), and
 # rows X cols^T [K, K] holds every scale's s x s block on its diagonal. Two GEMMs with inner sizes W and H
-# cost about K H W multiply-adds per channel, against S H W for the [H*W, S] matrix of
-# reference.pooling_matrix (S = 110): 6x fewer, and the intermediate X cols^T is only K/W of X.
+# cost about K H W multiply-adds per channel, against S H W for one GEMM with the [H*W, S] area-weight
+# matrix (S = 110): 6x fewer, and the intermediate X cols^T is only K/W of X.
 
 
 @functools.lru_cache(maxsize=32)

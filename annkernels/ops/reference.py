@@ -6,6 +6,8 @@ backend is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -13,24 +15,44 @@ import torch.nn.functional as F
 def pyramid_pool(input: torch.Tensor, scales: list[int]) -> torch.Tensor:
     """[B, C, H, W] -> [B, C, S]: one adaptive average pool per scale, flattened and concatenated."""
     if torch.onnx.is_in_onnx_export():
-        # adaptive_avg_pool2d with sizes that do not divide H, W has no ONNX form; at a fixed input size
-        # the pooling is a constant linear map, which exports as a MatMul and keeps the batch dynamic.
-        height, width = input.shape[-2:]
-        matrix = pooling_matrix(int(height), int(width), scales, dtype=input.dtype, device=input.device)
-        return torch.matmul(input.flatten(2), matrix)
+        # adaptive_avg_pool2d with sizes that do not divide H, W has no ONNX form; the same bins as matrices
+        # built in the graph from the runtime size export exactly, with H and W free.
+        return pyramid_pool_in_graph(input, scales)
     return torch.cat([F.adaptive_avg_pool2d(input, s).flatten(2) for s in scales], dim=2)
 
 
-def pooling_matrix(height: int, width: int, scales: list[int], dtype=torch.float32, device=None) -> torch.Tensor:
-    """[H*W, S] matrix M with pyramid_pool(x) == x.flatten(2) @ M, using adaptive_avg_pool2d's bins."""
-    columns = []
-    for s in scales:
-        rows = bin_membership(height, s)  # [s, H]
-        cols = bin_membership(width, s)  # [s, W]
-        area = rows.sum(1)[:, None] * cols.sum(1)[None, :]  # [s, s]
-        weights = rows[:, None, :, None] * cols[None, :, None, :] / area[:, :, None, None]  # [s, s, H, W]
-        columns.append(weights.reshape(s * s, height * width))
-    return torch.cat(columns, 0).t().to(dtype=dtype, device=device).contiguous()
+def pyramid_pool_in_graph(x: torch.Tensor, scales: Sequence[int]) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, S], equal to ``torch.cat([F.adaptive_avg_pool2d(x, s).flatten(2) for s in scales],
+    2)``, written with tensor ops on the map's size so that an ONNX export keeps H and W free.
+
+    Per scale s and axis of length n, bin i averages positions [floor(i*n/s), ceil((i+1)*n/s)) (adaptive
+    pooling's own bins) through an [s, n] averaging matrix made from Range, integer Div and comparisons; the
+    pooled map is rows @ x @ cols^T. Every bin holds at least one position for any n >= 1, so maps smaller than
+    the scales are exact too.
+    """
+    height, width = _runtime_size(x)
+    pooled = [torch.matmul(torch.matmul(_averaging_matrix(height, s, x), x), _averaging_matrix(width, s, x).t())
+              for s in scales]
+    return torch.cat([p.flatten(2) for p in pooled], dim=2)
+
+
+def _averaging_matrix(size, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """[bins, size] matrix whose row i averages positions [floor(i*size/bins), ceil((i+1)*size/bins))."""
+    index = torch.arange(bins, device=like.device)
+    start = torch.div(index * size, bins, rounding_mode="floor")
+    end = torch.div((index + 1) * size + (bins - 1), bins, rounding_mode="floor")
+    position = torch.arange(size, device=like.device)
+    member = (position[None, :] >= start[:, None]) & (position[None, :] < end[:, None])
+    return member.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+
+def _runtime_size(x: torch.Tensor):
+    """(H, W) of x as values the exporter records: 0-dim int64 tensors (Shape -> Gather in the graph) under the
+    TorchScript exporter, symbolic ints under torch.export, plain ints in eager mode."""
+    if torch.jit.is_tracing():
+        shape = torch._shape_as_tensor(x)
+        return shape[-2], shape[-1]
+    return x.shape[-2], x.shape[-1]
 
 
 def bin_membership(size: int, bins: int) -> torch.Tensor:
