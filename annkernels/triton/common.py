@@ -4,6 +4,11 @@ block sizes, grid sizing, and how autotune picks a config.
 Autotune times its configs on a GPU. It takes the first config that fits, untimed, in the interpreter
 (every config computes the same there) and when ``ANNKERNELS_TRITON_AUTOTUNE=0``: correctness tests
 then JIT-compile one config per kernel and shape instead of all of them.
+
+Timing launches and synchronizes, which CUDA-graph capture forbids. Each kernel times its configs on the
+first call with a new autotune key (a new size class, S or dtype) and reuses the choice afterwards, so
+a graph must be captured after one eager call at the same shapes (a warm-up); a first call inside
+capture raises an error that says so instead of failing inside the CUDA driver.
 """
 
 import os
@@ -32,17 +37,38 @@ def _benchmark(kernel_call, quantiles):
     return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
+def _stream_capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_not_tuning_in_capture(kernel_name: str, num_candidates: int, capturing: bool) -> None:
+    """Raise if ``kernel_name`` would time ``num_candidates`` configs while a CUDA graph is captured."""
+    if capturing and num_candidates > 1:
+        raise RuntimeError(
+            f"annkernels: the Triton kernel {kernel_name} meets a new shape inside CUDA-graph capture and would "
+            f"time its {num_candidates} configs there, which capture forbids. Call the op once at the same "
+            f"shapes, dtype and device before capturing (a warm-up), or set {AUTOTUNE_SWITCH}=0 to use the "
+            f"first fitting config untimed.")
+
+
 def autotune(configs, key, prune=None):
     """``triton.autotune`` over ``configs`` with ``key``. ``prune(configs, args)`` returns the configs that
     can run with the launch's arguments (a dict by parameter name); see the module docstring for which
-    of them are timed."""
+    of them are timed, and for CUDA-graph capture."""
 
-    def early_config_prune(configs, named_args, **kwargs):
-        candidates = prune(configs, {**named_args, **kwargs}) if prune else configs
-        return candidates if timing_configs() else candidates[:1]
+    def decorator(kernel):
+        # Triton calls this only on the first launch with a new autotune key, before any timing.
+        def early_config_prune(configs, named_args, **kwargs):
+            candidates = prune(configs, {**named_args, **kwargs}) if prune else configs
+            if not timing_configs():
+                return candidates[:1]
+            check_not_tuning_in_capture(kernel.__name__, len(candidates), _stream_capturing())
+            return candidates
 
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_config_prune},
-                           do_bench=_benchmark)
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_config_prune},
+                               do_bench=_benchmark)(kernel)
+
+    return decorator
 
 
 def size_class(rows: int) -> int:
