@@ -53,6 +53,7 @@ SHAPES = (
 )
 ATTENTION_KERNELS = ("_short_attention_forward_kernel", "_short_attention_backward_rows_kernel",
                      "_short_attention_backward_keys_kernel")
+PRODUCT_KERNELS = ATTENTION_KERNELS + ("_pyramid_pool_forward_kernel", "_pyramid_pool_backward_kernel")
 SPILL_STORES = re.compile(r"(\d+) bytes spill stores")
 # A synchronous global load in PTX (cp.async and TMA are separate instructions).
 SYNC_GLOBAL_LOAD = re.compile(r"^\s*(@%p\d+\s+)?ld\.global\b", re.MULTILINE)
@@ -135,16 +136,20 @@ def _describe(named: dict) -> dict:
 
 
 def _cases(default_only: bool) -> list[dict]:
-    """One compile case per recorded launch and config: the default config, or every runnable one."""
-    cases = []
+    """One compile case per distinct recorded launch and config: the default config at the key shapes in
+    every dtype (the widest score row in bf16 and fp32 only, fp16 compiles as bf16 there), or every
+    runnable config everywhere."""
+    cases = {}
     for shape_name, op, shape in SHAPES:
-        for dtype in DTYPES:
+        dtypes = ("bf16", "fp32") if default_only and shape_name == "attention-widest-keys" else DTYPES
+        for dtype in dtypes:
             for launch in _record_launches(op, dtype, shape):
                 configs = launch["configs"][:1] if default_only else launch["configs"]
                 for config in configs:
-                    cases.append({"shape": shape_name, "dtype": dtype, "kernel": launch["kernel"],
-                                  "args": launch["args"], "config": config})
-    return cases
+                    case = {"shape": shape_name, "dtype": dtype, "kernel": launch["kernel"], "args": launch["args"],
+                            "config": config}
+                    cases.setdefault(json.dumps([case["kernel"], dtype, launch["args"], config]), case)
+    return list(cases.values())
 
 
 def _jit_function(kernel):
@@ -214,15 +219,17 @@ def _compile(case: dict) -> dict:
         "tensor_cores": bool(re.search(r"\b(wgmma|mma)\.", ptx)),
         "async_copies": len(ASYNC_COPY.findall(ptx)),
         "sync_global_loads": len(SYNC_GLOBAL_LOAD.findall(ptx)),
-        "has_dot": "dot(" in fn.src,
+        "has_dot": case["kernel"] in PRODUCT_KERNELS,
         "narrow_offsets": _narrow_offsets(compiled.asm["ttir"]),
     }
 
 
+NARROW_ADDPTR = re.compile(r"tt\.addptr [^:]*: (tensor<\S*>|!tt\.ptr<\S*>), (tensor<[0-9x]*)?i32\b")
+
+
 def _narrow_offsets(ttir: str) -> int:
-    """Pointer additions with 32-bit offsets in the TTIR."""
-    return len(re.findall(r"tt\.addptr .*, tensor<[^>]*x!tt\.ptr<[^>]*>>, tensor<[^>]*xi32>", ttir)) + \
-        len(re.findall(r"tt\.addptr [^:]*: !tt\.ptr<[^>]*>, i32", ttir))
+    """Pointer additions with 32-bit offsets (scalar or tensor) in the TTIR."""
+    return len(NARROW_ADDPTR.findall(ttir))
 
 
 def _compile_in_subprocess(full: bool) -> list[dict]:

@@ -125,7 +125,7 @@ def _sum_chunks_kernel(
 ):
     # Grid: (cdiv(size, BLOCK), B). Adds the chunk partials in index order: deterministic.
     b = tl.program_id(1).to(tl.int64)
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < size
     acc = tl.zeros([BLOCK], dtype=partial_ptr.dtype.element_ty)
     for chunk in range(num_chunks):

@@ -107,7 +107,7 @@ def _pyramid_pool_forward_kernel(
 
     area = ((he - hs) * (we - ws)).to(acc_dtype)
     out = acc / tl.where(t < S, area, 1.0)[None, :]
-    tl.store(out_ptr + ((b * num_splits + split) * C + c[:, None]) * S + t[None, :],
+    tl.store(out_ptr + ((b * num_splits + split) * C + c[:, None]) * S + t[None, :].to(tl.int64),
              out.to(out_ptr.dtype.element_ty), mask=(c[:, None] < C) & (t[None, :] < S))
 
 

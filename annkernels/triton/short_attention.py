@@ -136,7 +136,7 @@ def _widest_fitting(config):
 # kept for very wide S even where it spills).
 _FORWARD_CONFIGS = {
     2: [_config(64, 64, 4, 3, 128), _config(128, 64, 8, 3, 128), _config(16, 32, 4, 2, 1024)],
-    4: [_config(64, 32, 4, 3, 128), _config(16, 32, 4, 2, 1024)],
+    4: [_config(64, 32, 8, 3, 128), _config(16, 16, 4, 1, 1024)],
     8: [_config(32, 16, 4, 2, 128), _config(16, 16, 8, 1, 1024)],
 }
 
@@ -166,8 +166,9 @@ def _short_attention_forward_kernel(
     # Grid: (cdiv(N, BLOCK_N), B). One program owns BLOCK_N query rows and all S keys.
     b = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
+    # int64 indices: every offset is 64-bit (tests/test_triton_aot.py checks the compiled code).
+    s = tl.arange(0, BLOCK_S).to(tl.int64)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
     dtype = q_ptr.dtype.element_ty
     stat_dtype = tl.float64 if dtype == tl.float64 else tl.float32
     q_rows = q_ptr + b * stride_qb + n[:, None] * stride_qn
@@ -176,7 +177,7 @@ def _short_attention_forward_kernel(
     scores = tl.zeros([BLOCK_N, BLOCK_S], dtype=stat_dtype)
     for d0 in range(0, Dk, BLOCK_D):
         dk = d0 + d
-        q = tl.load(q_rows + dk[None, :].to(tl.int64) * stride_qd, mask=(n[:, None] < N) & (dk[None, :] < Dk),
+        q = tl.load(q_rows + dk[None, :] * stride_qd, mask=(n[:, None] < N) & (dk[None, :] < Dk),
                     other=0.0)
         k_t = tl.load(kv_base + dk[:, None] * BLOCK_S + s[None, :], mask=dk[:, None] < Dk, other=0.0)
         scores = dot(q, k_t, scores, "tf32x3", INTERPRET)
@@ -190,14 +191,14 @@ def _short_attention_forward_kernel(
         dv = d0 + d
         v = tl.load(kv_base + (Dk + dv)[None, :] * BLOCK_S + s[:, None], mask=dv[None, :] < Dv, other=0.0)
         out = dot(p, v, tl.zeros([BLOCK_N, BLOCK_D], dtype=stat_dtype), "tf32x3", INTERPRET)
-        tl.store(out_rows + dv[None, :].to(tl.int64) * stride_od, out.to(out_ptr.dtype.element_ty),
+        tl.store(out_rows + dv[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
                  mask=(n[:, None] < N) & (dv[None, :] < Dv))
 
 
 # The rows kernel holds two score-sized tiles (P and dP), so its 64-row tiles take 8 warps.
 _BACKWARD_ROWS_CONFIGS = {
     2: [_config(64, 64, 8, 3, 128), _config(32, 64, 4, 3, 128), _config(16, 32, 4, 2, 1024)],
-    4: [_config(64, 32, 8, 3, 128), _config(16, 32, 4, 2, 1024)],
+    4: [_config(64, 32, 8, 3, 128), _config(16, 16, 4, 1, 1024)],
     8: [_config(32, 16, 8, 2, 128), _config(16, 16, 8, 1, 1024)],
 }
 
@@ -226,8 +227,9 @@ def _short_attention_backward_rows_kernel(
     # Grid: (cdiv(N, BLOCK_N), B). One program owns BLOCK_N query rows: their dQ, P and dS rows.
     b = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
+    # int64 indices: every offset is 64-bit (tests/test_triton_aot.py checks the compiled code).
+    s = tl.arange(0, BLOCK_S).to(tl.int64)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
     row_ok = n < N
     dtype = q_ptr.dtype.element_ty
     stat_dtype = tl.float64 if dtype == tl.float64 else tl.float32
@@ -242,7 +244,7 @@ def _short_attention_backward_rows_kernel(
     scores = tl.zeros([BLOCK_N, BLOCK_S], dtype=stat_dtype)
     for d0 in range(0, Dk, BLOCK_D):
         dk = d0 + d
-        q = tl.load(q_rows + dk[None, :].to(tl.int64) * stride_qd, mask=row_ok[:, None] & (dk[None, :] < Dk),
+        q = tl.load(q_rows + dk[None, :] * stride_qd, mask=row_ok[:, None] & (dk[None, :] < Dk),
                     other=0.0)
         k_t = tl.load(kv_base + dk[:, None] * BLOCK_S + s[None, :], mask=dk[:, None] < Dk, other=0.0)
         scores = dot(q, k_t, scores, "tf32x3", INTERPRET)
@@ -253,7 +255,7 @@ def _short_attention_backward_rows_kernel(
     grad_p = tl.zeros([BLOCK_N, BLOCK_S], dtype=stat_dtype)
     for d0 in range(0, Dv, BLOCK_D):
         dv = d0 + d
-        g = tl.load(g_rows + dv[None, :].to(tl.int64) * stride_gd, mask=row_ok[:, None] & (dv[None, :] < Dv),
+        g = tl.load(g_rows + dv[None, :] * stride_gd, mask=row_ok[:, None] & (dv[None, :] < Dv),
                     other=0.0)
         v_t = tl.load(kv_base + (Dk + dv)[:, None] * BLOCK_S + s[None, :], mask=dv[:, None] < Dv, other=0.0)
         grad_p = dot(g, v_t, grad_p, "tf32x3", INTERPRET)
@@ -273,7 +275,7 @@ def _short_attention_backward_rows_kernel(
         dk = d0 + d
         k = tl.load(kv_base + dk[None, :] * BLOCK_S + s[:, None], mask=dk[None, :] < Dk, other=0.0)
         grad_q = dot(grad_s, k, tl.zeros([BLOCK_N, BLOCK_D], dtype=stat_dtype), "tf32x3", INTERPRET)
-        tl.store(dq_rows + dk[None, :].to(tl.int64) * stride_dqd, grad_q.to(grad_q_ptr.dtype.element_ty),
+        tl.store(dq_rows + dk[None, :] * stride_dqd, grad_q.to(grad_q_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (dk[None, :] < Dk))
 
 
@@ -284,13 +286,13 @@ def _weighted_row_sum(weights_ptr, x_ptr, partial_ptr, b, split, num_splits, col
                       INTERPRET: tl.constexpr):
     """partial[b, split, :, cols] = weights[b, rows, :]^T x[b, rows, cols] over this split's query rows,
     summed in row order and written once (cols: column block ``column_block`` of D)."""
-    s = tl.arange(0, BLOCK_S)
-    cols = column_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = tl.arange(0, BLOCK_S).to(tl.int64)
+    cols = column_block.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     dtype = x_ptr.dtype.element_ty
     stat_dtype = tl.float64 if dtype == tl.float64 else tl.float32
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, N)
-    x_base = x_ptr + b * stride_xb + cols[None, :].to(tl.int64) * stride_xd
+    x_base = x_ptr + b * stride_xb + cols[None, :] * stride_xd
     acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=stat_dtype)
     for n0 in range(row_start, row_end, BLOCK_N):
         n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -305,8 +307,8 @@ def _weighted_row_sum(weights_ptr, x_ptr, partial_ptr, b, split, num_splits, col
 
 # Registers: the [BLOCK_S, BLOCK_D] accumulator; operand tiles stream through shared memory.
 _BACKWARD_KEYS_CONFIGS = {
-    2: [_config(64, 64, 4, 3, 128), _config(32, 32, 4, 2, 1024)],
-    4: [_config(32, 32, 4, 3, 128), _config(32, 32, 4, 2, 1024)],
+    2: [_config(64, 64, 4, 3, 128), _config(16, 16, 4, 2, 1024)],
+    4: [_config(32, 32, 4, 3, 128), _config(16, 16, 4, 2, 1024)],
     8: [_config(32, 16, 4, 2, 128), _config(16, 16, 8, 1, 1024)],
 }
 _WIDEST_KEYS_BLOCK_D = max(c.kwargs["BLOCK_D"] for c in _all_configs(_BACKWARD_KEYS_CONFIGS))
