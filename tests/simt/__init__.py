@@ -76,6 +76,7 @@ class Emulator:
         rt = self._runtime
         rt.simt_set_device.argtypes = [ctypes.c_char_p]
         rt.simt_set_order.argtypes = [ctypes.c_int, ctypes.c_uint64]
+        rt.simt_set_blocks_to_run.argtypes = [ctypes.c_int64]
         rt.simt_register_buffer.argtypes = [_vp, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_int]
         rt.simt_report.restype = ctypes.c_char_p
         rt.simt_launch.restype = ctypes.c_char_p
@@ -98,6 +99,12 @@ class Emulator:
         if self._runtime.simt_set_device(device.encode()) != 0:
             raise ValueError(f"unknown device profile {device!r}")
         self._runtime.simt_set_order(ORDERS[order], seed)
+        return self
+
+    def run_blocks(self, blocks: int | None):
+        """Runs only the first `blocks` blocks of each later launch (None: all of them). Launches are still
+        checked and recorded, with the traffic of the blocks that ran; outputs stay NaN elsewhere."""
+        self._runtime.simt_set_blocks_to_run(-1 if blocks is None else blocks)
         return self
 
     def plant(self, bug: int):

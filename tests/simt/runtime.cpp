@@ -102,6 +102,7 @@ struct State {
   std::map<const void*, int> smem_optin;
   cudaError_t last_error = cudaSuccess;
   int order = 0;  // 0 forward, 1 reverse, 2 seeded shuffle
+  int64_t blocks_to_run = -1;  // per launch, in grid order; -1 all (see simt_set_blocks_to_run)
   uint64_t seed = 0;
   std::mt19937_64 shuffle_rng;
 
@@ -520,9 +521,13 @@ cudaError_t launch(const LaunchRequest& request) {
   }
   g.warps.assign((threads + 31) / 32, Warp{});
   g.block_threads = threads;
+  int64_t ran = 0;
   for (unsigned z = 0; z < request.grid.z; ++z) {
     for (unsigned y = 0; y < request.grid.y; ++y) {
       for (unsigned x = 0; x < request.grid.x; ++x) {
+        if (g.blocks_to_run >= 0 && ran++ >= g.blocks_to_run) {
+          break;
+        }
         run_block(uint3{x, y, z});
       }
     }
@@ -692,6 +697,11 @@ const char* simt_launch(int index, uint64_t numbers[9]) {
   std::copy(values, values + 9, numbers);
   return launch.kernel.c_str();
 }
+
+// Runs only the first `blocks` blocks of every later launch (-1: all). The launch is still checked and
+// recorded, and its byte counts are those of the blocks that ran: with 1, one block's traffic, which is how
+// tools/gpu reads a launch plan and a block's loads at full-size shapes in seconds. Outputs stay unwritten.
+void simt_set_blocks_to_run(int64_t blocks) { g.blocks_to_run = blocks; }
 
 // Scratch copies of kernels with planted bugs switch them on at run time (one build for all of them).
 static int planted_bug = 0;
