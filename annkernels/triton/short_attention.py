@@ -40,8 +40,6 @@ from annkernels.triton.common import INTERPRET, autotune, dot, padded_block, siz
 _SPLIT_ALIGN = 64
 # Rows of P and dS in the backward workspace are padded to this many keys (16-byte aligned rows).
 _WORKSPACE_KEY_ALIGN = 16
-# Elements per program of the packing kernel.
-_PACK_TILE = 4096
 
 
 @triton.jit
@@ -69,6 +67,8 @@ def _split_scale(scale: float) -> tuple[float, float]:
     return hi, scale - hi
 
 
+# One config, so nothing is timed; through autotune like every kernel here, for one launch path.
+@autotune(configs=[triton.Config({"BLOCK_D": 4}, num_warps=4)], key=["BLOCK_S"])
 @triton.jit
 def _pack_keys_values_kernel(
     k_ptr, v_ptr,  # k [B, S, Dk], v [B, S, Dv], any strides
@@ -99,11 +99,12 @@ def _pack_keys_values(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     value_dim = value.shape[2]
     block_s = padded_block(num_keys)
     packed = torch.empty((batch, key_dim + value_dim, block_s), dtype=key.dtype, device=key.device)
-    block_d = _PACK_TILE // block_s
-    _pack_keys_values_kernel[(triton.cdiv(key_dim + value_dim, block_d), batch)](
-        key, value, packed, num_keys, key_dim, value_dim, *key.stride(), *value.stride(),
-        BLOCK_S=block_s, BLOCK_D=block_d,
-    )
+
+    def grid(meta):
+        return (triton.cdiv(key_dim + value_dim, meta["BLOCK_D"]), batch)
+
+    _pack_keys_values_kernel[grid](key, value, packed, num_keys, key_dim, value_dim, *key.stride(), *value.stride(),
+                                   BLOCK_S=block_s)
     return packed
 
 

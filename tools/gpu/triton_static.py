@@ -39,7 +39,9 @@ _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILL_STORES = re.compile(r"(\d+) bytes spill stores")
 # What the launchers' module-level names are replaced with while recording.
 _KERNELS = {
-    "annkernels.triton.short_attention": ("_short_attention_forward_kernel", "_short_attention_backward_kernel"),
+    "annkernels.triton.short_attention": ("_pack_keys_values_kernel", "_short_attention_forward_kernel",
+                                          "_short_attention_backward_rows_kernel",
+                                          "_short_attention_backward_keys_kernel"),
     "annkernels.triton.pyramid_pool": ("_pyramid_pool_forward_kernel", "_pyramid_pool_backward_kernel"),
     "annkernels.triton.common": ("_sum_chunks_kernel",),
 }
@@ -407,7 +409,8 @@ def triton_report(cases: list[model.Case]) -> dict:
             costs.append(_candidate_cost(best))
             global_bytes += math.prod(best["grid"]) * (best["read"] + best["written"])
         else:
-            unit = _unit(chosen[0], case)
+            # The op's products run on the unit of its launch with the most of them (not a packing launch).
+            unit = _unit(max(chosen, key=_flops), case)
             result = model.modelled_time(case, costs, global_bytes, unit, sum(_flops(c) for c in chosen))
             report["cases"][case.name] = {**result, "global_bytes": global_bytes, "minimal_bytes": case.minimal_bytes,
                                           "chosen": [c["config"] for c in chosen], "launches": launches}
