@@ -182,3 +182,26 @@ def test_loads_in_flight_are_counted_along_the_worst_path():
     # The U16 load is used with no other load on the branch that skips 0x80: none in flight at worst.
     assert sites[0x60].in_flight == 0 and sites[0x60].first_use == 0x90
     assert all(site.in_loop for site in sites.values())
+
+
+_ASYNC_SASS = """
+        Function : pipelined
+        /*0000*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R8.64] ;
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R2+0x10], desc[UR4][R8.64+0x10] ;
+        /*0020*/                   LDGDEPBAR ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R2+0x20], desc[UR4][R8.64+0x20] ;
+        /*0040*/                   LDGDEPBAR ;
+        /*0050*/                   LDGSTS.E 0x4 [R2+0x30], desc[UR4][R8.64+0x30] ;
+        /*0060*/                   LDGDEPBAR ;
+        /*0070*/                   DEPBAR.LE SB0, 0x1 ;
+        /*0080*/                   DEPBAR.LE SB0, 0x0 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_async_copies_share_each_wait_with_the_groups_still_outstanding():
+    count, mean_bytes, in_flight = sass.async_copies(sass.parse(_ASYNC_SASS)["pipelined"])
+    assert count == 4 and mean_bytes == (3 * 16 + 4) / 4
+    # "at most 1 group outstanding" waits on the last two groups (2 copies), "0" on the last one (1 copy).
+    assert in_flight == ((2 - 1) + (1 - 1)) / 2
+    assert sass.async_copies(sass.parse(_SASS)["toy"]) == (0, 0.0, 0.0)

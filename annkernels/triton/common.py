@@ -96,9 +96,10 @@ def dot(a, b, acc, FP32_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + a @ b in acc's dtype: tensor cores for fp16/bf16, ``FP32_PRECISION`` ("ieee": plain FMA,
     "tf32x3": fp32-accurate on tensor cores) for fp32, plain FMA for fp64. The interpreter multiplies
     bf16 bit patterns in tl.dot, so under it half operands are upcast to fp32."""
-    if INTERPRET and a.dtype != tl.float64:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+    if INTERPRET and a.dtype != tl.float64 and a.dtype != tl.float32:
+        # One exact product, as the GPU's single half-precision pass (the interpreter ignores the precision;
+        # "ieee" keeps the product count of tools/gpu/triton_static.py right).
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=acc.dtype)
     # out_dtype follows acc: some Triton versions default it to fp32 even for fp64 operands.
     if a.dtype == tl.float64:
         return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)

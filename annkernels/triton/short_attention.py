@@ -306,9 +306,10 @@ def _weighted_row_sum(weights_ptr, x_ptr, partial_ptr, b, split, num_splits, col
              mask=(s[:, None] < S) & (cols[None, :] < D))
 
 
-# Registers: the [BLOCK_S, BLOCK_D] accumulator; operand tiles stream through shared memory.
+# Registers: the [BLOCK_S, BLOCK_D] accumulator; operand tiles stream through shared memory. Wider column
+# blocks re-read the P/dS rows fewer times.
 _BACKWARD_KEYS_CONFIGS = {
-    2: [_config(64, 64, 4, 3, 128), _config(16, 16, 4, 2, 1024)],
+    2: [_config(64, 64, 4, 3, 128), _config(64, 128, 8, 3, 128), _config(16, 16, 4, 2, 1024)],
     4: [_config(32, 32, 4, 3, 128), _config(16, 16, 4, 2, 1024)],
     8: [_config(32, 16, 4, 2, 128), _config(16, 16, 8, 1, 1024)],
 }
