@@ -60,7 +60,7 @@ def _membership_dot(values, member, acc, INTERPRET: tl.constexpr):
 # Spill-free on sm_90 in every dtype (tests/test_triton_aot.py). Wider or fewer-warp tiles spill for
 # fp32, whose tf32x3 split triples the operands (32/64 with 4 warps, 64/64 with 8), and for fp64.
 _FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_C": 64, "BLOCK_P": 32}, num_warps=8, num_stages=1),
 ]
 
