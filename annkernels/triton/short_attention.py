@@ -38,6 +38,8 @@ from annkernels.triton.common import INTERPRET, autotune, dot, padded_block, siz
 
 # Row ranges of the keys kernel are multiples of this; it must be a multiple of every BLOCK_N below.
 _SPLIT_ALIGN = 64
+# fp64 score rows [16, BLOCK_S] and value tiles [BLOCK_S, 16] must fit sm_90's 227 KB of shared memory.
+_FP64_MAX_KEYS_ON_GPU = 512
 # Rows of P and dS in the backward workspace are padded to this many keys (16-byte aligned rows).
 _WORKSPACE_KEY_ALIGN = 16
 
@@ -94,8 +96,12 @@ def _pack_keys_values_kernel(
 
 
 def _pack_keys_values(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """[B, Dk + Dv, BLOCK_S] buffer of keys and values for the attention kernels (see the module docstring)."""
+    """[B, Dk + Dv, BLOCK_S] buffer of keys and values for the attention kernels (see the module docstring).
+    Raises ValueError for a score row the GPU kernels cannot hold."""
     batch, num_keys, key_dim = key.shape
+    if key.device.type == "cuda" and key.dtype == torch.float64 and num_keys > _FP64_MAX_KEYS_ON_GPU:
+        raise ValueError(f"Triton short_attention holds the score row on chip: float64 takes at most "
+                         f"{_FP64_MAX_KEYS_ON_GPU} keys on a GPU, got S = {num_keys}; use float32 or another backend")
     value_dim = value.shape[2]
     block_s = padded_block(num_keys)
     packed = torch.empty((batch, key_dim + value_dim, block_s), dtype=key.dtype, device=key.device)
