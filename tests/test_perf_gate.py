@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PLANTED = Path(__file__).resolve().parent / "perf_gate"
 # The committed report the modelled fractions are held against. A redesign that gains writes a new dated
 # baseline (python -m tools.gpu.perf_report --out bench/results/static-h200-DATE-NAME) and points this at it.
-BASELINE = ROOT / "bench" / "results" / "static-h200-2026-12-05-cuda-redesign.json"
+# static-h200-2026-12-05-redesign: the CUDA (issue 19) and Triton (issue 20) redesigns together.
+BASELINE = ROOT / "bench" / "results" / "static-h200-2026-12-05-redesign.json"
 
 # The gate's thresholds, in one table; the redesign issues raise them as they land.
 THRESHOLDS = {
@@ -202,3 +203,26 @@ def test_occupancy_and_floors_match_hand_counts():
     assert backward.floor_s == pytest.approx(3 * 32768 * 256 * 4 / 4.3e12, rel=0.02)
     pool = model.Case("pool", "forward", "bf16", (2, 256, 64, 128))
     assert pool.floor_s == pytest.approx(2 * 256 * 64 * 128 * 2 / 4.3e12, rel=0.02)
+
+
+_ASYNC_SASS = """
+        Function : pipelined
+        /*0000*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R8.64] ;
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R2+0x10], desc[UR4][R8.64+0x10] ;
+        /*0020*/                   LDGDEPBAR ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R2+0x20], desc[UR4][R8.64+0x20] ;
+        /*0040*/                   LDGDEPBAR ;
+        /*0050*/                   LDGSTS.E 0x4 [R2+0x30], desc[UR4][R8.64+0x30] ;
+        /*0060*/                   LDGDEPBAR ;
+        /*0070*/                   DEPBAR.LE SB0, 0x1 ;
+        /*0080*/                   DEPBAR.LE SB0, 0x0 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_async_copies_share_each_wait_with_the_groups_still_outstanding():
+    count, mean_bytes, in_flight = sass.async_copies(sass.parse(_ASYNC_SASS)["pipelined"])
+    assert count == 4 and mean_bytes == (3 * 16 + 4) / 4
+    # "at most 1 group outstanding" waits on the last two groups (2 copies), "0" on the last one (1 copy).
+    assert in_flight == ((2 - 1) + (1 - 1)) / 2
+    assert sass.async_copies(sass.parse(_SASS)["toy"]) == (0, 0.0, 0.0)

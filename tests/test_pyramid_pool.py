@@ -135,3 +135,15 @@ def test_unknown_or_unusable_backend_is_named():
         annkernels.pyramid_pool(x, backend="fast")
     with pytest.raises(RuntimeError, match="backend 'cuda' runs on CUDA tensors"):
         annkernels.pyramid_pool(x, backend="cuda")
+
+
+@pytest.mark.skipif("triton" not in annkernels.available_backends("cpu"), reason="needs the Triton interpreter")
+def test_triton_input_offsets_past_2_31_elements():
+    # The second channel plane starts at element 2^31 of one 4 GiB fp16 buffer: torch.empty only reserves
+    # it and the kernel touches 2 x 15 elements; a 32-bit offset would wrap and read (or fault) elsewhere.
+    # The same input, compact, must give the same bits.
+    buffer = torch.empty(2**31 + 15, dtype=torch.float16)
+    x = buffer.as_strided((1, 2, 5, 3), (buffer.numel(), 2**31, 3, 1))
+    x.copy_(torch.randn(1, 2, 5, 3))
+    outs = [annkernels.pyramid_pool(t, (1, 2, 3), backend="triton") for t in (x, x.clone())]
+    assert torch.equal(*outs)

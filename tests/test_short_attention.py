@@ -237,3 +237,24 @@ def test_mixed_devices_are_rejected():
     query, key, value = _good()
     with pytest.raises(ValueError, match="same device"):
         annkernels.short_attention(query.to("meta"), key, value)
+
+
+@pytest.mark.skipif("triton" not in annkernels.available_backends("cpu"), reason="needs the Triton interpreter")
+def test_triton_query_offsets_past_2_31_elements():
+    # Query rows 2^26 elements apart, so rows 32 to 35 start past element 2^31 of one 4.7 GiB fp16 buffer.
+    # torch.empty only reserves it and the kernels touch the query's 36 x 16 elements; a 32-bit offset
+    # would wrap and read (or fault) elsewhere. The same query, compact, must give the same bits.
+    rows, row_stride, dim = 36, 2**26, 16
+    buffer = torch.empty((rows - 1) * row_stride + dim, dtype=torch.float16)
+    query = buffer.as_strided((1, rows, dim), (buffer.numel(), row_stride, 1))
+    query.copy_(torch.randn(1, rows, dim))
+    assert query.storage_offset() + (rows - 1) * row_stride >= 2**31
+    key, value = torch.randn(1, 20, dim, dtype=torch.float16), torch.randn(1, 20, 8, dtype=torch.float16)
+    grad = torch.randn(1, rows, 8, dtype=torch.float16)
+    results = []
+    for q in (query, query.clone()):
+        leaves = [t.detach().requires_grad_(True) for t in (q, key, value)]
+        out = annkernels.short_attention(*leaves, backend="triton")
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for name, strided, compact in zip(("out", "grad_query", "grad_key", "grad_value"), *results):
+        assert torch.equal(strided, compact), name

@@ -11,8 +11,10 @@ membership matrix M [H*W, S], built on chip from index arithmetic, so the work r
 When B * C channel blocks cannot fill the GPU, the forward also splits each plane's pixels over
 programs, which write fp32 partial averages that a second kernel adds in split order (deterministic).
 M is exact in every dtype. fp32 products use the "tf32x3" split (fp32-accurate on tensor cores),
-fp64 uses plain FMA ("ieee"), fp16/bf16 feed tensor cores directly; accumulation is fp32 (fp64 for
-fp64). Validation happens in annkernels/ops; these launchers only assert internal invariants.
+fp64 uses plain FMA ("ieee"), fp16/bf16 feed tensor cores directly (the backward rounds g / area to
+the input dtype for that); accumulation is fp32 (fp64 for fp64). Offsets are int64, so feature maps
+with C*H*W >= 2^31 elements index correctly. Validation happens in annkernels/ops; these launchers
+only assert internal invariants.
 """
 
 import torch
@@ -58,7 +60,7 @@ def _membership_dot(values, member, acc, INTERPRET: tl.constexpr):
 # Spill-free on sm_90 in every dtype (tests/test_triton_aot.py). Wider or fewer-warp tiles spill for
 # fp32, whose tf32x3 split triples the operands (32/64 with 4 warps, 64/64 with 8), and for fp64.
 _FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_C": 64, "BLOCK_P": 32}, num_warps=8, num_stages=1),
 ]
 
@@ -83,7 +85,7 @@ def _pyramid_pool_forward_kernel(
     num_splits = tl.num_programs(1)
     num_cblocks = tl.cdiv(C, BLOCK_C)
     b = (pid // num_cblocks).to(tl.int64)
-    c = (pid % num_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = (pid % num_cblocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     t = tl.arange(0, BLOCK_S)
     hs, he, ws, we = _bin_bounds(t, H, W, SCALES)
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -96,7 +98,7 @@ def _pyramid_pool_forward_kernel(
         p = p0 + tl.arange(0, BLOCK_P)
         h = p // W
         w = p % W
-        x = tl.load(x_rows + h[None, :] * stride_xh + w[None, :] * stride_xw,
+        x = tl.load(x_rows + h[None, :].to(tl.int64) * stride_xh + w[None, :].to(tl.int64) * stride_xw,
                     mask=(c[:, None] < C) & (p[None, :] < p_end), other=0.0)
         # Masked pixels load as 0, so their (possibly real) bins gain nothing.
         member = (h[:, None] >= hs[None, :]) & (h[:, None] < he[None, :]) \
@@ -105,7 +107,7 @@ def _pyramid_pool_forward_kernel(
 
     area = ((he - hs) * (we - ws)).to(acc_dtype)
     out = acc / tl.where(t < S, area, 1.0)[None, :]
-    tl.store(out_ptr + ((b * num_splits + split) * C + c[:, None]) * S + t[None, :],
+    tl.store(out_ptr + ((b * num_splits + split) * C + c[:, None]) * S + t[None, :].to(tl.int64),
              out.to(out_ptr.dtype.element_ty), mask=(c[:, None] < C) & (t[None, :] < S))
 
 
@@ -134,25 +136,29 @@ def _pyramid_pool_backward_kernel(
     pid_p = tl.program_id(1)
     num_cblocks = tl.cdiv(C, BLOCK_C)
     b = (pid_bc // num_cblocks).to(tl.int64)
-    c = (pid_bc % num_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = (pid_bc % num_cblocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     t = tl.arange(0, BLOCK_S)
     hs, he, ws, we = _bin_bounds(t, H, W, SCALES)
-    acc_dtype = tl.float64 if grad_out_ptr.dtype.element_ty == tl.float64 else tl.float32
+    dtype = grad_out_ptr.dtype.element_ty
+    acc_dtype = tl.float64 if dtype == tl.float64 else tl.float32
 
-    g = tl.load(grad_out_ptr + b * stride_gb + c[:, None] * stride_gc + t[None, :] * stride_gs,
+    g = tl.load(grad_out_ptr + b * stride_gb + c[:, None] * stride_gc + t[None, :].to(tl.int64) * stride_gs,
                 mask=(c[:, None] < C) & (t[None, :] < S), other=0.0).to(acc_dtype)
     area = ((he - hs) * (we - ws)).to(acc_dtype)
-    g = g / tl.where(t < S, area, 1.0)[None, :]
+    # Rounded back to the input dtype, so that fp16/bf16 products run on tensor cores in one pass (M is
+    # exact in every dtype; each pixel sums at most a few of these in fp32).
+    g = (g / tl.where(t < S, area, 1.0)[None, :]).to(dtype)
 
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     h = p // W
     w = p % W
     member_t = (hs[:, None] <= h[None, :]) & (h[None, :] < he[:, None]) \
         & (ws[:, None] <= w[None, :]) & (w[None, :] < we[:, None])
     grad_in = _membership_dot(g, member_t, tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_dtype), INTERPRET)
-    tl.store(grad_in_ptr + b * C * H * W + c[:, None] * H * W + p[None, :],
+    plane = tl.cast(H, tl.int64) * W
+    tl.store(grad_in_ptr + (b * C + c[:, None]) * plane + p[None, :],
              grad_in.to(grad_in_ptr.dtype.element_ty),
-             mask=(c[:, None] < C) & (p[None, :] < H * W))
+             mask=(c[:, None] < C) & (p[None, :] < plane))
 
 
 def _pyramid_block(scales) -> tuple[tuple[int, ...], int, int]:

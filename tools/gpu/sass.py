@@ -223,3 +223,30 @@ def _fewest_loads_to_first_use(code, index_of, start: int, site: LoadSite, max_s
             cost, passed = cost + 1, passed + (ins.offset,)
         for nxt in _successors(code, index_of, i):
             heapq.heappush(heap, (cost, nxt, passed))
+
+
+_DEPBAR_GROUPS = re.compile(r"SB0,\s*(0x[0-9a-f]+|\d+)")
+
+
+def async_copies(code: list[Instruction]) -> tuple[int, float, float]:
+    """(count, mean bytes, mean others in flight) of the asynchronous global-to-shared copies (LDGSTS).
+
+    Copies are committed in groups (LDGDEPBAR); ``DEPBAR.LE SB0, N`` waits until at most N groups are
+    outstanding, so the copies of the N + 1 groups committed last before it share that wait. The in-flight
+    count of a wait is those copies less one, averaged over the waits in address order (a loop's wait also
+    overlaps its own prefetches, which is what the pipelining is for)."""
+    copies = [ins for ins in code if ins.base == "LDGSTS"]
+    if not copies:
+        return 0, 0.0, 0.0
+    groups, current, in_flight = [], 0, []
+    for ins in code:
+        if ins.base == "LDGSTS":
+            current += 1
+        elif ins.base == "LDGDEPBAR":
+            groups.append(current)
+            current = 0
+        elif ins.base == "DEPBAR" and (outstanding := _DEPBAR_GROUPS.search(ins.text)):
+            sharing = groups[-(int(outstanding.group(1), 0) + 1):]
+            in_flight.append(max(0, sum(sharing) - 1))
+    mean_bytes = sum(load_bits(ins) for ins in copies) / len(copies) / 8
+    return len(copies), mean_bytes, (sum(in_flight) / len(in_flight) if in_flight else 0.0)

@@ -39,7 +39,9 @@ _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILL_STORES = re.compile(r"(\d+) bytes spill stores")
 # What the launchers' module-level names are replaced with while recording.
 _KERNELS = {
-    "annkernels.triton.short_attention": ("_short_attention_forward_kernel", "_short_attention_backward_kernel"),
+    "annkernels.triton.short_attention": ("_pack_keys_values_kernel", "_short_attention_forward_kernel",
+                                          "_short_attention_backward_rows_kernel",
+                                          "_short_attention_backward_keys_kernel"),
     "annkernels.triton.pyramid_pool": ("_pyramid_pool_forward_kernel", "_pyramid_pool_backward_kernel"),
     "annkernels.triton.common": ("_sum_chunks_kernel",),
 }
@@ -186,7 +188,9 @@ def _compile(fn, signature, constexprs, attrs, num_warps, num_stages) -> dict:
         "spill_loads": 0, "stack_bytes": 0, "static_smem": compiled.metadata.shared}, code)
     record = cuda_static_record(static)
     del record["load_sites"]  # the histogram is kept; the per-site list only matters for the CUDA gate
+    copies, copy_bytes, copies_in_flight = sass.async_copies(code)
     record.update(
+        async_copies=copies, async_copy_bytes=copy_bytes, async_copies_in_flight=round(copies_in_flight, 3),
         tf32=bool(re.search(r"\b(?:wgmma\.mma_async|mma\.sync)\S*\.tf32", ptx)),
         threads=32 * num_warps,
         cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
@@ -367,10 +371,14 @@ def analyse(cases: list[model.Case]) -> dict:
 
 def _candidate_cost(candidate: dict) -> model.LaunchCost:
     resident, _ = model.ctas_per_sm(candidate["registers"], candidate["threads"], candidate["static_smem"])
+    if candidate.get("async_copies") and not candidate["global_loads"]:
+        # Every global read is an asynchronous copy (LDGSTS): their width, and the copies sharing each wait.
+        load_bytes, in_flight = candidate["async_copy_bytes"], candidate["async_copies_in_flight"]
+    else:
+        load_bytes, in_flight = candidate["mean_load_bytes"], candidate["mean_in_flight"]
     return model.LaunchCost(
         kernel=candidate["name"], ctas=math.prod(candidate["grid"]), ctas_per_sm=resident,
-        loads_per_thread=candidate["read"] / candidate["threads"] / candidate["mean_load_bytes"],
-        mean_in_flight=candidate["mean_in_flight"])
+        loads_per_thread=candidate["read"] / candidate["threads"] / load_bytes, mean_in_flight=in_flight)
 
 
 def _unit(candidate: dict, case: model.Case) -> str:
@@ -407,7 +415,8 @@ def triton_report(cases: list[model.Case]) -> dict:
             costs.append(_candidate_cost(best))
             global_bytes += math.prod(best["grid"]) * (best["read"] + best["written"])
         else:
-            unit = _unit(chosen[0], case)
+            # The op's products run on the unit of its launch with the most of them (not a packing launch).
+            unit = _unit(max(chosen, key=_flops), case)
             result = model.modelled_time(case, costs, global_bytes, unit, sum(_flops(c) for c in chosen))
             report["cases"][case.name] = {**result, "global_bytes": global_bytes, "minimal_bytes": case.minimal_bytes,
                                           "chosen": [c["config"] for c in chosen], "launches": launches}
