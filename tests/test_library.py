@@ -107,5 +107,6 @@ def test_triton_attention_is_tuned_per_size_class():
 
     assert common.size_class(2048) < common.size_class(8192)  # timed separately
     assert common.size_class(9409) == common.size_class(16384)  # one timing per power of two
-    for kernel in (short_attention._short_attention_forward_kernel, short_attention._short_attention_backward_kernel):
+    for kernel in (short_attention._short_attention_forward_kernel, short_attention._short_attention_backward_rows_kernel,
+                   short_attention._short_attention_backward_keys_kernel):
         assert "rows_class" in kernel.keys
