@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, backend_cases
 from torch import nn
 
 import annkernels
+
+from conftest import assert_close, backend_cases
 
 
 @pytest.fixture(autouse=True)

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
 
 from annkernels import models
 from annkernels.models.checkpoint import CheckpointError
+
+from conftest import assert_close
 
 SCALES = (1, 3, 6, 8)
 KEY_CHANNELS = 256

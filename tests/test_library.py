@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import backend_cases
 
 import annkernels
+
+from conftest import backend_cases
 
 KERNEL_BACKENDS = backend_cases()
 
@@ -107,6 +108,7 @@ def test_triton_attention_is_tuned_per_size_class():
 
     assert common.size_class(2048) < common.size_class(8192)  # timed separately
     assert common.size_class(9409) == common.size_class(16384)  # one timing per power of two
-    for kernel in (short_attention._short_attention_forward_kernel, short_attention._short_attention_backward_rows_kernel,
-                   short_attention._short_attention_backward_keys_kernel):
+    kernels = (short_attention._short_attention_forward_kernel, short_attention._short_attention_backward_rows_kernel,
+               short_attention._short_attention_backward_keys_kernel)
+    for kernel in kernels:
         assert "rows_class" in kernel.keys

@@ -12,12 +12,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import annkernels
 from annkernels import models
 from annkernels.models.optimize import fold_batchnorms
+
+from conftest import assert_close
 
 # docs/ann-spec.md §1.2 (counted from mmseg 1.2.2's model; APNB's shared key/query projection counted once).
 BACKBONE_PARAMS = {"ann_r50_d8": 23_527_264, "ann_r101_d8": 42_519_392}

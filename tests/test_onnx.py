@@ -5,12 +5,13 @@ adaptive pooling in either graph, exact pyramid pooling at every size."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
 
 import annkernels
 from annkernels import models
 from annkernels.models.export import OnnxSegmentor, export_onnx
 from annkernels.ops.reference import pyramid_pool_in_graph
+
+from conftest import assert_close
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")

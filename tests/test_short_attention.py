@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import assert_close, assert_within_reference_error, backend_cases, interpreted, poisoned_outputs
 
 import annkernels
 from annkernels.ops import reference
+
+from conftest import assert_close, assert_within_reference_error, backend_cases, interpreted, poisoned_outputs
 
 # (B, N, S, Dk, Dv); the interpreter runs the first four only.
 CASES = [
