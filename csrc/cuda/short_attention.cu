@@ -161,34 +161,37 @@ __device__ __forceinline__ T vector_entry(const uint4& v, int i) {
 }
 
 // load_tile's 16-byte path, for tiles that no vector straddles the edge of: the fast axis (stride 1) is the rows
-// when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. The loads of a batch
-// are predicated, not branched around, so the batch is straight-line code and its loads are in flight
-// together. A row-major destination takes each vector in one 16-byte shared store; a transposed one takes it
-// entry by entry.
+// when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. fetch_vectors issues the
+// kBatch loads of the batch that starts at vector `first` (predicated, not branched around, so the batch is
+// straight-line code and its loads are in flight together); store_vectors writes them to shared memory. A
+// row-major destination takes each vector in one 16-byte shared store; a transposed one takes it entry by entry.
 template <typename T, int ROWS, int COLS, bool kRowsFastest>
-__device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __restrict__ src, int64_t slow_stride,
-                                                  int rows, int cols) {
-  constexpr int kFast = kRowsFastest ? ROWS : COLS;
-  constexpr int kVectorsPerLine = kFast / kVec<T>;
-  constexpr int kPerThread = ROWS * COLS / kVec<T> / kThreads;
+struct TileVectors {
+  static constexpr int kFast = kRowsFastest ? ROWS : COLS;
+  static constexpr int kVectorsPerLine = kFast / kVec<T>;
+  static constexpr int kPerThread = ROWS * COLS / kVec<T> / kThreads;
   static_assert(kFast % kVec<T> == 0 && (kPerThread % kVectorBatch == 0 || kPerThread < kVectorBatch),
                 "tile shape must split into whole vector batches");
-  constexpr int kBatch = kPerThread < kVectorBatch ? kPerThread : kVectorBatch;
-  const int fast_valid = kRowsFastest ? rows : cols;
-  const int slow_valid = kRowsFastest ? cols : rows;
-#pragma unroll 1
-  for (int first = 0; first < kPerThread; first += kBatch) {
-    uint4 values[kBatch];
+
+  template <int kCount>
+  static __device__ __forceinline__ void fetch(uint4 (&values)[kCount], int first, const T* __restrict__ src,
+                                               int64_t slow_stride, int rows, int cols) {
+    const int fast_valid = kRowsFastest ? rows : cols;
+    const int slow_valid = kRowsFastest ? cols : rows;
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
+    for (int i = 0; i < kCount; ++i) {
       const int g = threadIdx.x + (first + i) * kThreads;
       const int fast = g % kVectorsPerLine * kVec<T>;
       const int slow = g / kVectorsPerLine;
       const bool inside = slow < slow_valid && fast + kVec<T> <= fast_valid;
       values[i] = inside ? *reinterpret_cast<const uint4*>(src + slow * slow_stride + fast) : make_uint4(0, 0, 0, 0);
     }
+  }
+
+  template <int kCount>
+  static __device__ __forceinline__ void store(T* dst, int ld, const uint4 (&values)[kCount], int first) {
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
+    for (int i = 0; i < kCount; ++i) {
       const int g = threadIdx.x + (first + i) * kThreads;
       const int fast = g % kVectorsPerLine * kVec<T>;
       const int slow = g / kVectorsPerLine;
@@ -202,7 +205,19 @@ __device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __res
       }
     }
   }
-}
+
+  // The whole tile, one batch at a time.
+  static __device__ __forceinline__ void load(T* dst, int ld, const T* __restrict__ src, int64_t slow_stride,
+                                              int rows, int cols) {
+    constexpr int kBatch = kPerThread < kVectorBatch ? kPerThread : kVectorBatch;
+#pragma unroll 1
+    for (int first = 0; first < kPerThread; first += kBatch) {
+      uint4 values[kBatch];
+      fetch(values, first, src, slow_stride, rows, cols);
+      store(dst, ld, values, first);
+    }
+  }
+};
 
 // load_tile's scalar path: entry e = threadIdx.x + k * kThreads, the fast axis first; the loads of a batch are
 // predicated, not branched around.
@@ -234,6 +249,10 @@ __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __res
   }
 }
 
+struct NothingMore {
+  __device__ __forceinline__ void operator()() const {}
+};
+
 // Copies a ROWS x COLS tile of a strided global matrix into shared memory (row-major, leading dimension ld, a
 // multiple of 16 bytes); rows and cols are at least 1, and entries outside rows x cols are zero, so padded
 // keys, rows and depth add nothing to products. Threads run along the source's stride-1 axis (coalesced). Each
@@ -241,21 +260,49 @@ __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __res
 // together instead of one after another. Each load reads 16 bytes when that axis has stride 1, the base is
 // 16-byte aligned, the other stride is a multiple of 16 bytes and no vector straddles the tile's edge; the
 // loads are scalar otherwise (an odd N such as 9409, an offset view, a stride-0 or permuted gradient).
-template <typename T, int ROWS, int COLS>
+//
+// load_next() loads the stage's other tile (load_tile again, or nothing). A tile of fewer than kVectorBatch
+// vectors per thread (a 16- or 64-row query tile, the key/value kernel's 64 x 64 tile) is a batch too small
+// to keep loads in flight on its own, so its vectors stay in registers while load_next() issues its loads, and
+// are stored after it. 16-bit types only: the fp32 16-row kernels would spill the held vectors (sm_80), and
+// their value tiles' batches fall short of the rule anyway (ptxas splits them at 96 registers).
+template <typename T, int ROWS, int COLS, typename LoadNext = NothingMore>
 __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ src, int64_t row_stride,
-                                          int64_t col_stride, int rows, int cols) {
+                                          int64_t col_stride, int rows, int cols, LoadNext load_next = {}) {
   const bool rows_fastest = row_stride == 1 && col_stride != 1;
   const int64_t slow_stride = rows_fastest ? col_stride : row_stride;
   const int fast_valid = rows_fastest ? rows : cols;
   const bool vectors = (rows_fastest || col_stride == 1) && slow_stride % kVec<T> == 0 &&
                        reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
                        (fast_valid % kVec<T> == 0 || fast_valid >= (rows_fastest ? ROWS : COLS));
-  if (vectors && rows_fastest) {
-    load_tile_vectors<T, ROWS, COLS, true>(dst, ld, src, slow_stride, rows, cols);
-  } else if (vectors) {
-    load_tile_vectors<T, ROWS, COLS, false>(dst, ld, src, slow_stride, rows, cols);
+  using RowsFastest = TileVectors<T, ROWS, COLS, true>;
+  using ColsFastest = TileVectors<T, ROWS, COLS, false>;
+  static_assert(RowsFastest::kPerThread == ColsFastest::kPerThread, "one vector count per tile");
+  constexpr int kPerThread = RowsFastest::kPerThread;
+  if constexpr (kPerThread < kVectorBatch && sizeof(T) == 2) {
+    uint4 values[kPerThread];
+    if (vectors && rows_fastest) {
+      RowsFastest::fetch(values, 0, src, slow_stride, rows, cols);
+    } else if (vectors) {
+      ColsFastest::fetch(values, 0, src, slow_stride, rows, cols);
+    }
+    load_next();
+    if (vectors && rows_fastest) {
+      RowsFastest::store(dst, ld, values, 0);
+    } else if (vectors) {
+      ColsFastest::store(dst, ld, values, 0);
+    } else {
+      load_tile_scalars<T, ROWS, COLS>(dst, ld, src, row_stride, col_stride, rows, cols, rows_fastest);
+    }
   } else {
-    load_tile_scalars<T, ROWS, COLS>(dst, ld, src, row_stride, col_stride, rows, cols, rows_fastest);
+    if (vectors && rows_fastest) {
+      RowsFastest::load(dst, ld, src, slow_stride, rows, cols);
+    } else if (vectors) {
+      ColsFastest::load(dst, ld, src, slow_stride, rows, cols);
+    } else {
+      load_tile_scalars<T, ROWS, COLS>(dst, ld, src, row_stride, col_stride, rows, cols, rows_fastest);
+    }
+    load_next();
   }
 }
 
@@ -333,8 +380,9 @@ __device__ void gemm_abt_to_smem(const T* a, int64_t a_rs, int64_t a_cs, int a_r
     zero_accumulators<T, BM>(acc);
     for (int k0 = 0; k0 < depth; k0 += kChunkK) {
       __syncthreads();  // the previous tiles are no longer read
-      load_tile<T, BM, kChunkK>(a_tile, ld, a + k0 * a_cs, a_rs, a_cs, a_rows, depth - k0);
-      load_tile<T, kTileN, kChunkK>(b_tile, ld, b + n0 * b_rs + k0 * b_cs, b_rs, b_cs, b_rows - n0, depth - k0);
+      load_tile<T, BM, kChunkK>(a_tile, ld, a + k0 * a_cs, a_rs, a_cs, a_rows, depth - k0, [&] {
+        load_tile<T, kTileN, kChunkK>(b_tile, ld, b + n0 * b_rs + k0 * b_cs, b_rs, b_cs, b_rows - n0, depth - k0);
+      });
       __syncthreads();
       const int k_end = min(kChunkK, static_cast<int>(round_up(depth - k0, M::kK)));
       for (int kk = 0; kk < k_end; kk += M::kK) {
@@ -655,9 +703,11 @@ __global__ void __launch_bounds__(kThreads) short_attention_backward_key_value_k
   for (int n0 = 0; n0 < row_end - row_begin; n0 += kKvTile) {
     __syncthreads();  // the previous step's tiles are no longer read
     load_tile<T, kKvTile, kKvTile>(a_tile, ld, lhs + static_cast<int64_t>(n0) * p.keys_padded, p.keys_padded, 1,
-                                   row_end - row_begin - n0, p.keys_padded - s0);
-    load_tile<T, kKvTile, kColumns>(b_tile, ld_b, rhs_data + n0 * rhs.row_stride, rhs.row_stride, rhs.col_stride,
-                                    row_end - row_begin - n0, dim - d0);
+                                   row_end - row_begin - n0, p.keys_padded - s0, [&] {
+                                     load_tile<T, kKvTile, kColumns>(b_tile, ld_b, rhs_data + n0 * rhs.row_stride,
+                                                                     rhs.row_stride, rhs.col_stride,
+                                                                     row_end - row_begin - n0, dim - d0);
+                                   });
     __syncthreads();
     if (warp_has_keys) {
 #pragma unroll
