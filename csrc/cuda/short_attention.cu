@@ -742,12 +742,15 @@ __global__ void __launch_bounds__(kThreads) short_attention_backward_key_value_k
 
 // Partial sums added per thread at a time: their loads are in flight together.
 constexpr int kReduceBatch = 8;
+// One output element per thread; 128-thread blocks split dK and dV finely enough to launch a block per SM
+// (220 blocks at B=1, S=110, D=256, where 256 threads gave 110 for 132 SMs).
+constexpr int kReduceThreads = 128;
 
 // dK or dV: out[b, s, d] = sum over chunks c (in order) of partial[b][c][s][column0 + d]. One thread per
 // output element, d fastest so the partial reads are coalesced; the fixed order makes the result bitwise
 // reproducible.
 template <typename T>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kReduceThreads)
     reduce_chunks_kernel(const float* __restrict__ partial, int chunks, int rows, int cols, int rows_padded, int ld,
                          int column0, int64_t total, View3 out) {
   T* dst = static_cast<T*>(out.data);
@@ -901,7 +904,6 @@ cudaError_t launch_backward_scores(const AttentionShape& shape, const AttentionB
 template <typename T>
 cudaError_t launch_reduce(const float* partial, const AttentionShape& shape, const AttentionBackwardPlan& plan,
                           int cols, int column0, View3 out, cudaStream_t stream) {
-  constexpr int kReduceThreads = 256;
   const int64_t total = shape.batch * shape.keys * cols;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kReduceThreads), 65535));
   return launch_kernel<reduce_chunks_kernel<T>>(blocks, kReduceThreads, 0, stream, partial,
