@@ -28,6 +28,8 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
+// The attention kernels declare __launch_bounds__(kThreads, 2), a budget of 255 registers: given only the thread
+// count, ptxas held the fp32 kernels near 96 registers, where they spilled and split their tile batches.
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kFragsN = 2;                        // 16-wide column fragments per warp
@@ -264,8 +266,7 @@ struct NothingMore {
 // load_next() loads the stage's other tile (load_tile again, or nothing). A tile of fewer than kVectorBatch
 // vectors per thread (a 16- or 64-row query tile, the key/value kernel's 64 x 64 tile) is a batch too small
 // to keep loads in flight on its own, so its vectors stay in registers while load_next() issues its loads, and
-// are stored after it. 16-bit types only: the fp32 16-row kernels would spill the held vectors (sm_80), and
-// their value tiles' batches fall short of the rule anyway (ptxas splits them at 96 registers).
+// are stored after it.
 template <typename T, int ROWS, int COLS, typename LoadNext = NothingMore>
 __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ src, int64_t row_stride,
                                           int64_t col_stride, int rows, int cols, LoadNext load_next = {}) {
@@ -279,7 +280,7 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ 
   using ColsFastest = TileVectors<T, ROWS, COLS, false>;
   static_assert(RowsFastest::kPerThread == ColsFastest::kPerThread, "one vector count per tile");
   constexpr int kPerThread = RowsFastest::kPerThread;
-  if constexpr (kPerThread < kVectorBatch && sizeof(T) == 2) {
+  if constexpr (kPerThread < kVectorBatch) {
     uint4 values[kPerThread];
     if (vectors && rows_fastest) {
       RowsFastest::fetch(values, 0, src, slow_stride, rows, cols);
@@ -562,7 +563,7 @@ struct ForwardParams {
 // Forward. Grid: (ceil(N / BM), B); 128 threads. Shared: fp32 scores [BM x (S_pad + 4)] (P in place)
 // plus one staging area for operand tiles and the fp32 output tile.
 template <typename T, int BM>
-__global__ void __launch_bounds__(kThreads) short_attention_forward_kernel(ForwardParams p) {
+__global__ void __launch_bounds__(kThreads, 2) short_attention_forward_kernel(ForwardParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int keys_padded = static_cast<int>(round_up(p.keys, 16));
   const int ld_s = score_ld(keys_padded);
@@ -602,7 +603,7 @@ struct BackwardParams {
 // fp32 buffers, the softmax backward in place (P, dS*scale in T), dQ = dS k written directly, and P and dS
 // copied to the workspace for the key/value kernel.
 template <typename T, int BM>
-__global__ void __launch_bounds__(kThreads) short_attention_backward_scores_kernel(BackwardParams p) {
+__global__ void __launch_bounds__(kThreads, 2) short_attention_backward_scores_kernel(BackwardParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int keys_padded = static_cast<int>(round_up(p.keys, 16));
   const int ld_s = score_ld(keys_padded);
@@ -667,7 +668,7 @@ struct KeyValueParams {
 // rows_per_chunk queries and writes its fp32 partial sum; warp w owns the tile's keys [16w, 16w + 16). Each
 // step stages 64 queries of both operands (dS or P rows as they lie, q or dO in its own layout).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) short_attention_backward_key_value_kernel(KeyValueParams p) {
+__global__ void __launch_bounds__(kThreads, 2) short_attention_backward_key_value_kernel(KeyValueParams p) {
   using M = Mma<T>;
   constexpr int kColumns = kKvColumns<T>;
   constexpr int kFrags = kColumns / 16;
