@@ -56,8 +56,12 @@ __device__ BinBox bin_box(const int* sizes, int q, int height, int width) {
 // channels_last), then every (plane, bin) that intersects the tile is summed by one warp and added to
 // that bin's running sum. The warp owning a (plane, bin) and the tile order are fixed, so the result
 // is deterministic. Sums in Acc (fp32, or fp64 for fp64 input); output [B, C, S] contiguous.
+//
+// The launch bounds ask for 2 blocks per SM, a budget of 128 registers: left to itself ptxas keeps the kernel
+// near 40 registers (6 blocks per SM) and gets there by interleaving a batch's loads with its shared stores
+// (2-4 in flight); with the budget it issues all kLoadBatch loads first (about 90 registers used).
 template <typename T>
-__global__ void __launch_bounds__(kPoolThreads)
+__global__ void __launch_bounds__(kPoolThreads, 2)
     pyramid_pool_forward_kernel(const T* __restrict__ input, int channels, int height, int width, int64_t stride_b,
                                 int64_t stride_c, int64_t stride_h, int64_t stride_w, PyramidScales scales,
                                 int num_bins, int planes, int tile_rows, int tile_cols, T* __restrict__ output) {

@@ -28,6 +28,8 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
+// The attention kernels declare __launch_bounds__(kThreads, 2), a budget of 255 registers: given only the thread
+// count, ptxas held the fp32 kernels near 96 registers, where they spilled and split their tile batches.
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kFragsN = 2;                        // 16-wide column fragments per warp
@@ -161,34 +163,37 @@ __device__ __forceinline__ T vector_entry(const uint4& v, int i) {
 }
 
 // load_tile's 16-byte path, for tiles that no vector straddles the edge of: the fast axis (stride 1) is the rows
-// when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. The loads of a batch
-// are predicated, not branched around, so the batch is straight-line code and its loads are in flight
-// together. A row-major destination takes each vector in one 16-byte shared store; a transposed one takes it
-// entry by entry.
+// when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. fetch_vectors issues the
+// kBatch loads of the batch that starts at vector `first` (predicated, not branched around, so the batch is
+// straight-line code and its loads are in flight together); store_vectors writes them to shared memory. A
+// row-major destination takes each vector in one 16-byte shared store; a transposed one takes it entry by entry.
 template <typename T, int ROWS, int COLS, bool kRowsFastest>
-__device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __restrict__ src, int64_t slow_stride,
-                                                  int rows, int cols) {
-  constexpr int kFast = kRowsFastest ? ROWS : COLS;
-  constexpr int kVectorsPerLine = kFast / kVec<T>;
-  constexpr int kPerThread = ROWS * COLS / kVec<T> / kThreads;
+struct TileVectors {
+  static constexpr int kFast = kRowsFastest ? ROWS : COLS;
+  static constexpr int kVectorsPerLine = kFast / kVec<T>;
+  static constexpr int kPerThread = ROWS * COLS / kVec<T> / kThreads;
   static_assert(kFast % kVec<T> == 0 && (kPerThread % kVectorBatch == 0 || kPerThread < kVectorBatch),
                 "tile shape must split into whole vector batches");
-  constexpr int kBatch = kPerThread < kVectorBatch ? kPerThread : kVectorBatch;
-  const int fast_valid = kRowsFastest ? rows : cols;
-  const int slow_valid = kRowsFastest ? cols : rows;
-#pragma unroll 1
-  for (int first = 0; first < kPerThread; first += kBatch) {
-    uint4 values[kBatch];
+
+  template <int kCount>
+  static __device__ __forceinline__ void fetch(uint4 (&values)[kCount], int first, const T* __restrict__ src,
+                                               int64_t slow_stride, int rows, int cols) {
+    const int fast_valid = kRowsFastest ? rows : cols;
+    const int slow_valid = kRowsFastest ? cols : rows;
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
+    for (int i = 0; i < kCount; ++i) {
       const int g = threadIdx.x + (first + i) * kThreads;
       const int fast = g % kVectorsPerLine * kVec<T>;
       const int slow = g / kVectorsPerLine;
       const bool inside = slow < slow_valid && fast + kVec<T> <= fast_valid;
       values[i] = inside ? *reinterpret_cast<const uint4*>(src + slow * slow_stride + fast) : make_uint4(0, 0, 0, 0);
     }
+  }
+
+  template <int kCount>
+  static __device__ __forceinline__ void store(T* dst, int ld, const uint4 (&values)[kCount], int first) {
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
+    for (int i = 0; i < kCount; ++i) {
       const int g = threadIdx.x + (first + i) * kThreads;
       const int fast = g % kVectorsPerLine * kVec<T>;
       const int slow = g / kVectorsPerLine;
@@ -202,7 +207,19 @@ __device__ __forceinline__ void load_tile_vectors(T* dst, int ld, const T* __res
       }
     }
   }
-}
+
+  // The whole tile, one batch at a time.
+  static __device__ __forceinline__ void load(T* dst, int ld, const T* __restrict__ src, int64_t slow_stride,
+                                              int rows, int cols) {
+    constexpr int kBatch = kPerThread < kVectorBatch ? kPerThread : kVectorBatch;
+#pragma unroll 1
+    for (int first = 0; first < kPerThread; first += kBatch) {
+      uint4 values[kBatch];
+      fetch(values, first, src, slow_stride, rows, cols);
+      store(dst, ld, values, first);
+    }
+  }
+};
 
 // load_tile's scalar path: entry e = threadIdx.x + k * kThreads, the fast axis first; the loads of a batch are
 // predicated, not branched around.
@@ -234,6 +251,10 @@ __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __res
   }
 }
 
+struct NothingMore {
+  __device__ __forceinline__ void operator()() const {}
+};
+
 // Copies a ROWS x COLS tile of a strided global matrix into shared memory (row-major, leading dimension ld, a
 // multiple of 16 bytes); rows and cols are at least 1, and entries outside rows x cols are zero, so padded
 // keys, rows and depth add nothing to products. Threads run along the source's stride-1 axis (coalesced). Each
@@ -241,21 +262,48 @@ __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __res
 // together instead of one after another. Each load reads 16 bytes when that axis has stride 1, the base is
 // 16-byte aligned, the other stride is a multiple of 16 bytes and no vector straddles the tile's edge; the
 // loads are scalar otherwise (an odd N such as 9409, an offset view, a stride-0 or permuted gradient).
-template <typename T, int ROWS, int COLS>
+//
+// load_next() loads the stage's other tile (load_tile again, or nothing). A tile of fewer than kVectorBatch
+// vectors per thread (a 16- or 64-row query tile, the key/value kernel's 64 x 64 tile) is a batch too small
+// to keep loads in flight on its own, so its vectors stay in registers while load_next() issues its loads, and
+// are stored after it.
+template <typename T, int ROWS, int COLS, typename LoadNext = NothingMore>
 __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ src, int64_t row_stride,
-                                          int64_t col_stride, int rows, int cols) {
+                                          int64_t col_stride, int rows, int cols, LoadNext load_next = {}) {
   const bool rows_fastest = row_stride == 1 && col_stride != 1;
   const int64_t slow_stride = rows_fastest ? col_stride : row_stride;
   const int fast_valid = rows_fastest ? rows : cols;
   const bool vectors = (rows_fastest || col_stride == 1) && slow_stride % kVec<T> == 0 &&
                        reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
                        (fast_valid % kVec<T> == 0 || fast_valid >= (rows_fastest ? ROWS : COLS));
-  if (vectors && rows_fastest) {
-    load_tile_vectors<T, ROWS, COLS, true>(dst, ld, src, slow_stride, rows, cols);
-  } else if (vectors) {
-    load_tile_vectors<T, ROWS, COLS, false>(dst, ld, src, slow_stride, rows, cols);
+  using RowsFastest = TileVectors<T, ROWS, COLS, true>;
+  using ColsFastest = TileVectors<T, ROWS, COLS, false>;
+  static_assert(RowsFastest::kPerThread == ColsFastest::kPerThread, "one vector count per tile");
+  constexpr int kPerThread = RowsFastest::kPerThread;
+  if constexpr (kPerThread < kVectorBatch) {
+    uint4 values[kPerThread];
+    if (vectors && rows_fastest) {
+      RowsFastest::fetch(values, 0, src, slow_stride, rows, cols);
+    } else if (vectors) {
+      ColsFastest::fetch(values, 0, src, slow_stride, rows, cols);
+    }
+    load_next();
+    if (vectors && rows_fastest) {
+      RowsFastest::store(dst, ld, values, 0);
+    } else if (vectors) {
+      ColsFastest::store(dst, ld, values, 0);
+    } else {
+      load_tile_scalars<T, ROWS, COLS>(dst, ld, src, row_stride, col_stride, rows, cols, rows_fastest);
+    }
   } else {
-    load_tile_scalars<T, ROWS, COLS>(dst, ld, src, row_stride, col_stride, rows, cols, rows_fastest);
+    if (vectors && rows_fastest) {
+      RowsFastest::load(dst, ld, src, slow_stride, rows, cols);
+    } else if (vectors) {
+      ColsFastest::load(dst, ld, src, slow_stride, rows, cols);
+    } else {
+      load_tile_scalars<T, ROWS, COLS>(dst, ld, src, row_stride, col_stride, rows, cols, rows_fastest);
+    }
+    load_next();
   }
 }
 
@@ -333,8 +381,9 @@ __device__ void gemm_abt_to_smem(const T* a, int64_t a_rs, int64_t a_cs, int a_r
     zero_accumulators<T, BM>(acc);
     for (int k0 = 0; k0 < depth; k0 += kChunkK) {
       __syncthreads();  // the previous tiles are no longer read
-      load_tile<T, BM, kChunkK>(a_tile, ld, a + k0 * a_cs, a_rs, a_cs, a_rows, depth - k0);
-      load_tile<T, kTileN, kChunkK>(b_tile, ld, b + n0 * b_rs + k0 * b_cs, b_rs, b_cs, b_rows - n0, depth - k0);
+      load_tile<T, BM, kChunkK>(a_tile, ld, a + k0 * a_cs, a_rs, a_cs, a_rows, depth - k0, [&] {
+        load_tile<T, kTileN, kChunkK>(b_tile, ld, b + n0 * b_rs + k0 * b_cs, b_rs, b_cs, b_rows - n0, depth - k0);
+      });
       __syncthreads();
       const int k_end = min(kChunkK, static_cast<int>(round_up(depth - k0, M::kK)));
       for (int kk = 0; kk < k_end; kk += M::kK) {
@@ -514,7 +563,7 @@ struct ForwardParams {
 // Forward. Grid: (ceil(N / BM), B); 128 threads. Shared: fp32 scores [BM x (S_pad + 4)] (P in place)
 // plus one staging area for operand tiles and the fp32 output tile.
 template <typename T, int BM>
-__global__ void __launch_bounds__(kThreads) short_attention_forward_kernel(ForwardParams p) {
+__global__ void __launch_bounds__(kThreads, 2) short_attention_forward_kernel(ForwardParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int keys_padded = static_cast<int>(round_up(p.keys, 16));
   const int ld_s = score_ld(keys_padded);
@@ -554,7 +603,7 @@ struct BackwardParams {
 // fp32 buffers, the softmax backward in place (P, dS*scale in T), dQ = dS k written directly, and P and dS
 // copied to the workspace for the key/value kernel.
 template <typename T, int BM>
-__global__ void __launch_bounds__(kThreads) short_attention_backward_scores_kernel(BackwardParams p) {
+__global__ void __launch_bounds__(kThreads, 2) short_attention_backward_scores_kernel(BackwardParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int keys_padded = static_cast<int>(round_up(p.keys, 16));
   const int ld_s = score_ld(keys_padded);
@@ -619,7 +668,7 @@ struct KeyValueParams {
 // rows_per_chunk queries and writes its fp32 partial sum; warp w owns the tile's keys [16w, 16w + 16). Each
 // step stages 64 queries of both operands (dS or P rows as they lie, q or dO in its own layout).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) short_attention_backward_key_value_kernel(KeyValueParams p) {
+__global__ void __launch_bounds__(kThreads, 2) short_attention_backward_key_value_kernel(KeyValueParams p) {
   using M = Mma<T>;
   constexpr int kColumns = kKvColumns<T>;
   constexpr int kFrags = kColumns / 16;
@@ -655,9 +704,11 @@ __global__ void __launch_bounds__(kThreads) short_attention_backward_key_value_k
   for (int n0 = 0; n0 < row_end - row_begin; n0 += kKvTile) {
     __syncthreads();  // the previous step's tiles are no longer read
     load_tile<T, kKvTile, kKvTile>(a_tile, ld, lhs + static_cast<int64_t>(n0) * p.keys_padded, p.keys_padded, 1,
-                                   row_end - row_begin - n0, p.keys_padded - s0);
-    load_tile<T, kKvTile, kColumns>(b_tile, ld_b, rhs_data + n0 * rhs.row_stride, rhs.row_stride, rhs.col_stride,
-                                    row_end - row_begin - n0, dim - d0);
+                                   row_end - row_begin - n0, p.keys_padded - s0, [&] {
+                                     load_tile<T, kKvTile, kColumns>(b_tile, ld_b, rhs_data + n0 * rhs.row_stride,
+                                                                     rhs.row_stride, rhs.col_stride,
+                                                                     row_end - row_begin - n0, dim - d0);
+                                   });
     __syncthreads();
     if (warp_has_keys) {
 #pragma unroll
@@ -692,12 +743,15 @@ __global__ void __launch_bounds__(kThreads) short_attention_backward_key_value_k
 
 // Partial sums added per thread at a time: their loads are in flight together.
 constexpr int kReduceBatch = 8;
+// One output element per thread; 128-thread blocks split dK and dV finely enough to launch a block per SM
+// (220 blocks at B=1, S=110, D=256, where 256 threads gave 110 for 132 SMs).
+constexpr int kReduceThreads = 128;
 
 // dK or dV: out[b, s, d] = sum over chunks c (in order) of partial[b][c][s][column0 + d]. One thread per
 // output element, d fastest so the partial reads are coalesced; the fixed order makes the result bitwise
 // reproducible.
 template <typename T>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kReduceThreads)
     reduce_chunks_kernel(const float* __restrict__ partial, int chunks, int rows, int cols, int rows_padded, int ld,
                          int column0, int64_t total, View3 out) {
   T* dst = static_cast<T*>(out.data);
@@ -851,7 +905,6 @@ cudaError_t launch_backward_scores(const AttentionShape& shape, const AttentionB
 template <typename T>
 cudaError_t launch_reduce(const float* partial, const AttentionShape& shape, const AttentionBackwardPlan& plan,
                           int cols, int column0, View3 out, cudaStream_t stream) {
-  constexpr int kReduceThreads = 256;
   const int64_t total = shape.batch * shape.keys * cols;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kReduceThreads), 65535));
   return launch_kernel<reduce_chunks_kernel<T>>(blocks, kReduceThreads, 0, stream, partial,
