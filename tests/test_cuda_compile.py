@@ -127,8 +127,8 @@ def test_torch_glue_compiles_against_the_torch_headers(source, tmp_path):
     """The glue (*_cuda.cpp) is built only on a machine with a CUDA torch, which CI lacks; a syntax-only g++
     pass against the CPU wheel's headers catches a launcher signature or plan change it was not updated for.
     The wheel ships c10/cuda without its generated CMake macro header, so a one-line stand-in goes first."""
-    from torch.utils import cpp_extension
     from simt import build
+    from torch.utils import cpp_extension
 
     cxx = shutil.which(build.CXX)
     if cxx is None:

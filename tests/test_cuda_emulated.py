@@ -13,7 +13,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_close, assert_within_reference_error
 from test_pyramid_pool import FLOAT32_TOLERANCE as POOL_TOLERANCE
 from test_pyramid_pool import SCALES, SHAPES
 from test_short_attention import CASES
@@ -21,8 +20,10 @@ from test_short_attention import FLOAT32_TOLERANCE as ATTENTION_TOLERANCE
 
 from annkernels.ops import reference
 
+from conftest import assert_close, assert_within_reference_error
+
 try:
-    from simt import Emulator, EmulatorError, build
+    from simt import Emulator, build
 
     build.cuda_include_dir()
     SKIP = None if shutil.which(build.CXX) and shutil.which("readelf") else "no g++ or readelf"
@@ -256,3 +257,14 @@ def test_pyramid_pool_strided_grad_output_and_determinism(emulator):
     (expected,) = torch.autograd.grad(reference.pyramid_pool(x64, [1, 3, 6, 8]), x64, grad.double())
     assert_close(first, expected, name="grad_x", **POOL_TOLERANCE)
     assert torch.equal(first, second)
+
+
+def test_c_api_argtypes_come_from_the_launchers_signatures(emulator):
+    """The ctypes side takes every entry point's parameter list from the library (capi.cpp derives it from the
+    C++ types), so a Python call that misses a launcher's new parameter fails loudly instead of passing a stray
+    value in its place."""
+    forward = emulator._kernels.simt_short_attention_forward
+    assert [t.__name__ for t in forward.argtypes] == [
+        "c_int", "LP_c_long", *["c_void_p", "LP_c_long"] * 3, "c_float", "c_void_p", "LP_c_long", "c_void_p"]
+    with pytest.raises(TypeError, match="arguments"):
+        forward(0, None, None, None, None, None, None, None, 1.0, None, None)  # one argument short

@@ -26,6 +26,11 @@ ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
 _i64p = ctypes.POINTER(ctypes.c_int64)
 _vp = ctypes.c_void_p
 
+# ctypes types of capi.cpp's parameter codes. The library lists its entry points and each one's codes (derived
+# from the C++ parameter types), so the argtypes below cannot drift from the launchers' signatures.
+_PARAMETER_TYPES = {"i": ctypes.c_int, "f": ctypes.c_float, "l": _i64p, "n": ctypes.POINTER(ctypes.c_int),
+                    "p": _vp}
+
 
 class EmulatorError(AssertionError):
     """The emulator's checker found a problem in a kernel (the message lists every report)."""
@@ -45,6 +50,15 @@ def set_fragment_seed(runtime, seed: int):
     """Seeds the placement of WMMA fragment elements across lanes (0: identity) in the emulator's runtime."""
     runtime.simt_set_fragment_seed.argtypes = [ctypes.c_uint64]
     runtime.simt_set_fragment_seed(seed)
+
+
+def _bind_signature(library, name: str):
+    """Sets the argtypes of entry point `name` from the parameter codes the library reports for it."""
+    codes = library.simt_signature(name.encode())
+    function = getattr(library, name)
+    function.argtypes = [_PARAMETER_TYPES[code] for code in codes.decode()]
+    function.restype = ctypes.c_int
+    return function
 
 
 def _int64s(values):
@@ -89,18 +103,13 @@ class Emulator:
         rt.simt_launch.restype = ctypes.c_char_p
         rt.simt_launch.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
         k = self._kernels
-        k.simt_short_attention_forward.argtypes = [ctypes.c_int, _i64p, *([_vp, _i64p] * 3), ctypes.c_float, _vp,
-                                                   _i64p, _vp]
-        k.simt_short_attention_backward_plan.argtypes = [ctypes.c_int, _i64p, _i64p]
+        k.simt_entry_points.restype = k.simt_signature.restype = ctypes.c_char_p
+        k.simt_signature.argtypes = [ctypes.c_char_p]
+        for name in k.simt_entry_points().decode().rstrip(",").split(","):
+            _bind_signature(k, name)
         k.simt_short_attention_backward_plan_fields.restype = ctypes.c_char_p
         # The plan's fields as the C++ header lists them (ANNK_ATTENTION_BACKWARD_PLAN_FIELDS), all int64.
         self.plan_fields = tuple(k.simt_short_attention_backward_plan_fields().decode().rstrip(",").split(","))
-        k.simt_short_attention_backward.argtypes = [ctypes.c_int, _i64p, *([_vp, _i64p] * 4), ctypes.c_float,
-                                                    *([_vp, _i64p] * 3), _i64p, _vp]
-        k.simt_pyramid_pool_forward.argtypes = [ctypes.c_int, _vp, _i64p, _i64p, ctypes.c_int,
-                                                ctypes.POINTER(ctypes.c_int), _vp]
-        k.simt_pyramid_pool_backward.argtypes = [ctypes.c_int, _vp, _i64p, _i64p, ctypes.c_int,
-                                                 ctypes.POINTER(ctypes.c_int), _vp]
         self.launches: list[Launch] = []
         self.configure(device, order, seed, fragment_seed)
 

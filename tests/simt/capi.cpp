@@ -1,6 +1,7 @@
 // C entry points to the raw-pointer launchers of csrc/cuda, for the emulated tests (loaded with ctypes).
 // Compiled without instrumentation: this is host code, as the torch glue is on a GPU build.
 #include <cstdint>
+#include <cstring>
 
 #include "pyramid_pool.h"
 #include "short_attention.h"
@@ -99,6 +100,60 @@ int simt_short_attention_backward(int dtype, const int64_t shape[5], const void*
                                   const_view(key, key_strides), const_view(value, value_strides), scale,
                                   view(grad_query, grad_query_strides), view(grad_key, grad_key_strides),
                                   view(grad_value, grad_value_strides), *plan, workspace, nullptr);
+}
+
+}  // extern "C"
+
+// ---- Signatures ----
+// Each entry point's parameter list as one letter per parameter, derived from its C++ type, so the ctypes
+// side (tests/simt/__init__.py) builds its argtypes from the library instead of a hand-kept copy: a launcher
+// parameter added here changes the string, and a Python call with the old argument list fails with ctypes'
+// TypeError instead of passing garbage. A parameter type with no letter below does not compile.
+//   i int   f float   l int64 array (sizes, strides, the all-int64 plan)   n int array   p data pointer
+namespace {
+
+template <typename T>
+struct ParameterCode;
+template <> struct ParameterCode<int> { static constexpr char code = 'i'; };
+template <> struct ParameterCode<float> { static constexpr char code = 'f'; };
+template <> struct ParameterCode<const int64_t*> { static constexpr char code = 'l'; };
+template <> struct ParameterCode<const AttentionBackwardPlan*> { static constexpr char code = 'l'; };
+template <> struct ParameterCode<AttentionBackwardPlan*> { static constexpr char code = 'l'; };
+template <> struct ParameterCode<const int*> { static constexpr char code = 'n'; };
+template <> struct ParameterCode<const void*> { static constexpr char code = 'p'; };
+template <> struct ParameterCode<void*> { static constexpr char code = 'p'; };
+template <> struct ParameterCode<float*> { static constexpr char code = 'p'; };
+
+template <typename... Parameters>
+const char* parameter_codes(int (*)(Parameters...)) {
+  static const char codes[] = {ParameterCode<Parameters>::code..., '\0'};
+  return codes;
+}
+
+}  // namespace
+
+#define SIMT_ENTRY_POINTS(X)                                                                              \
+  X(simt_pyramid_pool_forward) X(simt_pyramid_pool_backward) X(simt_short_attention_forward)              \
+      X(simt_short_attention_backward_plan) X(simt_short_attention_backward)
+
+extern "C" {
+
+// The entry points' names, comma-separated.
+const char* simt_entry_points() {
+#define SIMT_ENTRY_POINT_NAME(function) #function ","
+  return SIMT_ENTRY_POINTS(SIMT_ENTRY_POINT_NAME);
+#undef SIMT_ENTRY_POINT_NAME
+}
+
+// The parameter codes of entry point `name`, or nullptr if there is no such entry point.
+const char* simt_signature(const char* name) {
+#define SIMT_SIGNATURE(function)          \
+  if (std::strcmp(name, #function) == 0) { \
+    return parameter_codes(&function);     \
+  }
+  SIMT_ENTRY_POINTS(SIMT_SIGNATURE)
+#undef SIMT_SIGNATURE
+  return nullptr;
 }
 
 }  // extern "C"
