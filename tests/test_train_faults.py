@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from annkernels.train import train as train_module
 from annkernels.train import transforms as T
 from annkernels.train.cli import TrainingError
 from annkernels.train.config import resolve_config
@@ -119,3 +121,35 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     assert (tmp_path / "latest.pth").read_bytes() == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["iter_1.pth", "latest.pth"]
     assert torch.load(tmp_path / "latest.pth", weights_only=True)["iteration"] == 1
+
+
+def _checkpoint_on_rank(rank: int, work_dir: str, init_file: str):
+    """One process of a two-rank gloo group saving a checkpoint; rank 0's disk is full. Each rank writes the
+    error it raised, if any, to rank<r>.txt."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        config, _, model, optimizer, scheduler = tiny_setup(work_dir)
+        if rank == 0:
+            def disk_full(state, work_dir, iteration):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            train_module.save_training_checkpoint = disk_full
+        context = DistributedContext(rank=rank, world_size=2)
+        try:
+            save_training_state(Path(work_dir), 2, model, optimizer, scheduler,
+                                torch.amp.GradScaler("cpu", enabled=False), config, None, context)
+        except TrainingError as error:
+            Path(work_dir, f"rank{rank}.txt").write_text(str(error))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_under_torchrun_a_checkpoint_rank_0_cannot_write_stops_every_rank(tmp_path):
+    """Rank 0 alone writes checkpoints; if its write fails, the other ranks must stop too, not train on into an
+    all-reduce that rank 0 never joins."""
+    torch.multiprocessing.spawn(_checkpoint_on_rank, args=(str(tmp_path), str(tmp_path / "rendezvous")), nprocs=2)
+    assert (tmp_path / "rank0.txt").read_text().startswith(f"cannot write checkpoint {tmp_path / 'iter_2.pth'}: "
+                                                           "No space left on device.")
+    assert (tmp_path / "rank1.txt").read_text() == (f"rank 0 could not write checkpoint {tmp_path / 'iter_2.pth'}; "
+                                                    "stopping with it")

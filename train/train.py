@@ -371,19 +371,30 @@ def save_training_state(work_dir: Path, iteration: int, model, optimizer, lr_sch
     """Every process's RNG states, then (rank 0) the checkpoint iter_{iteration}.pth + latest.pth; its path.
 
     A failed write (disk full, read-only, ...) raises TrainingError and leaves the previous checkpoints as they were.
+    Under torchrun every process raises it: rank 0 shares the outcome, so no rank trains on into a collective that
+    rank 0 never joins.
     """
     states = gather_rng_states(context)
-    if not context.is_main:
-        return None
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-             "iteration": iteration, "rng_states": states, "config": config.as_dict(), "metrics": metrics}
-    try:
-        return Path(save_training_checkpoint(state, work_dir, iteration))
-    except OSError as error:
-        raise TrainingError(f"cannot write checkpoint {work_dir / f'iter_{iteration}.pth'}: "
-                            f"{error.strerror or error}. "
-                            f"{last_checkpoint_note(config)}") from error
+    path, failure = None, None
+    if context.is_main:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "lr_scheduler": lr_scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iteration": iteration,
+                 "rng_states": states, "config": config.as_dict(), "metrics": metrics}
+        try:
+            path = Path(save_training_checkpoint(state, work_dir, iteration))
+        except OSError as error:
+            failure = TrainingError(f"cannot write checkpoint {work_dir / f'iter_{iteration}.pth'}: "
+                                    f"{error.strerror or error}. {last_checkpoint_note(config)}")
+    if context.enabled:
+        failed = torch.tensor([failure is not None], dtype=torch.int32, device=context.device)
+        torch.distributed.broadcast(failed, src=0)
+        if failed.item() and failure is None:
+            failure = TrainingError(f"rank 0 could not write checkpoint {work_dir / f'iter_{iteration}.pth'}; "
+                                    "stopping with it")
+    if failure is not None:
+        raise failure
+    return path
 
 
 def resume_checkpoint(config: TrainConfig, work_dir: Path, log):
