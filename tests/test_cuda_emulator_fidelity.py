@@ -1,7 +1,7 @@
 """The emulator fails where a GPU would, on the things compute-sanitizer-style checks of plain loads and
 stores miss: asynchronous copies (<cuda_pipeline_primitives.h>) that are never waited for, committed or
-aligned; WMMA pointers and leading dimensions without the 256-bit alignment load/store_matrix_sync need;
-and code that reads fragment elements by position, whose placement CUDA leaves unspecified. Each check
+aligned; vector loads and stores not aligned to their size, which the host runs (or crashes on) where a GPU
+faults; WMMA pointers and leading dimensions without the 256-bit alignment load/store_matrix_sync need; and code that reads fragment elements by position, whose placement CUDA leaves unspecified. Each check
 has a probe kernel (tests/simt/probes) with a correct variant that must pass and buggy variants that must
 fail, by a checker report or a wrong result. nvcc compiles the same probes, so the emulator's headers
 keep the toolkit's signatures.
@@ -73,6 +73,41 @@ def test_async_copy_bug_is_reported(async_copy, variant, what, report):
 
     with pytest.raises(EmulatorError, match=report) as caught:
         _staged_sum(async_copy, variant)
+    print(f"{what}: {caught.value}")
+
+
+@pytest.fixture(scope="module")
+def vector_access():
+    from simt.probe import Probe
+
+    return Probe("vector_access")
+
+
+def _vector_copy(probe, variant):
+    values = torch.arange(4 * 32 + 4, dtype=torch.float32)
+    out = torch.full_like(values, float("nan"))
+    probe.run("probe_vector_access", variant, values, out, inputs=[("in", values)], outputs=[("out", out)])
+    return values, out
+
+
+def test_aligned_vector_accesses_pass(vector_access):
+    values, out = _vector_copy(vector_access, 0)
+    torch.testing.assert_close(out[:128], values[:128], rtol=0, atol=0)
+
+
+VECTOR_BUGS = [
+    (1, "a 16-byte global load one float off", "misaligned access: .*global read of 16 bytes"),
+    (2, "a 16-byte shared store two floats off", "misaligned access: .*shared write of 16 bytes"),
+    (3, "a 16-byte global store three floats off", "misaligned access: .*global write of 16 bytes"),
+]
+
+
+@pytest.mark.parametrize("variant, what, report", VECTOR_BUGS, ids=[b[1] for b in VECTOR_BUGS])
+def test_misaligned_vector_access_is_reported(vector_access, variant, what, report):
+    from simt import EmulatorError
+
+    with pytest.raises(EmulatorError, match=report) as caught:
+        _vector_copy(vector_access, variant)
     print(f"{what}: {caught.value}")
 
 

@@ -4,8 +4,8 @@ Emulator(...) builds (or takes from the cache) the kernels compiled for the emul
 launchers declared in pyramid_pool.h and short_attention.h on host memory, mirroring what the torch
 glue does on a GPU: output layouts, fp32 log-sum-exp, the backward's plan and workspace. Outputs and the
 workspace start as NaN, so an element a kernel forgets to write shows up. Any report of the checker
-(out-of-bounds access, shared-memory race or uninitialised read, bad launch, misaligned WMMA pointer or
-ldm, misused asynchronous copy) raises EmulatorError. WMMA fragment elements sit on the lanes in a
+(out-of-bounds access, load or store not aligned to its size, shared-memory race or uninitialised read,
+bad launch, misaligned WMMA pointer or ldm, misused asynchronous copy) raises EmulatorError. WMMA fragment elements sit on the lanes in a
 seeded scrambled placement (fragment_seed; 0 keeps lane l on elements l, l + 32, ...), so a kernel that
 reads them by position gives wrong results. probe.py runs the small kernels that show each check working.
 """

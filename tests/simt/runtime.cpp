@@ -313,6 +313,8 @@ void global_access(uintptr_t address, size_t bytes, bool is_write) {
   }
 }
 
+[[noreturn]] void finish_fiber();
+
 inline void on_access(const void* pointer, size_t bytes, bool is_write) {
   Fiber* fiber = g.current;
   if (fiber == nullptr) {
@@ -323,7 +325,16 @@ inline void on_access(const void* pointer, size_t bytes, bool is_write) {
   if (address >= stack && address < stack + fiber->stack.size()) {
     return;  // the thread's own locals and arguments
   }
-  if (address >= g.shared_begin && address < g.shared_end) {
+  const bool shared = address >= g.shared_begin && address < g.shared_end;
+  // A GPU faults ("misaligned address") on a load or store not aligned to its own size, such as a 16-byte
+  // vector load from an odd element offset. The host would run a scalar one silently and crash on a vector
+  // one (an aligned SSE move), so the thread stops here, as the GPU's would, before the access.
+  if ((bytes == 2 || bytes == 4 || bytes == 8 || bytes == 16) && address % bytes != 0) {
+    report("misaligned access", "%s %s of %zu bytes at 0x%" PRIxPTR ", not %zu-byte aligned",
+           shared ? "shared" : "global", is_write ? "write" : "read", bytes, address, bytes);
+    finish_fiber();
+  }
+  if (shared) {
     shared_access(address, bytes, is_write);
   } else {
     global_access(address, bytes, is_write);
@@ -368,6 +379,12 @@ void yield_to_scheduler() {
 
 void fiber_main() {
   g.request->run(g.request->bound);
+  finish_fiber();
+}
+
+// Ends the current thread (its kernel returned, or it faulted): the block's barriers and warp collectives stop
+// waiting for it, and the scheduler runs the others.
+[[noreturn]] void finish_fiber() {
   Fiber* self = g.current;
   self->state = FiberState::kDone;
   --g.live;
