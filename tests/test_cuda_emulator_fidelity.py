@@ -1,10 +1,11 @@
-"""The emulator fails where a GPU would, on the things compute-sanitizer-style checks of plain loads and
-stores miss: asynchronous copies (<cuda_pipeline_primitives.h>) that are never waited for, committed or
-aligned; vector loads and stores not aligned to their size, which the host runs (or crashes on) where a GPU
-faults; WMMA pointers and leading dimensions without the 256-bit alignment load/store_matrix_sync need; and code that reads fragment elements by position, whose placement CUDA leaves unspecified. Each check
-has a probe kernel (tests/simt/probes) with a correct variant that must pass and buggy variants that must
-fail, by a checker report or a wrong result. nvcc compiles the same probes, so the emulator's headers
-keep the toolkit's signatures.
+"""The emulator fails where a GPU would, on the things compute-sanitizer-style checks of plain loads and stores
+miss: asynchronous copies (<cuda_pipeline_primitives.h>) that are never waited for, committed or aligned;
+vector loads and stores not aligned to their size, which the host runs (or crashes on) where a GPU faults;
+WMMA pointers and leading dimensions without the 256-bit alignment load/store_matrix_sync need; and code that
+reads fragment elements by position, whose placement CUDA leaves unspecified. Each check has a probe kernel
+(tests/simt/probes) with a correct variant that must pass and buggy variants that must fail, by a checker
+report or a wrong result. nvcc compiles the same probes, so the emulator's headers keep the toolkit's
+signatures.
 """
 
 import shutil
