@@ -81,7 +81,8 @@ def main():
     # annkernels.train: `python train/train.py` puts train/ first on sys.path, where the name `train` is the
     # script itself, so its modules import each other under a name the script cannot shadow.
     packages = find_packages(include=["annkernels", "annkernels.*"]) + ["annkernels.models", "annkernels.train"]
-    setup(packages=packages, package_dir={"annkernels.models": "models", "annkernels.train": "train"}, ext_modules=get_extensions(),
+    setup(packages=packages, package_dir={"annkernels.models": "models", "annkernels.train": "train"},
+          ext_modules=get_extensions(),
           cmdclass={"build_ext": BuildExtension})
 
 

@@ -29,7 +29,7 @@ def _conv_norm_pairs(module: nn.Module):
     children = module._modules
     if isinstance(module, nn.Sequential):
         names = list(children)
-        return [(a, b) for a, b in zip(names, names[1:])
+        return [(a, b) for a, b in zip(names, names[1:], strict=False)
                 if isinstance(children[a], nn.Conv2d) and isinstance(children[b], _BatchNorm)]
     return [(name, "bn" + name.removeprefix("conv")) for name, child in children.items()
             if name.startswith("conv") and isinstance(child, nn.Conv2d)

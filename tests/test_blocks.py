@@ -43,10 +43,10 @@ def _compare(block, backend, inputs, training):
     leaves = [[t.clone().requires_grad_(True) for t in inputs] for _ in range(2)]
     outputs = [reference_block(*leaves[0]), tested_block(*leaves[1])]
     grad = torch.randn_like(outputs[0])
-    for run, out in enumerate(outputs):
+    for out in outputs:
         out.backward(grad)
     assert_close(outputs[1], outputs[0], atol=1e-4, rtol=1e-4, name="output")
-    for index, (expected, actual) in enumerate(zip(leaves[0], leaves[1])):
+    for index, (expected, actual) in enumerate(zip(leaves[0], leaves[1], strict=True)):
         assert_close(actual.grad, expected.grad, atol=1e-4, rtol=1e-4, name=f"input {index} grad")
     reference_params = dict(reference_block.named_parameters())
     for name, parameter in tested_block.named_parameters():

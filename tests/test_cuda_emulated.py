@@ -72,7 +72,7 @@ NAMES = ("out", "grad_query", "grad_key", "grad_value")
 def _check_attention_fp32(emulator, case, layout, scale=None, **tolerance):
     leaves = _attention_inputs(case, layout)
     scale, grad, actual = _attention_run(emulator, leaves, scale)
-    for name, got, wanted in zip(NAMES, actual, _attention_oracle(leaves, grad, scale)):
+    for name, got, wanted in zip(NAMES, actual, _attention_oracle(leaves, grad, scale), strict=True):
         assert_close(got, wanted, name=f"{name} {case} {layout}", **(tolerance or ATTENTION_TOLERANCE))
 
 
@@ -92,7 +92,7 @@ def test_attention_half_precision_within_twice_reference_error(emulator, case, l
     lowp_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
     lowp_out = reference.short_attention(*lowp_leaves, scale)
     lowp = (lowp_out, *torch.autograd.grad(lowp_out, lowp_leaves, grad))
-    for name, got, lowp_ref, wanted in zip(NAMES, actual, lowp, _attention_oracle(leaves, grad, scale)):
+    for name, got, lowp_ref, wanted in zip(NAMES, actual, lowp, _attention_oracle(leaves, grad, scale), strict=True):
         assert got.dtype == dtype
         assert_within_reference_error(got, lowp_ref, wanted, f"{name} {dtype}")
 
@@ -103,7 +103,7 @@ def test_attention_explicit_scale_and_mixed_layouts(emulator):
               _make((2, 50, 8), "contiguous", torch.float32)]
     leaves = [t.requires_grad_(True) for t in leaves]
     scale, grad, actual = _attention_run(emulator, leaves, 0.7)
-    for name, got, wanted in zip(NAMES, actual, _attention_oracle(leaves, grad, scale)):
+    for name, got, wanted in zip(NAMES, actual, _attention_oracle(leaves, grad, scale), strict=True):
         assert_close(got, wanted, name=name, **ATTENTION_TOLERANCE)
 
 
@@ -121,7 +121,7 @@ def test_large_scores_do_not_overflow(emulator, seed):
         leaves[0].mul_(30)
         leaves[1].mul_(30)
     scale, grad, actual = _attention_run(emulator, leaves)
-    for name, got, wanted in zip(NAMES, actual, _attention_oracle(leaves, grad, scale)):
+    for name, got, wanted in zip(NAMES, actual, _attention_oracle(leaves, grad, scale), strict=True):
         assert torch.isfinite(got).all(), name
         assert_close(got, wanted, name=name, atol=1e-3, rtol=1e-3)
 
@@ -135,7 +135,7 @@ def test_attention_backward_is_bitwise_deterministic_across_fiber_orders(emulato
     first = torch.autograd.grad(out, leaves, grad, retain_graph=True)
     emulator.configure(order="shuffle", seed=3)
     second = torch.autograd.grad(out, leaves, grad)
-    for name, a, b in zip(NAMES[1:], first, second):
+    for name, a, b in zip(NAMES[1:], first, second, strict=True):
         assert torch.equal(a, b), name
 
 
@@ -227,7 +227,7 @@ def test_pyramid_pool_matches_reference(emulator, shape, scales, channels_last):
     x = torch.randn(shape)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    for name, (got, wanted) in zip(("out", "grad_x"), _pool_check(emulator, x, scales)[:2]):
+    for name, (got, wanted) in zip(("out", "grad_x"), _pool_check(emulator, x, scales)[:2], strict=True):
         assert_close(got, wanted, name=f"{name} {shape}", **POOL_TOLERANCE)
 
 

@@ -53,7 +53,8 @@ def _check_forward_and_gradients(case, layout, device, backend):
     with poisoned_outputs():
         grads = torch.autograd.grad(out, (query, key, value), grad)
     expected = _oracle(query, key, value, grad)
-    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected):
+    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected,
+                                    strict=True):
         assert_close(actual, wanted, name=f"{name} {case} {layout}", **FLOAT32_TOLERANCE)
 
 
@@ -82,7 +83,7 @@ def test_output_and_gradients_keep_the_input_layout(device, backend):
     out = annkernels.short_attention(query, key, value, backend=backend)
     assert out.transpose(1, 2).is_contiguous()
     grads = torch.autograd.grad(out.sum(), (query, key, value))
-    for tensor, grad in zip((query, key, value), grads):
+    for tensor, grad in zip((query, key, value), grads, strict=True):
         assert grad.stride() == tensor.stride()
 
 
@@ -95,7 +96,8 @@ def test_explicit_scale_and_mixed_layouts(device, backend):
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (query, key, value), grad)
     expected = _oracle(query, key, value, grad, scale=0.7)
-    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected):
+    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected,
+                                    strict=True):
         assert_close(actual, wanted, name=name, **FLOAT32_TOLERANCE)
 
 
@@ -115,7 +117,7 @@ def test_large_scores_do_not_overflow(device, backend):
     grads = torch.autograd.grad(out, (query, key, value), grad)
     expected = _oracle(query, key, value, grad)
     assert_close(out, expected[0], name="out", **FLOAT32_TOLERANCE)
-    for name, actual, wanted in zip(("grad_query", "grad_key", "grad_value"), grads, expected[1:]):
+    for name, actual, wanted in zip(("grad_query", "grad_key", "grad_value"), grads, expected[1:], strict=True):
         assert torch.isfinite(actual).all(), name
         assert_close(actual, wanted, name=name, atol=1e-3, rtol=1e-3)
 
@@ -147,7 +149,7 @@ def test_half_precision_within_twice_reference_error(device, backend, dtype):
     lowp = (lowp_out, *torch.autograd.grad(lowp_out, lowp_leaves, grad))
     expected = _oracle(query, key, value, grad)
     for name, actual, lowp_ref, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), lowp,
-                                              expected):
+                                              expected, strict=True):
         assert actual.dtype == dtype
         assert_within_reference_error(actual, lowp_ref, wanted, name)
 
@@ -160,7 +162,7 @@ def test_backward_is_bitwise_deterministic(device, backend):
     grad = torch.randn_like(out)
     first = torch.autograd.grad(out, (query, key, value), grad, retain_graph=True)
     second = torch.autograd.grad(out, (query, key, value), grad)
-    for name, a, b in zip(("grad_query", "grad_key", "grad_value"), first, second):
+    for name, a, b in zip(("grad_query", "grad_key", "grad_value"), first, second, strict=True):
         assert torch.equal(a, b), name
 
 
@@ -174,7 +176,8 @@ def test_autocast_keeps_the_inputs_dtype(device, backend):
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (query, key, value), grad)
     expected = _oracle(query, key, value, grad)
-    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected):
+    for name, actual, wanted in zip(("out", "grad_query", "grad_key", "grad_value"), (out, *grads), expected,
+                                    strict=True):
         assert_close(actual, wanted, name=name, **FLOAT32_TOLERANCE)
 
 
@@ -257,5 +260,5 @@ def test_triton_query_offsets_past_2_31_elements():
         leaves = [t.detach().requires_grad_(True) for t in (q, key, value)]
         out = annkernels.short_attention(*leaves, backend="triton")
         results.append((out, *torch.autograd.grad(out, leaves, grad)))
-    for name, strided, compact in zip(("out", "grad_query", "grad_key", "grad_value"), *results):
+    for name, strided, compact in zip(("out", "grad_query", "grad_key", "grad_value"), *results, strict=True):
         assert torch.equal(strided, compact), name

@@ -77,7 +77,7 @@ def _record_launches(op: str, dtype: str, shape: dict) -> list[dict]:
     def recorder(kernel):
         def run(*args, grid, warmup, **kwargs):
             fn = _jit_function(kernel)
-            named = dict(zip(fn.arg_names, args)) | kwargs
+            named = dict(zip(fn.arg_names, args, strict=False)) | kwargs
             if hasattr(kernel, "configs"):
                 configs = kernel.early_config_prune(kernel.configs, named)
                 # The launcher's arguments plus the untimed default config are the real launch.

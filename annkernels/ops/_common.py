@@ -25,7 +25,7 @@ def check_tensor(name: str, tensor, ndim: int, layout: str, empty_dim: int | Non
 
 def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
     first_name, first = names[0], tensors[0]
-    for name, tensor in zip(names[1:], tensors[1:]):
+    for name, tensor in zip(names[1:], tensors[1:], strict=True):
         if tensor.dtype != first.dtype:
             raise TypeError(f"{first_name} and {name} must have the same dtype, got {first.dtype} and {tensor.dtype}")
         if tensor.device != first.device:

@@ -1,13 +1,13 @@
 """The CUDA launchers of csrc/cuda, run on CPU tensors by the SIMT emulator (see runtime.cpp).
 
-Emulator(...) builds (or takes from the cache) the kernels compiled for the emulator and calls the
-launchers declared in pyramid_pool.h and short_attention.h on host memory, mirroring what the torch
-glue does on a GPU: output layouts, fp32 log-sum-exp, the backward's plan and workspace. Outputs and the
-workspace start as NaN, so an element a kernel forgets to write shows up. Any report of the checker
-(out-of-bounds access, load or store not aligned to its size, shared-memory race or uninitialised read,
-bad launch, misaligned WMMA pointer or ldm, misused asynchronous copy) raises EmulatorError. WMMA fragment elements sit on the lanes in a
-seeded scrambled placement (fragment_seed; 0 keeps lane l on elements l, l + 32, ...), so a kernel that
-reads them by position gives wrong results. probe.py runs the small kernels that show each check working.
+Emulator(...) builds (or takes from the cache) the kernels compiled for the emulator and calls the launchers
+declared in pyramid_pool.h and short_attention.h on host memory, mirroring what the torch glue does on a GPU:
+output layouts, fp32 log-sum-exp, the backward's plan and workspace. Outputs and the workspace start as NaN,
+so an element a kernel forgets to write shows up. Any report of the checker (out-of-bounds access, load or
+store not aligned to its size, shared-memory race or uninitialised read, bad launch, misaligned WMMA pointer
+or ldm, misused asynchronous copy) raises EmulatorError. WMMA fragment elements sit on the lanes in a seeded
+scrambled placement (fragment_seed; 0 keeps lane l on elements l, l + 32, ...), so a kernel that reads them by
+position gives wrong results. probe.py runs the small kernels that show each check working.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _int64s(values):
 
 def _span(tensor):
     """(address, bytes) of the memory a strided view reaches."""
-    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
     return tensor.data_ptr(), (last + 1) * tensor.element_size()
 
 
@@ -180,7 +180,7 @@ class Emulator:
         status = self._kernels.simt_short_attention_backward_plan(DTYPES[dtype], _int64s(shape), plan)
         if status != 0:
             raise RuntimeError(f"short_attention_backward_plan returned cudaError_t {status}")
-        return dict(zip(self.plan_fields, list(plan)))
+        return dict(zip(self.plan_fields, list(plan), strict=True))
 
     def attention_backward(self, grad_out, query, key, value, scale):
         batch, queries, key_dim = query.shape
