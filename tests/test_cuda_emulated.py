@@ -259,6 +259,24 @@ def test_pyramid_pool_strided_grad_output_and_determinism(emulator):
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 3, 2, 9, 11), (2, 20, 5, 13, 7)], ids=["B1-9x11", "B2-13x7"])
+def test_pyramid_pool_pair_is_one_launch_equal_to_each_map(emulator, shape, dtype):
+    # The key map (NCHW) and the value source (channels_last, an offset view: its own tiling) in one grid.
+    batch, first_channels, second_channels, height, width = shape
+    emulator.configure(order="shuffle", seed=5)
+    first = torch.randn(batch, first_channels, height, width, dtype=dtype)
+    wide = torch.randn(batch, second_channels + 1, height, width, dtype=dtype).to(memory_format=torch.channels_last)
+    second = wide[:, 1:]
+    emulator.launches.clear()
+    outs = emulator.pyramid_pair_forward(first, second, scales=(1, 3, 6, 8))
+    assert [launch.kernel.split("<")[0].split()[-1] for launch in emulator.launches] == ["pyramid_pool_forward_kernel"]
+    for x, out in zip((first, second), outs, strict=True):
+        assert torch.equal(out, emulator.pyramid_forward(x, (1, 3, 6, 8)))
+        assert_close(out, reference.pyramid_pool(x.double(), [1, 3, 6, 8]), name="out",
+                     **(POOL_TOLERANCE if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)))
+
+
 def test_c_api_argtypes_come_from_the_launchers_signatures(emulator):
     """The ctypes side takes every entry point's parameter list from the library (capi.cpp derives it from the
     C++ types), so a Python call that misses a launcher's new parameter fails loudly instead of passing a stray

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import annkernels
+from annkernels.ops.pyramid_pool import PAIR_BACKENDS
 
 from conftest import backend_cases
 
@@ -16,6 +17,13 @@ def test_opcheck_pyramid_pool(device, backend):
     torch.library.opcheck(torch.ops.annkernels.pyramid_pool.default, (x, [1, 2, 3], backend))
     grad = torch.randn(2, 3, 14, device=device)
     torch.library.opcheck(torch.ops.annkernels.pyramid_pool_grad.default, (grad, [1, 2, 3], 7, 5, backend))
+
+
+@pytest.mark.parametrize("device, backend", [case for case in KERNEL_BACKENDS if case.values[1] in PAIR_BACKENDS])
+def test_opcheck_pyramid_pool_pair(device, backend):
+    first = torch.randn(2, 3, 7, 5, device=device, requires_grad=True)
+    second = torch.randn(2, 4, 7, 5, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
+    torch.library.opcheck(torch.ops.annkernels.pyramid_pool_pair.default, (first, second, [1, 2, 3], backend))
 
 
 @pytest.mark.parametrize("device, backend", KERNEL_BACKENDS)

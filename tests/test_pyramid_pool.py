@@ -148,3 +148,99 @@ def test_triton_input_offsets_past_2_31_elements():
     x.copy_(torch.randn(1, 2, 5, 3))
     outs = [annkernels.pyramid_pool(t, (1, 2, 3), backend="triton") for t in (x, x.clone())]
     assert torch.equal(*outs)
+
+
+# ---- pyramid_pool_pair: two maps of one size in one pass ----
+
+PAIR_SHAPES = [
+    pytest.param((1, 3, 2, 9, 11), id="B1-9x11"),  # (B, C1, C2, H, W): unequal channels, odd sizes
+    pytest.param((2, 2, 5, 1, 1), id="B2-1x1"),
+    pytest.param((2, 4, 3, 13, 7), id="B2-13x7"),
+]
+
+
+def _pair_inputs(device, shape, dtype=torch.float32):
+    batch, first_channels, second_channels, height, width = shape
+    first = torch.randn(batch, first_channels, height, width, device=device, dtype=dtype)
+    # The value source as a block sees it: channels_last, and an offset view of a wider map.
+    wide = torch.randn(batch, second_channels + 1, height, width, device=device, dtype=dtype)
+    second = wide.to(memory_format=torch.channels_last)[:, 1:]
+    return first.requires_grad_(True), second.requires_grad_(True)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases(include_reference=True))
+@pytest.mark.parametrize("scales", [(1, 3, 6, 8), (1, 2, 3, 6)], ids=str)
+@pytest.mark.parametrize("shape", PAIR_SHAPES)
+def test_pair_matches_each_map_pooled_alone(device, backend, scales, shape):
+    first, second = _pair_inputs(device, shape)
+    with poisoned_outputs():
+        outs = annkernels.pyramid_pool_pair(first, second, scales, backend=backend)
+    grads_out = [torch.randn_like(out) for out in outs]
+    with poisoned_outputs():
+        grads = torch.autograd.grad(outs, (first, second), grads_out)
+    for name, x, out, grad_out, grad in zip(("first", "second"), (first, second), outs, grads_out, grads,
+                                            strict=True):
+        x64 = x.detach().double().requires_grad_(True)
+        expected = _expected(x64, scales)
+        (expected_grad,) = torch.autograd.grad(expected, x64, grad_out.double())
+        assert_close(out, expected, name=f"pooled {name}", **FLOAT32_TOLERANCE)
+        # A 1x1 map's pixel adds all S bin gradients in fp32 (the reference backend too).
+        assert_close(grad, expected_grad, name=f"grad {name}", atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_pair_float64_gradcheck_and_one_unused_output(device, backend):
+    first, second = (t.detach().double().requires_grad_(True) for t in _pair_inputs(device, (1, 2, 3, 5, 3)))
+    assert torch.autograd.gradcheck(
+        lambda a, b: annkernels.pyramid_pool_pair(a, b, (1, 2, 3), backend=backend), (first, second))
+    # Only the first output reaches the loss: the second map's gradient is None, not zeros or garbage.
+    pooled, _ = annkernels.pyramid_pool_pair(first, second, (1, 2, 3), backend=backend)
+    grads = torch.autograd.grad(pooled.sum(), (first, second), allow_unused=True)
+    assert grads[1] is None or not grads[1].any()
+    assert_close(grads[0], torch.autograd.grad(annkernels.pyramid_pool(first, (1, 2, 3), backend="reference").sum(),
+                                               first)[0], atol=1e-12, rtol=1e-12, name="grad first")
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pair_half_precision_equals_pooling_each_map(device, backend, dtype):
+    # The pair runs the single-map kernel's arithmetic on each map: the same bits.
+    first, second = _pair_inputs(device, (2, 8, 6, 31, 37), dtype)
+    outs = annkernels.pyramid_pool_pair(first, second, backend=backend)
+    for x, out in zip((first, second), outs, strict=True):
+        assert out.dtype == dtype
+        assert torch.equal(out, annkernels.pyramid_pool(x, backend=backend))
+
+
+@pytest.mark.parametrize("device, backend", backend_cases())
+def test_pair_of_mismatched_maps_pools_each(device, backend):
+    # Different dtypes or sizes cannot share a launch; each map is pooled on its own.
+    first = torch.randn(1, 2, 9, 11, device=device)
+    for second in (torch.randn(1, 3, 9, 11, device=device, dtype=torch.float64),
+                   torch.randn(1, 3, 7, 11, device=device)):
+        outs = annkernels.pyramid_pool_pair(first, second, backend=backend)
+        for x, out in zip((first, second), outs, strict=True):
+            assert out.dtype == x.dtype
+            assert_close(out, _expected(x, (1, 3, 6, 8)), name="out", **FLOAT32_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "make_inputs, error, match",
+    [
+        (lambda: (torch.randn(3, 4, 5), torch.randn(1, 2, 3, 4)), ValueError, "first must be 4-D"),
+        (lambda: (torch.randn(1, 2, 3, 4), torch.randn(1, 2, 0, 4)), ValueError, "second must not be empty"),
+        (lambda: (torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4).long()), TypeError, "second must be float64"),
+    ],
+)
+def test_pair_bad_input_raises_clear_error(make_inputs, error, match):
+    with pytest.raises(error, match=match):
+        annkernels.pyramid_pool_pair(*make_inputs())
+
+
+@pytest.mark.skipif("cpu" not in annkernels.available_backends("cpu"), reason="needs the C++ kernels")
+def test_pair_kernel_op_checks_its_maps():
+    first = torch.randn(1, 2, 9, 11)
+    with pytest.raises(RuntimeError, match="must share batch, height and width"):
+        torch.ops.annkernels._pyramid_pool_pair_forward(first, torch.randn(1, 2, 9, 10), [1, 3])
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.annkernels._pyramid_pool_pair_forward(first, first.double(), [1, 3])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from annkernels import _backend
-from annkernels.ops import pyramid_pool, short_attention
+from annkernels.ops import pyramid_pool, pyramid_pool_pair, short_attention
 
 # A normalisation constructor taking the channel count (nn.BatchNorm2d, nn.SyncBatchNorm, ...).
 NormLayer = Callable[[int], nn.Module]
@@ -74,28 +74,29 @@ class PyramidAttention(nn.Module):
             query_map = key_map
         else:
             query_map = self.query_project(query_feats)
-        key = pyramid_pool(key_map, self.pool_scales, backend=self.backend)  # [B, Ck, S]
-        value = self._pooled_values(key_feats)  # [B, Cv, S]
+        key, value = self._pooled_keys_values(key_map, key_feats)  # [B, Ck, S], [B, Cv, S]
         # Channel-first views: [B, N, Ck], [B, S, Ck], [B, S, Cv]; the kernels read them without copies.
         context = short_attention(query_map.flatten(2).transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                   scale=self.key_channels**-0.5, backend=self.backend)
         context = context.transpose(1, 2).reshape(batch, -1, height, width)
         return self.out_project(context)
 
-    def _pooled_values(self, key_feats: torch.Tensor) -> torch.Tensor:
-        """pool(value_project(x)) [B, Cv, S].
+    def _pooled_keys_values(self, key_map: torch.Tensor, key_feats: torch.Tensor):
+        """pool(key_map) [B, Ck, S] and pool(value_project(key_feats)) [B, Cv, S].
 
         The value projection is a plain 1x1 conv with bias (no norm or activation, in mmseg and in the
         authors' code), and every pooling bin is a mean, whose weights sum to one. So
         pool(W x + b) = W pool(x) + b: projecting the S pooled positions instead of all H*W pixels gives the
         same values up to rounding and drops one H*W-sized convolution from the block's forward and backward.
-        The reference backend keeps mmseg's order (project every pixel, then pool), so that it costs what
-        mmseg costs and stays the oracle the reordered path is tested against.
+        key_map and key_feats then share their size, so both are pooled in one pass (pyramid_pool_pair: one
+        launch on the GPU backends). The reference backend keeps mmseg's order (project every pixel, then pool
+        each map), so that it costs what mmseg costs and stays the oracle the reordered path is tested against.
         """
         if _backend.resolve(self.backend, key_feats.device) == "reference":
-            return pyramid_pool(self.value_project(key_feats), self.pool_scales, backend=self.backend)
-        pooled = pyramid_pool(key_feats, self.pool_scales, backend=self.backend)  # [B, C, S]
-        return F.conv1d(pooled, self.value_project.weight.flatten(1).unsqueeze(-1), self.value_project.bias)
+            return (pyramid_pool(key_map, self.pool_scales, backend=self.backend),
+                    pyramid_pool(self.value_project(key_feats), self.pool_scales, backend=self.backend))
+        key, pooled = pyramid_pool_pair(key_map, key_feats, self.pool_scales, backend=self.backend)
+        return key, F.conv1d(pooled, self.value_project.weight.flatten(1).unsqueeze(-1), self.value_project.bias)
 
 
 class APNB(nn.Module):

@@ -81,6 +81,6 @@ def kernel(backend: str, name: str):
     if backend == "composite":
         return getattr(importlib.import_module("annkernels.ops.composite"), name)
     if backend == "triton":
-        op = name.rsplit("_", 1)[0]
+        op = next(op for op in ("pyramid_pool", "short_attention") if name.startswith(op))
         return getattr(importlib.import_module(f"annkernels.triton.{op}"), name)
     return getattr(torch.ops.annkernels, f"_{name}")

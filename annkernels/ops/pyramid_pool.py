@@ -4,6 +4,10 @@ The public function validates, resolves the backend and calls the custom op `ann
 whose autograd formula calls `annkernels::pyramid_pool_grad`. Both forward to the backend's kernels
 (csrc/{cpu,cuda}/pyramid_pool.*, annkernels/triton/pyramid_pool.py, annkernels/ops/composite.py); "reference"
 stays in plain PyTorch.
+
+`pyramid_pool_pair` pools two maps of one size together (custom op `annkernels::pyramid_pool_pair`, whose
+autograd formula is `annkernels::pyramid_pool_grad` per map): APNB and AFNB pool the key map and the value
+source of a block that way, in one launch on the GPU backends.
 """
 
 from __future__ import annotations
@@ -35,6 +39,34 @@ def pyramid_pool(x: torch.Tensor, scales: Sequence[int] = (1, 3, 6, 8), backend:
     if name == "reference":
         return reference.pyramid_pool(x, scales)
     return torch.ops.annkernels.pyramid_pool(x, scales, name)
+
+
+# Backends with a kernel that pools two maps in one pass (the CUDA and Triton kernels in one launch; the CPU
+# kernel shares the bin geometry). The others pool each map on its own, with the same results.
+PAIR_BACKENDS = ("cpu", "cuda", "triton")
+
+
+def pyramid_pool_pair(first: torch.Tensor, second: torch.Tensor, scales: Sequence[int] = (1, 3, 6, 8),
+                      backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pyramid_pool(first), pyramid_pool(second))``, in one pass over both maps where the backend can.
+
+    Args:
+        first, second: [B, C1, H, W] and [B, C2, H, W] as for `pyramid_pool`. Maps that differ in dtype,
+            device, batch, height or width are pooled one at a time.
+        scales, backend: as for `pyramid_pool`.
+
+    Returns:
+        ([B, C1, S], [B, C2, S]) in the maps' dtypes, equal to what `pyramid_pool` returns for each.
+    """
+    check_tensor("first", first, 4, "[B, C1, H, W]")
+    check_tensor("second", second, 4, "[B, C2, H, W]")
+    scales = check_scales(scales)
+    name = _backend.resolve(backend, first.device)
+    same_geometry = (first.dtype == second.dtype and first.device == second.device
+                     and first.shape[0] == second.shape[0] and first.shape[2:] == second.shape[2:])
+    if name not in PAIR_BACKENDS or not same_geometry:
+        return pyramid_pool(first, scales, backend), pyramid_pool(second, scales, backend)
+    return torch.ops.annkernels.pyramid_pool_pair(first, second, scales, name)
 
 
 @torch.library.custom_op("annkernels::pyramid_pool", mutates_args=())
@@ -69,3 +101,29 @@ def _backward(ctx, grad_output):
 
 
 _pyramid_pool.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("annkernels::pyramid_pool_pair", mutates_args=())
+def _pyramid_pool_pair(first: torch.Tensor, second: torch.Tensor, scales: list[int],
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernel(backend, "pyramid_pool_pair_forward")(first, second, scales)
+
+
+@_pyramid_pool_pair.register_fake
+def _(first, second, scales, backend):
+    bins = sum(s * s for s in scales)
+    return first.new_empty((*first.shape[:2], bins)), second.new_empty((*second.shape[:2], bins))
+
+
+def _setup_pair_context(ctx, inputs, output):
+    first, second, ctx.scales, ctx.backend = inputs
+    ctx.height, ctx.width = first.shape[-2:]
+
+
+def _pair_backward(ctx, grad_first, grad_second):
+    grads = [None if grad is None else _pyramid_pool_grad(grad, ctx.scales, ctx.height, ctx.width, ctx.backend)
+             for grad in (grad_first, grad_second)]
+    return *grads, None, None
+
+
+_pyramid_pool_pair.register_autograd(_pair_backward, setup_context=_setup_pair_context)

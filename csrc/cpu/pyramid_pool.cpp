@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "annkernels/checks.h"
@@ -275,19 +276,35 @@ void pyramid_pool_backward_kernel(const at::Tensor& grad_output, c10::IntArrayRe
   });
 }
 
+at::Tensor pyramid_pool_forward_segments(const at::Tensor& input, c10::IntArrayRef scales, const AxisSegments& rows,
+                                        const AxisSegments& cols) {
+  at::Tensor output = at::empty({input.size(0), input.size(1), pyramid_size(scales)}, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "pyramid_pool_forward_cpu", [&] {
+    pyramid_pool_forward_kernel<scalar_t>(input, scales, rows, cols, output);
+  });
+  return output;
+}
+
 at::Tensor pyramid_pool_forward_cpu(const at::Tensor& input, c10::IntArrayRef scales) {
   ANNK_CHECK_DIM(input, 4);
   ANNK_CHECK_FLOATING(input);
   ANNK_CHECK_DEVICE(input, at::Device(at::kCPU));
   ANNK_CHECK_NONEMPTY(input);
-  const int64_t pyramid = pyramid_size(scales);
-  const AxisSegments rows = make_axis_segments(input.size(2), scales);
-  const AxisSegments cols = make_axis_segments(input.size(3), scales);
-  at::Tensor output = at::empty({input.size(0), input.size(1), pyramid}, input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "pyramid_pool_forward_cpu", [&] {
-    pyramid_pool_forward_kernel<scalar_t>(input, scales, rows, cols, output);
-  });
-  return output;
+  pyramid_size(scales);
+  return pyramid_pool_forward_segments(input, scales, make_axis_segments(input.size(2), scales),
+                                       make_axis_segments(input.size(3), scales));
+}
+
+// Each map is one parallel pass, as on its own: a CPU pays no launch per map, so only the segments are shared.
+std::tuple<at::Tensor, at::Tensor> pyramid_pool_pair_forward_cpu(const at::Tensor& first, const at::Tensor& second,
+                                                                 c10::IntArrayRef scales) {
+  check_pyramid_pair_inputs(first, second);
+  ANNK_CHECK_DEVICE(first, at::Device(at::kCPU));
+  pyramid_size(scales);
+  const AxisSegments rows = make_axis_segments(first.size(2), scales);
+  const AxisSegments cols = make_axis_segments(first.size(3), scales);
+  return {pyramid_pool_forward_segments(first, scales, rows, cols),
+          pyramid_pool_forward_segments(second, scales, rows, cols)};
 }
 
 at::Tensor pyramid_pool_backward_cpu(const at::Tensor& grad_output, c10::IntArrayRef scales, int64_t height,
@@ -307,6 +324,7 @@ at::Tensor pyramid_pool_backward_cpu(const at::Tensor& grad_output, c10::IntArra
 
 TORCH_LIBRARY_IMPL(annkernels, CPU, m) {
   m.impl("_pyramid_pool_forward", &pyramid_pool_forward_cpu);
+  m.impl("_pyramid_pool_pair_forward", &pyramid_pool_pair_forward_cpu);
   m.impl("_pyramid_pool_backward", &pyramid_pool_backward_cpu);
 }
 

@@ -50,7 +50,24 @@ __device__ BinBox bin_box(const int* sizes, int q, int height, int width) {
                 adaptive_bin_end(j, width, s)};
 }
 
-// Forward. Grid: one block per (batch, group of `planes` consecutive channels). The block walks the
+// One map of a forward launch, with the tiling launch_forward chose for its layout.
+template <typename T>
+struct MapTiles {
+  const T* input;
+  T* output;  // [batch, channels, S] contiguous
+  int64_t stride_b, stride_c, stride_h, stride_w;
+  int channels;
+  int planes, tile_rows, tile_cols;
+  int first_block;  // the map's blocks start here in the grid
+};
+
+// Up to kMaxPoolMaps maps pooled by one launch; a one-map launch sets second.first_block to the grid size.
+template <typename T>
+struct ForwardMaps {
+  MapTiles<T> first, second;
+};
+
+// Forward. Grid: one block per (map, batch, group of `planes` consecutive channels). The block walks the
 // planes in tiles of tile_rows x tile_cols pixels: each tile is loaded once into shared memory (threads
 // run along whichever of channel / width is contiguous, so loads are coalesced for NCHW and for
 // channels_last), then every (plane, bin) that intersects the tile is summed by one warp and added to
@@ -62,10 +79,10 @@ __device__ BinBox bin_box(const int* sizes, int q, int height, int width) {
 // (2-4 in flight); with the budget it issues all kLoadBatch loads first (about 90 registers used).
 template <typename T>
 __global__ void __launch_bounds__(kPoolThreads, 2)
-    pyramid_pool_forward_kernel(const T* __restrict__ input, int channels, int height, int width, int64_t stride_b,
-                                int64_t stride_c, int64_t stride_h, int64_t stride_w, PyramidScales scales,
-                                int num_bins, int planes, int tile_rows, int tile_cols, T* __restrict__ output) {
+    pyramid_pool_forward_kernel(ForwardMaps<T> maps, int height, int width, PyramidScales scales, int num_bins) {
   using Acc = typename AccumulateType<T>::type;
+  const MapTiles<T> map = blockIdx.x >= maps.second.first_block ? maps.second : maps.first;
+  const int planes = map.planes, tile_rows = map.tile_rows, tile_cols = map.tile_cols, channels = map.channels;
   extern __shared__ __align__(16) unsigned char smem[];
   BinBox* boxes = reinterpret_cast<BinBox*>(smem);
   Acc* sums = reinterpret_cast<Acc*>(smem + align16(num_bins * sizeof(BinBox)));
@@ -75,8 +92,9 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
   const int plane_stride = tile_rows * tile_cols + 1;
 
   const int groups_per_batch = static_cast<int>(ceil_div(channels, planes));
-  const int b = blockIdx.x / groups_per_batch;
-  const int c0 = (blockIdx.x % groups_per_batch) * planes;
+  const int block = static_cast<int>(blockIdx.x) - map.first_block;
+  const int b = block / groups_per_batch;
+  const int c0 = (block % groups_per_batch) * planes;
   const int planes_valid = min(planes, channels - c0);
 
   __shared__ int sizes[kMaxPyramidScales];
@@ -91,7 +109,7 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
     sums[t] = Acc(0);
   }
 
-  const T* batch_input = input + b * stride_b + c0 * stride_c;
+  const T* __restrict__ batch_input = map.input + b * map.stride_b + c0 * map.stride_c;
   const int plane = threadIdx.x % planes;
   const int pos_first = threadIdx.x / planes;
   const int pos_step = blockDim.x / planes;
@@ -104,7 +122,7 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
       const int cols = min(tile_cols, width - w0);
       __syncthreads();  // the previous tile has been summed (first time: boxes and sums are ready)
       if (plane < planes_valid) {
-        const T* src = batch_input + plane * stride_c;
+        const T* src = batch_input + plane * map.stride_c;
         Acc* dst = tile + plane * plane_stride;
         // Walk this thread's pixels (pos_first, pos_first + pos_step, ...) in row-major tile order
         // without a division per element, kLoadBatch at a time: all of a batch's loads issue before its
@@ -127,7 +145,8 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
 #pragma unroll
           for (int i = 0; i < kLoadBatch; ++i) {
             const bool inside = load_r < rows;
-            values[i] = to_acc(src[inside ? (h0 + load_r) * stride_h + (w0 + load_c) * stride_w : h0 * stride_h + w0 * stride_w]);
+            values[i] = to_acc(src[inside ? (h0 + load_r) * map.stride_h + (w0 + load_c) * map.stride_w
+                                          : h0 * map.stride_h + w0 * map.stride_w]);
             advance(load_r, load_c);
           }
 #pragma unroll
@@ -171,7 +190,7 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
   }
   __syncthreads();
   // Planes of a group are consecutive channels, so the block's outputs are one contiguous run.
-  T* dst = output + (static_cast<int64_t>(b) * channels + c0) * num_bins;
+  T* __restrict__ dst = map.output + (static_cast<int64_t>(b) * channels + c0) * num_bins;
   for (int t = threadIdx.x; t < planes_valid * num_bins; t += blockDim.x) {
     const BinBox box = boxes[t % num_bins];
     const Acc area = static_cast<Acc>((box.row_end - box.row_begin) * (box.col_end - box.col_begin));
@@ -262,15 +281,12 @@ bool valid_scales(const PyramidScales& scales) {
   return pyramid_bins(scales) <= kMaxPyramidBins;
 }
 
+// channels_last: give each block enough consecutive channels that one pixel is a full 32-byte sector.
 template <typename T>
-cudaError_t launch_forward(const void* input, int64_t batch, int64_t channels, int64_t height, int64_t width,
-                           const int64_t strides[4], const PyramidScales& scales, void* output,
-                           cudaStream_t stream) {
+MapTiles<T> plan_map(const PoolMap& map, int num_bins, int64_t height, int64_t width, int first_block) {
   using Acc = typename AccumulateType<T>::type;
-  const int num_bins = pyramid_bins(scales);
-  // channels_last: give each block enough consecutive channels that one pixel is a full 32-byte sector.
   int planes = 1;
-  if (strides[3] != 1 && strides[1] == 1 && channels > 1) {
+  if (map.strides[3] != 1 && map.strides[1] == 1 && map.channels > 1) {
     planes = static_cast<int>(32 / sizeof(T));
     while (planes > 1 && planes * num_bins > kMaxPyramidBins) {
       planes /= 2;
@@ -280,17 +296,41 @@ cudaError_t launch_forward(const void* input, int64_t batch, int64_t channels, i
   const int tile_cols = static_cast<int>(std::min<int64_t>(width, std::max<int64_t>(1, tile_elems / planes)));
   const int tile_rows =
       static_cast<int>(std::min<int64_t>(height, std::max<int64_t>(1, tile_elems / (planes * tile_cols))));
-  const size_t smem = align16(num_bins * sizeof(BinBox)) + align16(static_cast<size_t>(planes) * num_bins * sizeof(Acc)) +
-                      static_cast<size_t>(planes) * (static_cast<size_t>(tile_rows) * tile_cols + 1) * sizeof(Acc);
-  const int64_t blocks = batch * ceil_div(channels, planes);
+  return MapTiles<T>{static_cast<const T*>(map.input), static_cast<T*>(map.output), map.strides[0], map.strides[1],
+                     map.strides[2], map.strides[3], static_cast<int>(map.channels), planes, tile_rows, tile_cols,
+                     first_block};
+}
+
+template <typename T>
+size_t forward_smem(const MapTiles<T>& tiles, int num_bins) {
+  using Acc = typename AccumulateType<T>::type;
+  return align16(num_bins * sizeof(BinBox)) + align16(static_cast<size_t>(tiles.planes) * num_bins * sizeof(Acc)) +
+         static_cast<size_t>(tiles.planes) * (static_cast<size_t>(tiles.tile_rows) * tiles.tile_cols + 1) * sizeof(Acc);
+}
+
+template <typename T>
+cudaError_t launch_forward(const PoolMap* maps, int map_count, int64_t batch, int64_t height, int64_t width,
+                           const PyramidScales& scales, cudaStream_t stream) {
+  const int num_bins = pyramid_bins(scales);
+  ForwardMaps<T> launch{};
+  MapTiles<T>* tiles[kMaxPoolMaps] = {&launch.first, &launch.second};
+  int64_t blocks = 0;
+  size_t smem = 0;
+  for (int m = 0; m < map_count; ++m) {
+    *tiles[m] = plan_map<T>(maps[m], num_bins, height, width, static_cast<int>(blocks));
+    blocks += batch * ceil_div(maps[m].channels, tiles[m]->planes);
+    smem = std::max(smem, forward_smem(*tiles[m], num_bins));
+  }
+  if (map_count == 1) {
+    launch.second.first_block = static_cast<int>(blocks);  // no block reaches it
+  }
   cudaError_t status = allow_dynamic_smem(pyramid_pool_forward_kernel<T>, smem);
   if (status != cudaSuccess) {
     return status;
   }
-  return launch_kernel<pyramid_pool_forward_kernel<T>>(
-      static_cast<unsigned>(blocks), kPoolThreads, smem, stream, static_cast<const T*>(input),
-      static_cast<int>(channels), static_cast<int>(height), static_cast<int>(width), strides[0], strides[1],
-      strides[2], strides[3], scales, num_bins, planes, tile_rows, tile_cols, static_cast<T*>(output));
+  return launch_kernel<pyramid_pool_forward_kernel<T>>(static_cast<unsigned>(blocks), kPoolThreads, smem, stream,
+                                                       launch, static_cast<int>(height), static_cast<int>(width),
+                                                       scales, num_bins);
 }
 
 template <typename T>
@@ -317,15 +357,24 @@ bool valid_extents(int64_t batch, int64_t channels, int64_t height, int64_t widt
 
 }  // namespace
 
-cudaError_t pyramid_pool_forward(DType dtype, const void* input, int64_t batch, int64_t channels, int64_t height,
-                                 int64_t width, const int64_t input_strides[4], const PyramidScales& scales,
-                                 void* output, cudaStream_t stream) {
-  if (!valid_scales(scales) || !valid_extents(batch, channels, height, width)) {
+cudaError_t pyramid_pool_forward(DType dtype, const PoolMap* maps, int map_count, int64_t batch, int64_t height,
+                                 int64_t width, const PyramidScales& scales, cudaStream_t stream) {
+  if (map_count < 1 || map_count > kMaxPoolMaps || !valid_scales(scales)) {
+    return cudaErrorInvalidValue;
+  }
+  int64_t all_channels = 0;
+  for (int m = 0; m < map_count; ++m) {
+    if (!valid_extents(batch, maps[m].channels, height, width)) {
+      return cudaErrorInvalidValue;
+    }
+    all_channels += maps[m].channels;
+  }
+  // Block indices of every map fit an int.
+  if (!valid_extents(batch, all_channels, height, width)) {
     return cudaErrorInvalidValue;
   }
   return dispatch_dtype<true>(dtype, [&](auto tag) {
-    return launch_forward<typename decltype(tag)::type>(input, batch, channels, height, width, input_strides, scales,
-                                                        output, stream);
+    return launch_forward<typename decltype(tag)::type>(maps, map_count, batch, height, width, scales, stream);
   });
 }
 

@@ -19,12 +19,22 @@ struct PyramidScales {
   int sizes[kMaxPyramidScales];
 };
 
-// input [batch, channels, height, width] with element strides input_strides (any layout);
-// output [batch, channels, S] contiguous, bins in scale order, each bin row-major (i * s + j).
+// One feature map of a forward launch: input [batch, channels, height, width] with element strides
+// `strides` (any layout), output [batch, channels, S] contiguous.
+struct PoolMap {
+  const void* input;
+  int64_t channels;
+  int64_t strides[4];
+  void* output;
+};
+// APNB and AFNB pool two maps of one source (the key map and the value source) together.
+constexpr int kMaxPoolMaps = 2;
+
+// Pools maps[0 .. map_count) in one launch; they share dtype, batch, height and width (channels and layout may
+// differ). Bins in scale order, each bin row-major (i * s + j).
 // Supports kFloat32, kFloat16, kBFloat16 (fp32 sums) and kFloat64 (fp64 sums).
-cudaError_t pyramid_pool_forward(DType dtype, const void* input, int64_t batch, int64_t channels, int64_t height,
-                                 int64_t width, const int64_t input_strides[4], const PyramidScales& scales,
-                                 void* output, cudaStream_t stream);
+cudaError_t pyramid_pool_forward(DType dtype, const PoolMap* maps, int map_count, int64_t batch, int64_t height,
+                                 int64_t width, const PyramidScales& scales, cudaStream_t stream);
 
 // grad_output [batch, channels, S] (any strides) -> grad_input [batch, channels, height, width] contiguous.
 // Each pixel gathers grad / area over every bin containing it; written once, no atomics.

@@ -5,6 +5,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <initializer_list>
+#include <tuple>
+#include <vector>
+
 #include "annkernels/checks.h"
 #include "glue_utils.h"
 #include "pyramid_pool.h"
@@ -31,26 +35,47 @@ void check_extent(int64_t value, const char* name) {
   TORCH_CHECK(value > 0 && value <= INT32_MAX, name, " must be in [1, 2^31 - 1] for the CUDA kernel, got ", value);
 }
 
+// Pools `inputs` (one or two maps of one batch and size) in one launch.
+std::vector<at::Tensor> pyramid_pool_cuda(std::initializer_list<const at::Tensor*> inputs, c10::IntArrayRef scales) {
+  const at::Tensor& first = **inputs.begin();
+  const auto dtype = kernel_dtype(first, /*allow_double=*/true);
+  const auto kernel_scale_list = kernel_scales(scales);
+  const int64_t batch = first.size(0), height = first.size(2), width = first.size(3);
+  check_extent(height, "input.size(2)");
+  check_extent(width, "input.size(3)");
+
+  const c10::cuda::CUDAGuard guard(first.device());
+  std::vector<at::Tensor> outputs;
+  std::vector<cuda_kernels::PoolMap> maps;
+  for (const at::Tensor* input : inputs) {
+    const int64_t channels = input->size(1);
+    check_extent(channels, "input.size(1)");
+    check_extent(batch * channels, "input.size(0) * input.size(1)");
+    outputs.push_back(at::empty({batch, channels, pyramid_size(scales)}, input->options()));
+    maps.push_back({input->const_data_ptr(), channels,
+                    {input->stride(0), input->stride(1), input->stride(2), input->stride(3)},
+                    outputs.back().mutable_data_ptr()});
+  }
+  const cudaError_t status =
+      cuda_kernels::pyramid_pool_forward(dtype, maps.data(), static_cast<int>(maps.size()), batch, height, width,
+                                         kernel_scale_list, c10::cuda::getCurrentCUDAStream());
+  ANNK_CHECK_CUDA_STATUS(status, "pyramid_pool_forward");
+  return outputs;
+}
+
 at::Tensor pyramid_pool_forward_cuda(const at::Tensor& input, c10::IntArrayRef scales) {
   ANNK_CHECK_DIM(input, 4);
   ANNK_CHECK_NONEMPTY(input);
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got device ", input.device());
-  const auto dtype = kernel_dtype(input, /*allow_double=*/true);
-  const auto kernel_scale_list = kernel_scales(scales);
-  const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
-  check_extent(channels, "input.size(1)");
-  check_extent(height, "input.size(2)");
-  check_extent(width, "input.size(3)");
-  check_extent(batch * channels, "input.size(0) * input.size(1)");
+  return pyramid_pool_cuda({&input}, scales)[0];
+}
 
-  const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor output = at::empty({batch, channels, pyramid_size(scales)}, input.options());
-  const int64_t strides[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
-  const cudaError_t status = cuda_kernels::pyramid_pool_forward(
-      dtype, input.const_data_ptr(), batch, channels, height, width, strides, kernel_scale_list,
-      output.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
-  ANNK_CHECK_CUDA_STATUS(status, "pyramid_pool_forward");
-  return output;
+std::tuple<at::Tensor, at::Tensor> pyramid_pool_pair_forward_cuda(const at::Tensor& first, const at::Tensor& second,
+                                                                  c10::IntArrayRef scales) {
+  check_pyramid_pair_inputs(first, second);
+  TORCH_CHECK(first.is_cuda(), "first must be a CUDA tensor, got device ", first.device());
+  auto outputs = pyramid_pool_cuda({&first, &second}, scales);
+  return {outputs[0], outputs[1]};
 }
 
 at::Tensor pyramid_pool_backward_cuda(const at::Tensor& grad_output, c10::IntArrayRef scales, int64_t height,
@@ -78,5 +103,6 @@ at::Tensor pyramid_pool_backward_cuda(const at::Tensor& grad_output, c10::IntArr
 
 TORCH_LIBRARY_IMPL(annkernels, CUDA, m) {
   m.impl("_pyramid_pool_forward", &annkernels::pyramid_pool_forward_cuda);
+  m.impl("_pyramid_pool_pair_forward", &annkernels::pyramid_pool_pair_forward_cuda);
   m.impl("_pyramid_pool_backward", &annkernels::pyramid_pool_backward_cuda);
 }

@@ -29,7 +29,7 @@ _vp = ctypes.c_void_p
 # ctypes types of capi.cpp's parameter codes. The library lists its entry points and each one's codes (derived
 # from the C++ parameter types), so the argtypes below cannot drift from the launchers' signatures.
 _PARAMETER_TYPES = {"i": ctypes.c_int, "f": ctypes.c_float, "l": _i64p, "n": ctypes.POINTER(ctypes.c_int),
-                    "p": _vp}
+                    "p": _vp, "P": ctypes.POINTER(_vp)}
 
 
 class EmulatorError(AssertionError):
@@ -211,13 +211,20 @@ class Emulator:
     # ---- pyramid pooling ----
 
     def pyramid_forward(self, x, scales):
-        batch, channels, height, width = x.shape
-        out = _guarded_nan((batch, channels, sum(s * s for s in scales)), x.dtype)
+        return self.pyramid_pair_forward(x, scales=scales)[0]
+
+    def pyramid_pair_forward(self, *maps, scales):
+        """Pools one or two maps [B, C_m, H, W] in one launch."""
+        bins = sum(s * s for s in scales)
+        outs = [_guarded_nan((x.shape[0], x.shape[1], bins), x.dtype) for x in maps]
         sizes = (ctypes.c_int * len(scales))(*scales)
+        pointers = (_vp * len(maps))
         self._call(self._kernels.simt_pyramid_pool_forward,
-                   [DTYPES[x.dtype], x.data_ptr(), _int64s(x.shape), _int64s(x.stride()), len(scales), sizes,
-                    out.data_ptr()], [("input", x)], [("output", out)])
-        return out
+                   [DTYPES[maps[0].dtype], len(maps), _int64s([n for x in maps for n in x.shape]),
+                    _int64s([n for x in maps for n in x.stride()]), pointers(*(x.data_ptr() for x in maps)),
+                    pointers(*(out.data_ptr() for out in outs)), len(scales), sizes],
+                   [(f"input{m}", x) for m, x in enumerate(maps)], [(f"output{m}", out) for m, out in enumerate(outs)])
+        return outs
 
     def pyramid_backward(self, grad, scales, height, width):
         batch, channels, _ = grad.shape

@@ -40,13 +40,19 @@ PyramidScales pyramid_scales(int count, const int* sizes) {
 
 extern "C" {
 
-int simt_pyramid_pool_forward(int dtype, const void* input, const int64_t sizes[4], const int64_t strides[4],
-                              int scale_count, const int* scales, void* output) {
+// Map m has sizes[4m .. 4m+4) = [batch, channels, height, width], strides[4m .. 4m+4), inputs[m] and outputs[m].
+int simt_pyramid_pool_forward(int dtype, int map_count, const int64_t* sizes, const int64_t* strides,
+                              const void* const* inputs, void* const* outputs, int scale_count, const int* scales) {
   if (bind() != 0) {
     return cudaErrorInitializationError;
   }
-  return pyramid_pool_forward(static_cast<DType>(dtype), input, sizes[0], sizes[1], sizes[2], sizes[3], strides,
-                              pyramid_scales(scale_count, scales), output, nullptr);
+  PoolMap maps[kMaxPoolMaps] = {};
+  for (int m = 0; m < map_count && m < kMaxPoolMaps; ++m) {
+    maps[m] = {inputs[m], sizes[4 * m + 1], {strides[4 * m], strides[4 * m + 1], strides[4 * m + 2], strides[4 * m + 3]},
+               outputs[m]};
+  }
+  return pyramid_pool_forward(static_cast<DType>(dtype), maps, map_count, sizes[0], sizes[2], sizes[3],
+                              pyramid_scales(scale_count, scales), nullptr);
 }
 
 int simt_pyramid_pool_backward(int dtype, const void* grad_output, const int64_t grad_strides[3],
@@ -110,6 +116,7 @@ int simt_short_attention_backward(int dtype, const int64_t shape[5], const void*
 // parameter added here changes the string, and a Python call with the old argument list fails with ctypes'
 // TypeError instead of passing garbage. A parameter type with no letter below does not compile.
 //   i int   f float   l int64 array (sizes, strides, the all-int64 plan)   n int array   p data pointer
+//   P array of data pointers
 namespace {
 
 template <typename T>
@@ -123,6 +130,8 @@ template <> struct ParameterCode<const int*> { static constexpr char code = 'n';
 template <> struct ParameterCode<const void*> { static constexpr char code = 'p'; };
 template <> struct ParameterCode<void*> { static constexpr char code = 'p'; };
 template <> struct ParameterCode<float*> { static constexpr char code = 'p'; };
+template <> struct ParameterCode<const void* const*> { static constexpr char code = 'P'; };
+template <> struct ParameterCode<void* const*> { static constexpr char code = 'P'; };
 
 template <typename... Parameters>
 const char* parameter_codes(int (*)(Parameters...)) {

@@ -97,4 +97,19 @@ inline int64_t check_pyramid_backward_inputs(const at::Tensor& grad_output, c10:
   return pyramid;
 }
 
+// The two maps of a pair pooling: 4-D, non-empty, one dtype and device, the same batch, height and width
+// (channel counts and layouts may differ).
+inline void check_pyramid_pair_inputs(const at::Tensor& first, const at::Tensor& second) {
+  ANNK_CHECK_DIM(first, 4);
+  ANNK_CHECK_DIM(second, 4);
+  ANNK_CHECK_FLOATING(first);
+  ANNK_CHECK_SAME_DTYPE(first, second);
+  ANNK_CHECK_DEVICE(second, first.device());
+  ANNK_CHECK_NONEMPTY(first);
+  ANNK_CHECK_NONEMPTY(second);
+  TORCH_CHECK(first.size(0) == second.size(0) && first.size(2) == second.size(2) && first.size(3) == second.size(3),
+              "first and second must share batch, height and width, got shapes ", first.sizes(), " and ",
+              second.sizes());
+}
+
 }  // namespace annkernels
