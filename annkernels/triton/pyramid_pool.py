@@ -8,8 +8,11 @@ membership matrix M [H*W, S], built on chip from index arithmetic, so the work r
   forward   out[c, t]  = sum_p x[c, p] * M[p, t] / area[t]      (reads x once for all scales)
   backward  gin[c, p]  = sum_t (g[c, t] / area[t]) * M[p, t]    (a gather: each pixel written once)
 
-When B * C channel blocks cannot fill the GPU, the forward also splits each plane's pixels over
-programs, which write fp32 partial averages that a second kernel adds in split order (deterministic).
+The forward takes one or two feature maps of the same B, H, W and dtype (an attention block's key and
+value inputs, with their own C and strides) in one launch: its programs are the channel blocks of the
+first map, then those of the second. A single map is the same kernel with an empty second map (C2 = 0).
+When the channel blocks cannot fill the GPU, the forward also splits each plane's pixels over programs,
+which write fp32 partial averages that a second kernel adds in split order (deterministic).
 M is exact in every dtype. fp32 products use the "tf32x3" split (fp32-accurate on tensor cores),
 fp64 uses plain FMA ("ieee"), fp16/bf16 feed tensor cores directly (the backward rounds g / area to
 the input dtype for that); accumulation is fp32 (fp64 for fp64). Offsets are int64, so feature maps
@@ -65,30 +68,55 @@ _FORWARD_CONFIGS = [
 ]
 
 
-@autotune(configs=_FORWARD_CONFIGS, key=["C", "H", "W", "BLOCK_S"])
+# Keyed on both channel counts: how the programs divide between the maps, and the pixel splits, differ
+# between a single map (C2 = 0) and a pair with the same total.
+@autotune(configs=_FORWARD_CONFIGS, key=["C1", "C2", "H", "W", "BLOCK_S"])
 @triton.jit
 def _pyramid_pool_forward_kernel(
-    x_ptr, out_ptr,  # x [B, C, H, W] any strides; out [B, num_splits, C, S] contiguous
-    C, H, W, S, PIXELS_PER_SPLIT,
-    stride_xb, stride_xc, stride_xh, stride_xw,
+    x1_ptr, out1_ptr,  # first map: x1 [B, C1, H, W] any strides; out1 [B, num_splits, C1, S] contiguous
+    x2_ptr, out2_ptr,  # second map, the same with C2 (C2 = 0: none; the pointers are then unused)
+    B, C1, C2, H, W, S, PIXELS_PER_SPLIT,
+    stride_1b, stride_1c, stride_1h, stride_1w,
+    stride_2b, stride_2c, stride_2h, stride_2w,
     SCALES: tl.constexpr,  # tuple of pool sizes, S = sum(s*s)
     BLOCK_S: tl.constexpr,  # >= S, >= 16
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,  # pixels (flattened h*W + w) per step
     INTERPRET: tl.constexpr,
 ):
-    # Grid: (B * cdiv(C, BLOCK_C), num_splits). Program (bc, split) owns BLOCK_C channel planes of one
-    # image, streams pixels [split * PIXELS_PER_SPLIT, +PIXELS_PER_SPLIT) once and keeps the bin
-    # averages over them, all S bins, [BLOCK_C, BLOCK_S] in registers.
+    # Grid: (B * (cdiv(C1, BLOCK_C) + cdiv(C2, BLOCK_C)), num_splits). Program (bc, split) owns BLOCK_C
+    # channel planes of one image of one map, streams pixels [split * PIXELS_PER_SPLIT, +PIXELS_PER_SPLIT)
+    # once and keeps the bin averages over them, all S bins, [BLOCK_C, BLOCK_S] in registers.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
+    first_programs = B * tl.cdiv(C1, BLOCK_C)
+    # One uniform branch picks the map; the pixel loop below is shared, so the kernel holds one copy of it.
+    # The casts give both branches the same types (an argument equal to 1 arrives as a constant).
+    if pid < first_programs:
+        x_ptr = x1_ptr
+        out_ptr = out1_ptr
+        C = tl.cast(C1, tl.int32)
+        block = pid
+        stride_xb = tl.cast(stride_1b, tl.int64)
+        stride_xc = tl.cast(stride_1c, tl.int64)
+        stride_xh = tl.cast(stride_1h, tl.int64)
+        stride_xw = tl.cast(stride_1w, tl.int64)
+    else:
+        x_ptr = x2_ptr
+        out_ptr = out2_ptr
+        C = tl.cast(C2, tl.int32)
+        block = pid - first_programs
+        stride_xb = tl.cast(stride_2b, tl.int64)
+        stride_xc = tl.cast(stride_2c, tl.int64)
+        stride_xh = tl.cast(stride_2h, tl.int64)
+        stride_xw = tl.cast(stride_2w, tl.int64)
     num_cblocks = tl.cdiv(C, BLOCK_C)
-    b = (pid // num_cblocks).to(tl.int64)
-    c = (pid % num_cblocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = (block // num_cblocks).to(tl.int64)
+    c = (block % num_cblocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     t = tl.arange(0, BLOCK_S)
     hs, he, ws, we = _bin_bounds(t, H, W, SCALES)
-    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc_dtype = tl.float64 if x1_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_dtype)
 
     x_rows = x_ptr + b * stride_xb + c[:, None] * stride_xc
@@ -168,37 +196,70 @@ def _pyramid_block(scales) -> tuple[tuple[int, ...], int, int]:
     return scales, size, padded_block(size)
 
 
+def _forward(inputs: tuple[torch.Tensor, ...], scales: list[int]) -> tuple[torch.Tensor, ...]:
+    """Pyramid pooling of one or two maps [B, Ci, H, W] (same B, H, W, dtype, device) in one kernel launch."""
+    scales, size, block_s = _pyramid_block(scales)
+    first = inputs[0]
+    batch, _, height, width = first.shape
+    assert len(inputs) in (1, 2)
+    assert all(x.shape[0] == batch and x.shape[2:] == first.shape[2:] and x.dtype == first.dtype
+               and x.device == first.device for x in inputs), "validated by annkernels.ops"
+    channels = [x.shape[1] for x in inputs]
+    outs = tuple(torch.empty((batch, c, size), dtype=first.dtype, device=first.device) for c in channels)
+    if all(out.numel() == 0 for out in outs):
+        return outs
+    # (A map with C = 0 beside a non-empty one simply gets no programs.)
+    pixels = height * width
+    # Programs from (image, map, channel block) alone, counted with the widest BLOCK_C: both maps fill the
+    # GPU together, so a pair splits its pixels no more than either map alone would.
+    widest = max(c.kwargs["BLOCK_C"] for c in _FORWARD_CONFIGS)
+    programs = batch * sum(triton.cdiv(c, widest) for c in channels)
+    num_splits = max(1, min(triton.cdiv(target_programs(first.device), programs), pixels // _MIN_PIXELS_PER_SPLIT))
+    pixels_per_split = triton.cdiv(triton.cdiv(pixels, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    num_splits = triton.cdiv(pixels, pixels_per_split)
+    if num_splits == 1:
+        partials = outs
+    else:
+        partial_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        partials = tuple(torch.empty((batch, num_splits, c, size), dtype=partial_dtype, device=first.device)
+                         for c in channels)
+    # A single map runs as a pair with an empty second map: C2 = 0 gives it no programs, and its pointers
+    # and strides (the first map's again) are never used.
+    second, second_partial, second_channels = (inputs[1], partials[1], channels[1]) if len(inputs) == 2 \
+        else (first, partials[0], 0)
+
+    def grid(meta):
+        return (batch * (triton.cdiv(channels[0], meta["BLOCK_C"]) + triton.cdiv(second_channels, meta["BLOCK_C"])),
+                num_splits)
+
+    _pyramid_pool_forward_kernel[grid](
+        first, partials[0], second, second_partial,
+        batch, channels[0], second_channels, height, width, size, pixels_per_split,
+        *first.stride(), *second.stride(),
+        SCALES=scales, BLOCK_S=block_s, INTERPRET=INTERPRET,
+    )
+    if num_splits == 1:
+        return outs
+    # Each split already divided by the bin area; adding them in split order stays deterministic. One
+    # reduction launch per map: the partials are small next to the maps, and each map's output is its
+    # own contiguous tensor.
+    return tuple(sum_chunks(partial, out) for partial, out in zip(partials, outs, strict=True))
+
+
 def pyramid_pool_forward(input: torch.Tensor, scales: list[int]) -> torch.Tensor:
     """Pyramid pooling of ``input`` [B, C, H, W] (any strides) -> [B, C, S] contiguous, S = sum(s*s).
 
     Equals ``torch.cat([F.adaptive_avg_pool2d(input, s).flatten(2) for s in scales], 2)``.
     """
-    scales, size, block_s = _pyramid_block(scales)
-    batch, channels, height, width = input.shape
-    out = torch.empty((batch, channels, size), dtype=input.dtype, device=input.device)
-    if out.numel() == 0:
-        return out
-    pixels = height * width
-    # Programs from (image, channel block) alone, counted with the widest BLOCK_C.
-    programs = batch * triton.cdiv(channels, max(c.kwargs["BLOCK_C"] for c in _FORWARD_CONFIGS))
-    num_splits = max(1, min(triton.cdiv(target_programs(input.device), programs), pixels // _MIN_PIXELS_PER_SPLIT))
-    pixels_per_split = triton.cdiv(triton.cdiv(pixels, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    num_splits = triton.cdiv(pixels, pixels_per_split)
-    if num_splits == 1:
-        partial = out
-    else:
-        partial_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-        partial = torch.empty((batch, num_splits, channels, size), dtype=partial_dtype, device=input.device)
+    return _forward((input,), scales)[0]
 
-    def grid(meta):
-        return (batch * triton.cdiv(channels, meta["BLOCK_C"]), num_splits)
 
-    _pyramid_pool_forward_kernel[grid](
-        input, partial, channels, height, width, size, pixels_per_split, *input.stride(),
-        SCALES=scales, BLOCK_S=block_s, INTERPRET=INTERPRET,
-    )
-    # Each split already divided by the bin area; adding them in split order stays deterministic.
-    return out if num_splits == 1 else sum_chunks(partial, out)
+def pyramid_pool_pair_forward(first: torch.Tensor, second: torch.Tensor,
+                              scales: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value pooling of one block in one launch: :func:`pyramid_pool_forward` of ``first``
+    [B, C1, H, W] and of ``second`` [B, C2, H, W] (same B, H, W, dtype and device; any strides each)
+    -> ([B, C1, S], [B, C2, S]), both contiguous."""
+    return _forward((first, second), scales)
 
 
 def pyramid_pool_backward(grad_output: torch.Tensor, scales: list[int], height: int, width: int) -> torch.Tensor:
