@@ -1,6 +1,8 @@
-"""annkernels.triton.pyramid_pool.pyramid_pool_pair_forward: an attention block's key and value maps pooled
-in one launch of the forward kernel, each against the reference (adaptive_avg_pool2d per scale + cat) and
-against the single-map launcher, on CPU in the Triton interpreter (and on CUDA where there is one)."""
+"""annkernels.triton.pyramid_pool.pyramid_pool_pair_forward / pyramid_pool_pair_backward: an attention
+block's key and value maps pooled, and their gradients gathered back, in one launch of the forward or
+backward kernel; each map against the reference (adaptive_avg_pool2d per scale + cat, and its autograd
+gradient) and against the single-map launcher, on CPU in the Triton interpreter (and on CUDA where there
+is one)."""
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 import annkernels
 from annkernels.ops import reference
 
-from conftest import DEVICES, assert_close, assert_within_reference_error
+from conftest import DEVICES, assert_close, assert_within_reference_error, poisoned_outputs
 
 triton = pytest.importorskip("triton")
 
@@ -161,3 +163,121 @@ def test_pair_grid_covers_both_maps(device, launches):
     forward, _ = launches
     # 2 images x (2 + 3) blocks of 32 channels, or 2 x (1 + 2) of 64.
     assert forward.launches == 1 and forward.grids[-1] in ((10, 1), (6, 1))
+
+
+# ---- backward ----
+
+# How the gradient of each map arrives: autograd hands the backward transposed gradients (a transpose
+# downstream), offset views, and stride-0 expansions (the gradient of a sum or of a broadcast).
+GRAD_LAYOUTS = [("contiguous", "transposed"), ("transposed", "expanded"), ("sliced", "broadcast"),
+                ("expanded", "contiguous")]
+GRAD_TOLERANCE = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+
+
+def _make_grad(shape, layout, dtype, device):
+    batch, channels, size = shape
+
+    def randn(*dims):
+        return torch.randn(dims, device=device, dtype=torch.float64).to(dtype)
+
+    if layout == "transposed":
+        return randn(batch, size, channels).transpose(1, 2)
+    if layout == "sliced":
+        return randn(batch, channels + 2, size + 3)[:, 1:channels + 1, 2:size + 2]
+    if layout == "expanded":  # every stride 0
+        return randn().expand(batch, channels, size)
+    if layout == "broadcast":  # stride 0 over images and channels only
+        return randn(1, 1, size).expand(batch, channels, size)
+    return randn(batch, channels, size)
+
+
+def _check_grad(actual, grad, height, width, scales, name):
+    """``actual`` against autograd's gradient of the reference pooling of a [B, C, height, width] map."""
+    batch, channels, _ = grad.shape
+    assert actual.shape == (batch, channels, height, width), f"{name}: shape {tuple(actual.shape)}"
+    assert actual.is_contiguous(), f"{name}: not contiguous"
+    assert actual.dtype == grad.dtype and actual.device == grad.device
+    assert not torch.isnan(actual).any(), f"{name}: NaN elements (unwritten?)"
+
+    def reference_grad(dtype):
+        x = torch.zeros((batch, channels, height, width), device=grad.device, dtype=dtype, requires_grad=True)
+        (gradient,) = torch.autograd.grad(reference.pyramid_pool(x, list(scales)), x, grad.to(dtype))
+        return gradient
+
+    oracle = reference_grad(torch.float64)
+    if grad.dtype in GRAD_TOLERANCE:
+        assert_close(actual, oracle, name=name, **GRAD_TOLERANCE[grad.dtype])
+    else:
+        assert_within_reference_error(actual, reference_grad(grad.dtype), oracle, name)
+
+
+@pytest.fixture
+def backward_launches(monkeypatch):
+    """The backward kernel, counted."""
+    from annkernels.triton import pyramid_pool
+
+    backward = _CountedKernel(pyramid_pool._pyramid_pool_backward_kernel)
+    monkeypatch.setattr(pyramid_pool, "_pyramid_pool_backward_kernel", backward)
+    return backward
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layouts", GRAD_LAYOUTS, ids="-".join)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pair_backward_matches_reference_and_single_maps(device, dtype, layouts, shape, backward_launches):
+    from annkernels.triton import pyramid_pool
+
+    batch, c1, c2, height, width = shape
+    size = sum(s * s for s in SCALES)
+    grad_first = _make_grad((batch, c1, size), layouts[0], dtype, device)
+    grad_second = _make_grad((batch, c2, size), layouts[1], dtype, device)
+    with poisoned_outputs():
+        gin1, gin2 = pyramid_pool.pyramid_pool_pair_backward(grad_first, grad_second, list(SCALES), height, width)
+    assert backward_launches.launches == 1
+
+    _check_grad(gin1, grad_first, height, width, SCALES, "grad_first")
+    _check_grad(gin2, grad_second, height, width, SCALES, "grad_second")
+    with poisoned_outputs():
+        alone = [pyramid_pool.pyramid_pool_backward(g, list(SCALES), height, width)
+                 for g in (grad_first, grad_second)]
+    for gathered, single, name in zip((gin1, gin2), alone, ("grad_first", "grad_second"), strict=True):
+        if _bitwise_comparable():
+            assert torch.equal(gathered, single), f"{name}: differs from pyramid_pool_backward alone"
+        else:
+            assert_close(gathered, single, name=name, atol=0, rtol=1e-6 if dtype != torch.bfloat16 else 1e-2)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_single_map_backward_is_the_same_kernel_with_an_empty_second_map(device, backward_launches):
+    from annkernels.triton import pyramid_pool
+
+    grad = _make_grad((2, 40, 110), "transposed", torch.float32, device)
+    with poisoned_outputs():
+        gin = pyramid_pool.pyramid_pool_backward(grad, list(SCALES), 9, 11)
+    # Channel blocks of the first map only (32 channels by 64 pixels, or 16 by 128): none for the second.
+    assert backward_launches.launches == 1 and backward_launches.grids[-1] in ((4, 2), (6, 1))
+    _check_grad(gin, grad, 9, 11, SCALES, "grad")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_pair_backward_grid_covers_both_maps(device, backward_launches):
+    from annkernels.triton import pyramid_pool
+
+    grads = [_make_grad((2, c, 110), "contiguous", torch.float32, device) for c in (40, 70)]
+    pyramid_pool.pyramid_pool_pair_backward(*grads, list(SCALES), 9, 11)
+    # 2 images x (2 + 3) blocks of 32 channels by 2 blocks of 64 pixels, or 2 x (3 + 5) of 16 by 1 of 128.
+    assert backward_launches.launches == 1 and backward_launches.grids[-1] in ((10, 2), (16, 1))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_pair_backward_with_an_empty_map(device, backward_launches):
+    # A map with no channels gets no programs; the other map's gradient is still complete.
+    from annkernels.triton import pyramid_pool
+
+    grad_first = _make_grad((2, 0, 110), "contiguous", torch.float32, device)
+    grad_second = _make_grad((2, 3, 110), "transposed", torch.float32, device)
+    with poisoned_outputs():
+        gin1, gin2 = pyramid_pool.pyramid_pool_pair_backward(grad_first, grad_second, list(SCALES), 9, 11)
+    assert backward_launches.launches == 1 and gin1.shape == (2, 0, 9, 11)
+    _check_grad(gin2, grad_second, 9, 11, SCALES, "grad_second")

@@ -8,9 +8,10 @@ membership matrix M [H*W, S], built on chip from index arithmetic, so the work r
   forward   out[c, t]  = sum_p x[c, p] * M[p, t] / area[t]      (reads x once for all scales)
   backward  gin[c, p]  = sum_t (g[c, t] / area[t]) * M[p, t]    (a gather: each pixel written once)
 
-The forward takes one or two feature maps of the same B, H, W and dtype (an attention block's key and
-value inputs, with their own C and strides) in one launch: its programs are the channel blocks of the
-first map, then those of the second. A single map is the same kernel with an empty second map (C2 = 0).
+Each direction takes one or two feature maps of the same B, H, W and dtype (an attention block's key
+and value inputs, with their own C and strides; in the backward, their pooled gradients) in one launch:
+its programs are the channel blocks of the first map, then those of the second. A single map is the same
+kernel with an empty second map (C2 = 0).
 When the channel blocks cannot fill the GPU, the forward also splits each plane's pixels over programs,
 which write fp32 partial averages that a second kernel adds in split order (deterministic).
 M is exact in every dtype. fp32 products use the "tf32x3" split (fp32-accurate on tensor cores),
@@ -146,31 +147,54 @@ _BACKWARD_CONFIGS = [
 ]
 
 
-@autotune(configs=_BACKWARD_CONFIGS, key=["C", "H", "W", "BLOCK_S"])
+# Keyed on both channel counts, as the forward: the programs divide differently between the maps.
+@autotune(configs=_BACKWARD_CONFIGS, key=["C1", "C2", "H", "W", "BLOCK_S"])
 @triton.jit
 def _pyramid_pool_backward_kernel(
-    grad_out_ptr, grad_in_ptr,  # grad_out [B, C, S] any strides; grad_in [B, C, H, W] contiguous
-    C, H, W, S,
-    stride_gb, stride_gc, stride_gs,
+    g1_ptr, gin1_ptr,  # first map: g1 [B, C1, S] any strides; gin1 [B, C1, H, W] contiguous
+    g2_ptr, gin2_ptr,  # second map, the same with C2 (C2 = 0: none; the pointers are then unused)
+    B, C1, C2, H, W, S,
+    stride_1b, stride_1c, stride_1s,
+    stride_2b, stride_2c, stride_2s,
     SCALES: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    # Grid: (B * cdiv(C, BLOCK_C), cdiv(H*W, BLOCK_P)). Each program gathers the pyramid gradient of
-    # BLOCK_C channels into BLOCK_P pixels and writes them once: no atomics, fixed summation order.
+    # Grid: (B * (cdiv(C1, BLOCK_C) + cdiv(C2, BLOCK_C)), cdiv(H*W, BLOCK_P)). Each program gathers the
+    # pyramid gradient of BLOCK_C channels of one image of one map into BLOCK_P pixels and writes them
+    # once: no atomics, fixed summation order.
     pid_bc = tl.program_id(0)
     pid_p = tl.program_id(1)
+    first_programs = B * tl.cdiv(C1, BLOCK_C)
+    # One uniform branch picks the map, so the gather below exists once; the casts give both branches the
+    # same types (an argument equal to 1, a channel count or a stride, arrives as a constant).
+    if pid_bc < first_programs:
+        g_ptr = g1_ptr
+        gin_ptr = gin1_ptr
+        C = tl.cast(C1, tl.int32)
+        block = pid_bc
+        stride_gb = tl.cast(stride_1b, tl.int64)
+        stride_gc = tl.cast(stride_1c, tl.int64)
+        stride_gs = tl.cast(stride_1s, tl.int64)
+    else:
+        g_ptr = g2_ptr
+        gin_ptr = gin2_ptr
+        C = tl.cast(C2, tl.int32)
+        block = pid_bc - first_programs
+        stride_gb = tl.cast(stride_2b, tl.int64)
+        stride_gc = tl.cast(stride_2c, tl.int64)
+        stride_gs = tl.cast(stride_2s, tl.int64)
     num_cblocks = tl.cdiv(C, BLOCK_C)
-    b = (pid_bc // num_cblocks).to(tl.int64)
-    c = (pid_bc % num_cblocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = (block // num_cblocks).to(tl.int64)
+    c = (block % num_cblocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     t = tl.arange(0, BLOCK_S)
     hs, he, ws, we = _bin_bounds(t, H, W, SCALES)
-    dtype = grad_out_ptr.dtype.element_ty
+    dtype = g1_ptr.dtype.element_ty
     acc_dtype = tl.float64 if dtype == tl.float64 else tl.float32
 
-    g = tl.load(grad_out_ptr + b * stride_gb + c[:, None] * stride_gc + t[None, :].to(tl.int64) * stride_gs,
+    g = tl.load(g_ptr + b * stride_gb + c[:, None] * stride_gc + t[None, :].to(tl.int64) * stride_gs,
                 mask=(c[:, None] < C) & (t[None, :] < S), other=0.0).to(acc_dtype)
     area = ((he - hs) * (we - ws)).to(acc_dtype)
     # Rounded back to the input dtype, so that fp16/bf16 products run on tensor cores in one pass (M is
@@ -184,8 +208,8 @@ def _pyramid_pool_backward_kernel(
         & (ws[:, None] <= w[None, :]) & (w[None, :] < we[:, None])
     grad_in = _membership_dot(g, member_t, tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_dtype), INTERPRET)
     plane = tl.cast(H, tl.int64) * W
-    tl.store(grad_in_ptr + (b * C + c[:, None]) * plane + p[None, :],
-             grad_in.to(grad_in_ptr.dtype.element_ty),
+    tl.store(gin_ptr + (b * C + c[:, None]) * plane + p[None, :],
+             grad_in.to(gin_ptr.dtype.element_ty),
              mask=(c[:, None] < C) & (p[None, :] < plane))
 
 
@@ -262,21 +286,49 @@ def pyramid_pool_pair_forward(first: torch.Tensor, second: torch.Tensor,
     return _forward((first, second), scales)
 
 
+def _backward(grads: tuple[torch.Tensor, ...], scales: list[int], height: int,
+              width: int) -> tuple[torch.Tensor, ...]:
+    """Gradients of one or two pooled maps [B, Ci, S] (same B, dtype, device) -> [B, Ci, height, width]
+    each, contiguous, in one kernel launch."""
+    scales, size, block_s = _pyramid_block(scales)
+    first = grads[0]
+    batch = first.shape[0]
+    assert len(grads) in (1, 2)
+    assert all(g.dim() == 3 and g.shape[0] == batch and g.dtype == first.dtype and g.device == first.device
+               for g in grads), "validated by annkernels.ops"
+    assert all(g.shape[2] == size for g in grads), "grad_output's last dim must equal sum(s*s)"
+    channels = [g.shape[1] for g in grads]
+    grad_inputs = tuple(torch.empty((batch, c, height, width), dtype=first.dtype, device=first.device)
+                        for c in channels)
+    if all(gin.numel() == 0 for gin in grad_inputs):
+        return grad_inputs
+    # As in _forward: a single map is a pair whose empty second map (C2 = 0, the first map's tensors and
+    # strides again) gets no programs, and a map with C = 0 beside a non-empty one gets none either.
+    second, second_gin, second_channels = (grads[1], grad_inputs[1], channels[1]) if len(grads) == 2 \
+        else (first, grad_inputs[0], 0)
+
+    def grid(meta):
+        return (batch * (triton.cdiv(channels[0], meta["BLOCK_C"]) + triton.cdiv(second_channels, meta["BLOCK_C"])),
+                triton.cdiv(height * width, meta["BLOCK_P"]))
+
+    _pyramid_pool_backward_kernel[grid](
+        first, grad_inputs[0], second, second_gin,
+        batch, channels[0], second_channels, height, width, size,
+        *first.stride(), *second.stride(),
+        SCALES=scales, BLOCK_S=block_s, INTERPRET=INTERPRET,
+    )
+    return grad_inputs
+
+
 def pyramid_pool_backward(grad_output: torch.Tensor, scales: list[int], height: int, width: int) -> torch.Tensor:
     """Gradient of :func:`pyramid_pool_forward`: ``grad_output`` [B, C, S] (any strides) -> [B, C, H, W]
     contiguous; each pixel sums, over scales, the gradients of the bins that contain it / bin area."""
-    scales, size, block_s = _pyramid_block(scales)
-    batch, channels, grad_size = grad_output.shape
-    assert grad_size == size, "grad_output's last dim must equal sum(s*s)"
-    grad_input = torch.empty((batch, channels, height, width), dtype=grad_output.dtype, device=grad_output.device)
-    if grad_input.numel() == 0:
-        return grad_input
+    return _backward((grad_output,), scales, height, width)[0]
 
-    def grid(meta):
-        return (batch * triton.cdiv(channels, meta["BLOCK_C"]), triton.cdiv(height * width, meta["BLOCK_P"]))
 
-    _pyramid_pool_backward_kernel[grid](
-        grad_output, grad_input, channels, height, width, size, *grad_output.stride(),
-        SCALES=scales, BLOCK_S=block_s, INTERPRET=INTERPRET,
-    )
-    return grad_input
+def pyramid_pool_pair_backward(grad_first: torch.Tensor, grad_second: torch.Tensor, scales: list[int],
+                               height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of :func:`pyramid_pool_pair_forward` in one launch: :func:`pyramid_pool_backward` of
+    ``grad_first`` [B, C1, S] and of ``grad_second`` [B, C2, S] (same B, dtype and device; any strides each,
+    stride 0 included) -> ([B, C1, height, width], [B, C2, height, width]), both contiguous."""
+    return _backward((grad_first, grad_second), scales, height, width)
