@@ -2,7 +2,9 @@
 
 Providers: every annkernels backend usable on the device (the "reference" backend is mmsegmentation's
 PPMConcat path), and the plain-PyTorch peer "torch_pool_cat": four F.adaptive_avg_pool2d + cat, written
-here so it does not depend on annkernels at all.
+here so it does not depend on annkernels at all. "<backend>_pair" pools the same channels as two maps of
+C/2 with `pyramid_pool_pair`, as APNB/AFNB pool a key map and a value source: next to "<backend>" (one map
+of C, the same bytes in one launch) it shows what taking two maps in one launch costs.
 """
 
 from __future__ import annotations
@@ -59,6 +61,22 @@ def _backend_provider(name: str) -> Provider:
     return Provider(name, make)
 
 
+def _pair_provider(name: str) -> Provider:
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        import annkernels
+
+        channels = shape.dims["C"]
+        first = _input(dict(shape.dims, C=channels - channels // 2), dtype, device)
+        second = _input(dict(shape.dims, C=channels // 2), dtype, device)
+        return Workload(
+            autograd_passes(lambda: annkernels.pyramid_pool_pair(first, second, SCALES, backend=name),
+                            [first, second]),
+            bytes=_bytes_model(shape.dims, dtype),
+        )
+
+    return Provider(f"{name}_pair", make)
+
+
 def _make_pool_cat(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
     if device.type == "cpu" and dtype == torch.float16:
         raise Unsupported("adaptive_avg_pool2d float16 on CPU is not a meaningful baseline")
@@ -67,7 +85,11 @@ def _make_pool_cat(shape: Shape, dtype: torch.dtype, device: torch.device) -> Wo
 
 
 def providers(device: str) -> list:
-    return [_backend_provider(name) for name in registered_backends(device)] + [
+    from annkernels.ops.pyramid_pool import PAIR_BACKENDS
+
+    backends = registered_backends(device)
+    return [_backend_provider(name) for name in backends] + [
+        _pair_provider(name) for name in backends if name in PAIR_BACKENDS] + [
         Provider("torch_pool_cat", _make_pool_cat, kind="peer")
     ]
 

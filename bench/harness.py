@@ -156,9 +156,15 @@ class Row:
 # Workload helpers
 
 
-def autograd_passes(forward: Callable[[], torch.Tensor], wrt: Sequence[torch.Tensor]) -> dict:
+def _random_like(out):
+    """A random gradient for an output: a tensor, or a tuple of them (an op with several outputs)."""
+    return tuple(torch.randn_like(t) for t in out) if isinstance(out, tuple) else torch.randn_like(out)
+
+
+def autograd_passes(forward: Callable[[], Any], wrt: Sequence[torch.Tensor]) -> dict:
     """fwd (no_grad), bwd (the graph built once, replayed with retain_graph) and full (forward + backward)
-    pass factories. Gradients go through torch.autograd.grad, so nothing accumulates between calls."""
+    pass factories for a forward returning a tensor or a tuple of tensors. Gradients go through
+    torch.autograd.grad, so nothing accumulates between calls."""
     wrt = list(wrt)
 
     def fwd():
@@ -170,12 +176,12 @@ def autograd_passes(forward: Callable[[], torch.Tensor], wrt: Sequence[torch.Ten
 
     def bwd():
         out = forward()
-        grad_out = torch.randn_like(out)
+        grad_out = _random_like(out)
         return lambda: torch.autograd.grad(out, wrt, grad_out, retain_graph=True)
 
     def full():
         with torch.no_grad():
-            grad_out = torch.randn_like(forward())
+            grad_out = _random_like(forward())
         return lambda: torch.autograd.grad(forward(), wrt, grad_out)
 
     return {"fwd": fwd, "bwd": bwd, "full": full}

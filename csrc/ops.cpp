@@ -19,8 +19,11 @@ TORCH_LIBRARY(annkernels, m) {
   // input [B, C, H, W] (any strides) -> [B, C, S], S = sum(s * s), adaptive-average bins per scale.
   m.def("_pyramid_pool_forward(Tensor input, int[] scales) -> Tensor");
   // Two maps of one batch and size (APNB/AFNB: the key map and the value source) -> the forward of each,
-  // in one pass; the CUDA kernel pools both in one launch. The backward is _pyramid_pool_backward per map.
+  // and their two gradients -> the backward of each, in one pass; one launch on the GPU.
   m.def("_pyramid_pool_pair_forward(Tensor first, Tensor second, int[] scales) -> (Tensor, Tensor)");
+  m.def(
+      "_pyramid_pool_pair_backward(Tensor grad_first, Tensor grad_second, int[] scales, SymInt height, SymInt width) "
+      "-> (Tensor, Tensor)");
   // grad_output [B, C, S] -> grad_input [B, C, height, width], contiguous.
   m.def("_pyramid_pool_backward(Tensor grad_output, int[] scales, SymInt height, SymInt width) -> Tensor");
   // query [B, N, Dk], key [B, S, Dk], value [B, S, Dv] -> (out [B, N, Dv], softmax_state).

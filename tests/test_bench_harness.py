@@ -229,11 +229,13 @@ def test_pytest_benchmark_flag_runs_the_bench_and_prints_ratios(tmp_path):
     group = "pyramid_pool[small_kv-B1-C512-H32-W64-fp32-cpu-fwd]"
     assert f"benchmark '{group}'" in stdout  # pytest-benchmark's table, one group per competing set
     summary = stdout[stdout.index("x ref: median over interleaved rounds"):]
-    assert re.search(rf"^{re.escape(group)}\s+cpu \d+(\.\d+)?\s+composite \d+(\.\d+)?\s+torch_pool_cat \d", summary,
-                     re.MULTILINE), summary
+    number = r"\d+(\.\d+)?"
+    providers = r"\s+".join(f"{name} {number}" for name in ("cpu", "composite", "cpu_pair", "torch_pool_cat"))
+    assert re.search(rf"^{re.escape(group)}\s+{providers}", summary, re.MULTILINE), summary
     cases = {bench["name"]: bench for bench in json.loads(saved.read_text())["benchmarks"]}
     ids = group[len("pyramid_pool["):-1]
-    assert set(cases) == {f"test_pyramid_pool[{ids}-{p}]" for p in ("reference", "cpu", "composite", "torch_pool_cat")}
+    providers = ("reference", "cpu", "composite", "cpu_pair", "torch_pool_cat")
+    assert set(cases) == {f"test_pyramid_pool[{ids}-{p}]" for p in providers}
     for bench in cases.values():
         assert bench["group"] == group and bench["extra_info"]["peak_mib"] >= 0
         assert bench["stats"]["rounds"] >= 2

@@ -261,7 +261,7 @@ def test_pyramid_pool_strided_grad_output_and_determinism(emulator):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 3, 2, 9, 11), (2, 20, 5, 13, 7)], ids=["B1-9x11", "B2-13x7"])
-def test_pyramid_pool_pair_is_one_launch_equal_to_each_map(emulator, shape, dtype):
+def test_pyramid_pool_pair_is_one_launch_per_direction_equal_to_each_map(emulator, shape, dtype):
     # The key map (NCHW) and the value source (channels_last, an offset view: its own tiling) in one grid.
     batch, first_channels, second_channels, height, width = shape
     emulator.configure(order="shuffle", seed=5)
@@ -271,10 +271,21 @@ def test_pyramid_pool_pair_is_one_launch_equal_to_each_map(emulator, shape, dtyp
     emulator.launches.clear()
     outs = emulator.pyramid_pair_forward(first, second, scales=(1, 3, 6, 8))
     assert [launch.kernel.split("<")[0].split()[-1] for launch in emulator.launches] == ["pyramid_pool_forward_kernel"]
-    for x, out in zip((first, second), outs, strict=True):
+    # Gradients as autograd hands them: one transposed, one expanded from a scalar (stride 0).
+    grads = (torch.randn(batch, 110, first_channels, dtype=dtype).transpose(1, 2),
+             torch.randn((), dtype=dtype).expand(batch, second_channels, 110))
+    emulator.launches.clear()
+    grad_inputs = emulator.pyramid_pair_backward(*grads, scales=(1, 3, 6, 8), height=height, width=width)
+    assert [launch.kernel.split("<")[0].split()[-1] for launch in emulator.launches] == ["pyramid_pool_backward_kernel"]
+    tolerance = POOL_TOLERANCE if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    for x, out, grad, grad_input in zip((first, second), outs, grads, grad_inputs, strict=True):
         assert torch.equal(out, emulator.pyramid_forward(x, (1, 3, 6, 8)))
-        assert_close(out, reference.pyramid_pool(x.double(), [1, 3, 6, 8]), name="out",
-                     **(POOL_TOLERANCE if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)))
+        assert torch.equal(grad_input, emulator.pyramid_backward(grad, (1, 3, 6, 8), height, width))
+        x64 = x.double().requires_grad_(True)
+        expected = reference.pyramid_pool(x64, [1, 3, 6, 8])
+        (expected_grad,) = torch.autograd.grad(expected, x64, grad.double())
+        assert_close(out, expected, name="out", **tolerance)
+        assert_close(grad_input, expected_grad, name="grad_input", **tolerance)
 
 
 def test_c_api_argtypes_come_from_the_launchers_signatures(emulator):

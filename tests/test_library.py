@@ -24,6 +24,8 @@ def test_opcheck_pyramid_pool_pair(device, backend):
     first = torch.randn(2, 3, 7, 5, device=device, requires_grad=True)
     second = torch.randn(2, 4, 7, 5, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
     torch.library.opcheck(torch.ops.annkernels.pyramid_pool_pair.default, (first, second, [1, 2, 3], backend))
+    grads = (torch.randn(2, 3, 14, device=device), torch.randn(2, 14, 4, device=device).transpose(1, 2))
+    torch.library.opcheck(torch.ops.annkernels.pyramid_pool_pair_grad.default, (*grads, [1, 2, 3], 7, 5, backend))
 
 
 @pytest.mark.parametrize("device, backend", KERNEL_BACKENDS)

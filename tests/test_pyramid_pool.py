@@ -204,12 +204,16 @@ def test_pair_float64_gradcheck_and_one_unused_output(device, backend):
 @pytest.mark.parametrize("device, backend", backend_cases())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pair_half_precision_equals_pooling_each_map(device, backend, dtype):
-    # The pair runs the single-map kernel's arithmetic on each map: the same bits.
+    # The pair runs the single-map kernels' arithmetic on each map: the same bits, both ways.
     first, second = _pair_inputs(device, (2, 8, 6, 31, 37), dtype)
     outs = annkernels.pyramid_pool_pair(first, second, backend=backend)
-    for x, out in zip((first, second), outs, strict=True):
-        assert out.dtype == dtype
-        assert torch.equal(out, annkernels.pyramid_pool(x, backend=backend))
+    grads_out = [torch.randn_like(out) for out in outs]
+    grads = torch.autograd.grad(outs, (first, second), grads_out)
+    for x, out, grad_out, grad in zip((first, second), outs, grads_out, grads, strict=True):
+        alone = annkernels.pyramid_pool(x, backend=backend)
+        assert out.dtype == grad.dtype == dtype
+        assert torch.equal(out, alone)
+        assert torch.equal(grad, torch.autograd.grad(alone, x, grad_out)[0])
 
 
 @pytest.mark.parametrize("device, backend", backend_cases())
@@ -238,9 +242,14 @@ def test_pair_bad_input_raises_clear_error(make_inputs, error, match):
 
 
 @pytest.mark.skipif("cpu" not in annkernels.available_backends("cpu"), reason="needs the C++ kernels")
-def test_pair_kernel_op_checks_its_maps():
+def test_pair_kernel_ops_check_their_maps():
     first = torch.randn(1, 2, 9, 11)
     with pytest.raises(RuntimeError, match="must share batch, height and width"):
         torch.ops.annkernels._pyramid_pool_pair_forward(first, torch.randn(1, 2, 9, 10), [1, 3])
     with pytest.raises(RuntimeError, match="same dtype"):
         torch.ops.annkernels._pyramid_pool_pair_forward(first, first.double(), [1, 3])
+    grad = torch.randn(1, 2, 10)
+    with pytest.raises(RuntimeError, match="must share the batch"):
+        torch.ops.annkernels._pyramid_pool_pair_backward(grad, torch.randn(2, 2, 10), [1, 3], 9, 11)
+    with pytest.raises(RuntimeError, match=r"must have shape \[B, C, 10\]"):
+        torch.ops.annkernels._pyramid_pool_pair_backward(grad, torch.randn(1, 2, 9), [1, 3], 9, 11)

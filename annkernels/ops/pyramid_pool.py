@@ -6,8 +6,8 @@ whose autograd formula calls `annkernels::pyramid_pool_grad`. Both forward to th
 stays in plain PyTorch.
 
 `pyramid_pool_pair` pools two maps of one size together (custom op `annkernels::pyramid_pool_pair`, whose
-autograd formula is `annkernels::pyramid_pool_grad` per map): APNB and AFNB pool the key map and the value
-source of a block that way, in one launch on the GPU backends.
+autograd formula calls `annkernels::pyramid_pool_pair_grad`): APNB and AFNB pool the key map and the value
+source of a block that way, one launch per direction on the GPU backends.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def pyramid_pool(x: torch.Tensor, scales: Sequence[int] = (1, 3, 6, 8), backend:
     return torch.ops.annkernels.pyramid_pool(x, scales, name)
 
 
-# Backends with a kernel that pools two maps in one pass (the CUDA and Triton kernels in one launch; the CPU
-# kernel shares the bin geometry). The others pool each map on its own, with the same results.
+# Backends with kernels that pool two maps, and take their gradients, in one pass (the CUDA and Triton kernels
+# in one launch per direction; the CPU kernels share the bin geometry). The others pool each map on its own, with the same results.
 PAIR_BACKENDS = ("cpu", "cuda", "triton")
 
 
@@ -120,9 +120,24 @@ def _setup_pair_context(ctx, inputs, output):
     ctx.height, ctx.width = first.shape[-2:]
 
 
+@torch.library.custom_op("annkernels::pyramid_pool_pair_grad", mutates_args=())
+def _pyramid_pool_pair_grad(grad_first: torch.Tensor, grad_second: torch.Tensor, scales: list[int], height: int,
+                            width: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernel(backend, "pyramid_pool_pair_backward")(grad_first, grad_second, scales, height, width)
+
+
+@_pyramid_pool_pair_grad.register_fake
+def _(grad_first, grad_second, scales, height, width, backend):
+    return (grad_first.new_empty((*grad_first.shape[:2], height, width)),
+            grad_second.new_empty((*grad_second.shape[:2], height, width)))
+
+
 def _pair_backward(ctx, grad_first, grad_second):
-    grads = [None if grad is None else _pyramid_pool_grad(grad, ctx.scales, ctx.height, ctx.width, ctx.backend)
-             for grad in (grad_first, grad_second)]
+    if grad_first is not None and grad_second is not None:
+        grads = _pyramid_pool_pair_grad(grad_first, grad_second, ctx.scales, ctx.height, ctx.width, ctx.backend)
+    else:  # one output did not reach the loss: its map gets no gradient
+        grads = [None if grad is None else _pyramid_pool_grad(grad, ctx.scales, ctx.height, ctx.width, ctx.backend)
+                 for grad in (grad_first, grad_second)]
     return *grads, None, None
 
 

@@ -295,7 +295,8 @@ at::Tensor pyramid_pool_forward_cpu(const at::Tensor& input, c10::IntArrayRef sc
                                        make_axis_segments(input.size(3), scales));
 }
 
-// Each map is one parallel pass, as on its own: a CPU pays no launch per map, so only the segments are shared.
+// Each map is one parallel pass, as on its own: a CPU pays no launch per map, so only the segments are shared
+// (here and in the pair backward).
 std::tuple<at::Tensor, at::Tensor> pyramid_pool_pair_forward_cpu(const at::Tensor& first, const at::Tensor& second,
                                                                  c10::IntArrayRef scales) {
   check_pyramid_pair_inputs(first, second);
@@ -307,11 +308,8 @@ std::tuple<at::Tensor, at::Tensor> pyramid_pool_pair_forward_cpu(const at::Tenso
           pyramid_pool_forward_segments(second, scales, rows, cols)};
 }
 
-at::Tensor pyramid_pool_backward_cpu(const at::Tensor& grad_output, c10::IntArrayRef scales, int64_t height,
-                                     int64_t width) {
-  check_pyramid_backward_inputs(grad_output, scales, height, width, at::Device(at::kCPU));
-  const AxisSegments rows = make_axis_segments(height, scales);
-  const AxisSegments cols = make_axis_segments(width, scales);
+at::Tensor pyramid_pool_backward_segments(const at::Tensor& grad_output, c10::IntArrayRef scales, int64_t height,
+                                         int64_t width, const AxisSegments& rows, const AxisSegments& cols) {
   at::Tensor grad_input =
       at::empty({grad_output.size(0), grad_output.size(1), height, width}, grad_output.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -320,12 +318,32 @@ at::Tensor pyramid_pool_backward_cpu(const at::Tensor& grad_output, c10::IntArra
   return grad_input;
 }
 
+at::Tensor pyramid_pool_backward_cpu(const at::Tensor& grad_output, c10::IntArrayRef scales, int64_t height,
+                                     int64_t width) {
+  check_pyramid_backward_inputs(grad_output, scales, height, width, at::Device(at::kCPU));
+  return pyramid_pool_backward_segments(grad_output, scales, height, width, make_axis_segments(height, scales),
+                                        make_axis_segments(width, scales));
+}
+
+std::tuple<at::Tensor, at::Tensor> pyramid_pool_pair_backward_cpu(const at::Tensor& grad_first,
+                                                                  const at::Tensor& grad_second,
+                                                                  c10::IntArrayRef scales, int64_t height,
+                                                                  int64_t width) {
+  ANNK_CHECK_DEVICE(grad_first, at::Device(at::kCPU));
+  check_pyramid_pair_backward_inputs(grad_first, grad_second, scales, height, width);
+  const AxisSegments rows = make_axis_segments(height, scales);
+  const AxisSegments cols = make_axis_segments(width, scales);
+  return {pyramid_pool_backward_segments(grad_first, scales, height, width, rows, cols),
+          pyramid_pool_backward_segments(grad_second, scales, height, width, rows, cols)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(annkernels, CPU, m) {
   m.impl("_pyramid_pool_forward", &pyramid_pool_forward_cpu);
   m.impl("_pyramid_pool_pair_forward", &pyramid_pool_pair_forward_cpu);
   m.impl("_pyramid_pool_backward", &pyramid_pool_backward_cpu);
+  m.impl("_pyramid_pool_pair_backward", &pyramid_pool_pair_backward_cpu);
 }
 
 }  // namespace annkernels

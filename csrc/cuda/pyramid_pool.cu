@@ -198,32 +198,47 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
   }
 }
 
-// Backward. Grid: one block per (batch, channel) plane; lanes run along width (coalesced writes), warps
+// One map of a backward launch.
+template <typename T>
+struct MapPlanes {
+  const T* grad_output;  // [batch, channels, S], any strides
+  int64_t stride_b, stride_c, stride_s;
+  T* grad_input;  // [batch, channels, height, width] contiguous
+  int channels;
+  int first_block;
+};
+
+template <typename T>
+struct BackwardMaps {
+  MapPlanes<T> first, second;  // as ForwardMaps
+};
+
+// Backward. Grid: one block per (map, batch, channel) plane; lanes run along width (coalesced writes), warps
 // over rows. Shared memory holds grad / area for every bin and, per scale, the first and last bin
 // index containing each row and each column, so a pixel's gather is a few table reads and adds.
 template <typename T>
 __global__ void __launch_bounds__(kPoolThreads)
-    pyramid_pool_backward_kernel(const T* __restrict__ grad_output, int64_t go_stride_b, int64_t go_stride_c,
-                                 int64_t go_stride_s, int channels, int height, int width, PyramidScales scales,
-                                 int num_bins, T* __restrict__ grad_input) {
+    pyramid_pool_backward_kernel(BackwardMaps<T> maps, int height, int width, PyramidScales scales, int num_bins) {
   using Acc = typename AccumulateType<T>::type;
+  const MapPlanes<T> map = blockIdx.x >= maps.second.first_block ? maps.second : maps.first;
+  const int block = static_cast<int>(blockIdx.x) - map.first_block;
   extern __shared__ __align__(16) unsigned char smem[];
   Acc* weighted = reinterpret_cast<Acc*>(smem);
   int2* row_bins = reinterpret_cast<int2*>(smem + align16(num_bins * sizeof(Acc)));
   int2* col_bins = row_bins + scales.count * height;
   __shared__ int sizes[kMaxPyramidScales];
 
-  const int b = blockIdx.x / channels;
-  const int c = blockIdx.x % channels;
+  const int b = block / map.channels;
+  const int c = block % map.channels;
   if (threadIdx.x == 0) {
     copy_sizes(scales, sizes);
   }
   __syncthreads();
-  const T* grad = grad_output + b * go_stride_b + c * go_stride_c;
+  const T* __restrict__ grad = map.grad_output + b * map.stride_b + c * map.stride_c;
   for (int q = threadIdx.x; q < num_bins; q += blockDim.x) {
     const BinBox box = bin_box(sizes, q, height, width);
     const Acc area = static_cast<Acc>((box.row_end - box.row_begin) * (box.col_end - box.col_begin));
-    weighted[q] = to_acc(grad[q * go_stride_s]) / area;
+    weighted[q] = to_acc(grad[q * map.stride_s]) / area;
   }
   // Bins of scale s containing index x of an axis of `length`: floor(x*s/length) .. ceil((x+1)*s/length)-1.
   for (int e = threadIdx.x; e < scales.count * (height + width); e += blockDim.x) {
@@ -239,7 +254,7 @@ __global__ void __launch_bounds__(kPoolThreads)
   }
   __syncthreads();
 
-  T* plane = grad_input + static_cast<int64_t>(blockIdx.x) * height * width;
+  T* __restrict__ plane = map.grad_input + static_cast<int64_t>(block) * height * width;
   const int lane = threadIdx.x % kWarpSize;
   for (int h = threadIdx.x / kWarpSize; h < height; h += kPoolWarps) {
     for (int w = lane; w < width; w += kWarpSize) {
@@ -334,19 +349,31 @@ cudaError_t launch_forward(const PoolMap* maps, int map_count, int64_t batch, in
 }
 
 template <typename T>
-cudaError_t launch_backward(ConstView3 grad_output, int64_t batch, int64_t channels, const PyramidScales& scales,
-                            int64_t height, int64_t width, void* grad_input, cudaStream_t stream) {
+cudaError_t launch_backward(const PoolMapGrad* maps, int map_count, int64_t batch, const PyramidScales& scales,
+                            int64_t height, int64_t width, cudaStream_t stream) {
   using Acc = typename AccumulateType<T>::type;
   const int num_bins = pyramid_bins(scales);
+  BackwardMaps<T> launch{};
+  MapPlanes<T>* planes[kMaxPoolMaps] = {&launch.first, &launch.second};
+  int64_t blocks = 0;
+  for (int m = 0; m < map_count; ++m) {
+    const ConstView3& grad = maps[m].grad_output;
+    *planes[m] = MapPlanes<T>{static_cast<const T*>(grad.data), grad.batch_stride, grad.row_stride, grad.col_stride,
+                              static_cast<T*>(maps[m].grad_input), static_cast<int>(maps[m].channels),
+                              static_cast<int>(blocks)};
+    blocks += batch * maps[m].channels;
+  }
+  if (map_count == 1) {
+    launch.second.first_block = static_cast<int>(blocks);  // no block reaches it
+  }
   const size_t smem = align16(num_bins * sizeof(Acc)) + static_cast<size_t>(scales.count) * (height + width) * sizeof(int2);
   cudaError_t status = allow_dynamic_smem(pyramid_pool_backward_kernel<T>, smem);
   if (status != cudaSuccess) {
     return status;
   }
-  return launch_kernel<pyramid_pool_backward_kernel<T>>(
-      static_cast<unsigned>(batch * channels), kPoolThreads, smem, stream, static_cast<const T*>(grad_output.data),
-      grad_output.batch_stride, grad_output.row_stride, grad_output.col_stride, static_cast<int>(channels),
-      static_cast<int>(height), static_cast<int>(width), scales, num_bins, static_cast<T*>(grad_input));
+  return launch_kernel<pyramid_pool_backward_kernel<T>>(static_cast<unsigned>(blocks), kPoolThreads, smem, stream,
+                                                        launch, static_cast<int>(height), static_cast<int>(width),
+                                                        scales, num_bins);
 }
 
 bool valid_extents(int64_t batch, int64_t channels, int64_t height, int64_t width) {
@@ -355,22 +382,27 @@ bool valid_extents(int64_t batch, int64_t channels, int64_t height, int64_t widt
          width <= kIntMax && batch * channels <= kIntMax;
 }
 
-}  // namespace
-
-cudaError_t pyramid_pool_forward(DType dtype, const PoolMap* maps, int map_count, int64_t batch, int64_t height,
-                                 int64_t width, const PyramidScales& scales, cudaStream_t stream) {
-  if (map_count < 1 || map_count > kMaxPoolMaps || !valid_scales(scales)) {
-    return cudaErrorInvalidValue;
+// 1 to kMaxPoolMaps maps with valid extents, and every map's blocks numbered by an int.
+template <typename Map>
+bool valid_maps(const Map* maps, int map_count, int64_t batch, int64_t height, int64_t width) {
+  if (map_count < 1 || map_count > kMaxPoolMaps) {
+    return false;
   }
   int64_t all_channels = 0;
   for (int m = 0; m < map_count; ++m) {
     if (!valid_extents(batch, maps[m].channels, height, width)) {
-      return cudaErrorInvalidValue;
+      return false;
     }
     all_channels += maps[m].channels;
   }
-  // Block indices of every map fit an int.
-  if (!valid_extents(batch, all_channels, height, width)) {
+  return valid_extents(batch, all_channels, height, width);
+}
+
+}  // namespace
+
+cudaError_t pyramid_pool_forward(DType dtype, const PoolMap* maps, int map_count, int64_t batch, int64_t height,
+                                 int64_t width, const PyramidScales& scales, cudaStream_t stream) {
+  if (!valid_scales(scales) || !valid_maps(maps, map_count, batch, height, width)) {
     return cudaErrorInvalidValue;
   }
   return dispatch_dtype<true>(dtype, [&](auto tag) {
@@ -378,17 +410,14 @@ cudaError_t pyramid_pool_forward(DType dtype, const PoolMap* maps, int map_count
   });
 }
 
-cudaError_t pyramid_pool_backward(DType dtype, ConstView3 grad_output, int64_t batch, int64_t channels,
-                                  const PyramidScales& scales, int64_t height, int64_t width, void* grad_input,
-                                  cudaStream_t stream) {
-  if (!valid_scales(scales) || !valid_extents(batch, channels, height, width)) {
+cudaError_t pyramid_pool_backward(DType dtype, const PoolMapGrad* maps, int map_count, int64_t batch,
+                                  const PyramidScales& scales, int64_t height, int64_t width, cudaStream_t stream) {
+  if (!valid_scales(scales) || !valid_maps(maps, map_count, batch, height, width)) {
     return cudaErrorInvalidValue;
   }
   return dispatch_dtype<true>(dtype, [&](auto tag) {
-    return launch_backward<typename decltype(tag)::type>(grad_output, batch, channels, scales, height, width,
-                                                         grad_input, stream);
+    return launch_backward<typename decltype(tag)::type>(maps, map_count, batch, scales, height, width, stream);
   });
 }
-
 }  // namespace cuda_kernels
 }  // namespace annkernels

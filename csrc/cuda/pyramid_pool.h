@@ -36,11 +36,18 @@ constexpr int kMaxPoolMaps = 2;
 cudaError_t pyramid_pool_forward(DType dtype, const PoolMap* maps, int map_count, int64_t batch, int64_t height,
                                  int64_t width, const PyramidScales& scales, cudaStream_t stream);
 
-// grad_output [batch, channels, S] (any strides) -> grad_input [batch, channels, height, width] contiguous.
-// Each pixel gathers grad / area over every bin containing it; written once, no atomics.
-cudaError_t pyramid_pool_backward(DType dtype, ConstView3 grad_output, int64_t batch, int64_t channels,
-                                  const PyramidScales& scales, int64_t height, int64_t width, void* grad_input,
-                                  cudaStream_t stream);
+// One map of a backward launch: grad_output [batch, channels, S] (any strides) -> grad_input
+// [batch, channels, height, width] contiguous.
+struct PoolMapGrad {
+  ConstView3 grad_output;
+  int64_t channels;
+  void* grad_input;
+};
+
+// The backward of maps[0 .. map_count) in one launch (dtype, batch, height and width shared). Each pixel gathers
+// grad / area over every bin containing it; written once, no atomics.
+cudaError_t pyramid_pool_backward(DType dtype, const PoolMapGrad* maps, int map_count, int64_t batch,
+                                  const PyramidScales& scales, int64_t height, int64_t width, cudaStream_t stream);
 
 }  // namespace cuda_kernels
 }  // namespace annkernels

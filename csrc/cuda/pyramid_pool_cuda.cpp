@@ -78,24 +78,47 @@ std::tuple<at::Tensor, at::Tensor> pyramid_pool_pair_forward_cuda(const at::Tens
   return {outputs[0], outputs[1]};
 }
 
+// The backward of `grads` (one or two maps of one batch) in one launch.
+std::vector<at::Tensor> pyramid_pool_grad_cuda(std::initializer_list<const at::Tensor*> grads, c10::IntArrayRef scales,
+                                               int64_t height, int64_t width) {
+  const at::Tensor& first = **grads.begin();
+  const auto dtype = kernel_dtype(first, /*allow_double=*/true);
+  const auto kernel_scale_list = kernel_scales(scales);
+  const int64_t batch = first.size(0);
+  check_extent(height, "height");
+  check_extent(width, "width");
+
+  const c10::cuda::CUDAGuard guard(first.device());
+  std::vector<at::Tensor> grad_inputs;
+  std::vector<cuda_kernels::PoolMapGrad> maps;
+  for (const at::Tensor* grad : grads) {
+    const int64_t channels = grad->size(1);
+    check_extent(batch * channels, "grad_output.size(0) * grad_output.size(1)");
+    grad_inputs.push_back(at::empty({batch, channels, height, width}, grad->options()));
+    maps.push_back({const_view3(*grad), channels, grad_inputs.back().mutable_data_ptr()});
+  }
+  const cudaError_t status =
+      cuda_kernels::pyramid_pool_backward(dtype, maps.data(), static_cast<int>(maps.size()), batch, kernel_scale_list,
+                                          height, width, c10::cuda::getCurrentCUDAStream());
+  ANNK_CHECK_CUDA_STATUS(status, "pyramid_pool_backward");
+  return grad_inputs;
+}
+
 at::Tensor pyramid_pool_backward_cuda(const at::Tensor& grad_output, c10::IntArrayRef scales, int64_t height,
                                       int64_t width) {
   TORCH_CHECK(grad_output.is_cuda(), "grad_output must be a CUDA tensor, got device ", grad_output.device());
   check_pyramid_backward_inputs(grad_output, scales, height, width, grad_output.device());
-  const auto dtype = kernel_dtype(grad_output, /*allow_double=*/true);
-  const auto kernel_scale_list = kernel_scales(scales);
-  const int64_t batch = grad_output.size(0), channels = grad_output.size(1);
-  check_extent(height, "height");
-  check_extent(width, "width");
-  check_extent(batch * channels, "grad_output.size(0) * grad_output.size(1)");
+  return pyramid_pool_grad_cuda({&grad_output}, scales, height, width)[0];
+}
 
-  const c10::cuda::CUDAGuard guard(grad_output.device());
-  at::Tensor grad_input = at::empty({batch, channels, height, width}, grad_output.options());
-  const cudaError_t status = cuda_kernels::pyramid_pool_backward(
-      dtype, const_view3(grad_output), batch, channels, kernel_scale_list, height, width,
-      grad_input.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
-  ANNK_CHECK_CUDA_STATUS(status, "pyramid_pool_backward");
-  return grad_input;
+std::tuple<at::Tensor, at::Tensor> pyramid_pool_pair_backward_cuda(const at::Tensor& grad_first,
+                                                                   const at::Tensor& grad_second,
+                                                                   c10::IntArrayRef scales, int64_t height,
+                                                                   int64_t width) {
+  TORCH_CHECK(grad_first.is_cuda(), "grad_first must be a CUDA tensor, got device ", grad_first.device());
+  check_pyramid_pair_backward_inputs(grad_first, grad_second, scales, height, width);
+  auto grad_inputs = pyramid_pool_grad_cuda({&grad_first, &grad_second}, scales, height, width);
+  return {grad_inputs[0], grad_inputs[1]};
 }
 
 }  // namespace
@@ -105,4 +128,5 @@ TORCH_LIBRARY_IMPL(annkernels, CUDA, m) {
   m.impl("_pyramid_pool_forward", &annkernels::pyramid_pool_forward_cuda);
   m.impl("_pyramid_pool_pair_forward", &annkernels::pyramid_pool_pair_forward_cuda);
   m.impl("_pyramid_pool_backward", &annkernels::pyramid_pool_backward_cuda);
+  m.impl("_pyramid_pool_pair_backward", &annkernels::pyramid_pool_pair_backward_cuda);
 }

@@ -227,14 +227,21 @@ class Emulator:
         return outs
 
     def pyramid_backward(self, grad, scales, height, width):
-        batch, channels, _ = grad.shape
-        grad_input = _guarded_nan((batch, channels, height, width), grad.dtype)
+        return self.pyramid_pair_backward(grad, scales=scales, height=height, width=width)[0]
+
+    def pyramid_pair_backward(self, *grads, scales, height, width):
+        """The backward of one or two maps, gradients [B, C_m, S], in one launch."""
+        grad_inputs = [_guarded_nan((grad.shape[0], grad.shape[1], height, width), grad.dtype) for grad in grads]
         sizes = (ctypes.c_int * len(scales))(*scales)
+        pointers = (_vp * len(grads))
         self._call(self._kernels.simt_pyramid_pool_backward,
-                   [DTYPES[grad.dtype], grad.data_ptr(), _int64s(grad.stride()),
-                    _int64s([batch, channels, height, width]), len(scales), sizes, grad_input.data_ptr()],
-                   [("grad_output", grad)], [("grad_input", grad_input)])
-        return grad_input
+                   [DTYPES[grads[0].dtype], len(grads), _int64s([grads[0].shape[0], height, width]),
+                    _int64s([grad.shape[1] for grad in grads]), _int64s([n for grad in grads for n in grad.stride()]),
+                    pointers(*(grad.data_ptr() for grad in grads)),
+                    pointers(*(grad_input.data_ptr() for grad_input in grad_inputs)), len(scales), sizes],
+                   [(f"grad_output{m}", grad) for m, grad in enumerate(grads)],
+                   [(f"grad_input{m}", grad_input) for m, grad_input in enumerate(grad_inputs)])
+        return grad_inputs
 
     def pyramid_pool(self, x, scales):
         """Differentiable op on the emulated kernels."""

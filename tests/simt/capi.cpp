@@ -55,13 +55,20 @@ int simt_pyramid_pool_forward(int dtype, int map_count, const int64_t* sizes, co
                               pyramid_scales(scale_count, scales), nullptr);
 }
 
-int simt_pyramid_pool_backward(int dtype, const void* grad_output, const int64_t grad_strides[3],
-                               const int64_t sizes[4], int scale_count, const int* scales, void* grad_input) {
+// Map m has grad_output inputs[m] with grad_strides[3m .. 3m+3) and channels channels[m]; grad_input outputs[m].
+// sizes = [batch, height, width].
+int simt_pyramid_pool_backward(int dtype, int map_count, const int64_t sizes[3], const int64_t* channels,
+                               const int64_t* grad_strides, const void* const* inputs, void* const* outputs,
+                               int scale_count, const int* scales) {
   if (bind() != 0) {
     return cudaErrorInitializationError;
   }
-  return pyramid_pool_backward(static_cast<DType>(dtype), const_view(grad_output, grad_strides), sizes[0], sizes[1],
-                               pyramid_scales(scale_count, scales), sizes[2], sizes[3], grad_input, nullptr);
+  PoolMapGrad maps[kMaxPoolMaps] = {};
+  for (int m = 0; m < map_count && m < kMaxPoolMaps; ++m) {
+    maps[m] = {const_view(inputs[m], grad_strides + 3 * m), channels[m], outputs[m]};
+  }
+  return pyramid_pool_backward(static_cast<DType>(dtype), maps, map_count, sizes[0], pyramid_scales(scale_count, scales),
+                               sizes[1], sizes[2], nullptr);
 }
 
 int simt_short_attention_forward(int dtype, const int64_t shape[5], const void* query, const int64_t query_strides[3],

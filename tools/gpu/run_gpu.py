@@ -130,7 +130,8 @@ def plan(out: pathlib.Path, dry_run: bool) -> list:
         large = []
         bench = ["--device", "cuda", "--ops", "short_attention,pyramid_pool,apnb",
                  "--shapes", "train,crop769,infer,train_kv,crop769_kv,infer_kv",
-                 "--providers", "cuda,triton,composite,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_math,gemm_only"]
+                 "--providers", "cuda,triton,composite,cuda_pair,triton_pair,sdpa_flash,sdpa_efficient,sdpa_cudnn,"
+                 "sdpa_math,gemm_only"]
         # Triton's compiles are CPU work: 8 workers on the machine's 16 cores.
         cuda_workers, triton_workers = 4, 8
 

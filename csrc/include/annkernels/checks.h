@@ -112,4 +112,14 @@ inline void check_pyramid_pair_inputs(const at::Tensor& first, const at::Tensor&
               second.sizes());
 }
 
+// The two gradients of a pair pooling's backward: each a valid pyramid gradient, one dtype, device and batch.
+inline void check_pyramid_pair_backward_inputs(const at::Tensor& grad_first, const at::Tensor& grad_second,
+                                               c10::IntArrayRef scales, int64_t height, int64_t width) {
+  check_pyramid_backward_inputs(grad_first, scales, height, width, grad_first.device());
+  check_pyramid_backward_inputs(grad_second, scales, height, width, grad_first.device());
+  ANNK_CHECK_SAME_DTYPE(grad_first, grad_second);
+  TORCH_CHECK(grad_first.size(0) == grad_second.size(0), "grad_first and grad_second must share the batch, got shapes ",
+              grad_first.sizes(), " and ", grad_second.sizes());
+}
+
 }  // namespace annkernels
