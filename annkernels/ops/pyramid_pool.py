@@ -42,7 +42,8 @@ def pyramid_pool(x: torch.Tensor, scales: Sequence[int] = (1, 3, 6, 8), backend:
 
 
 # Backends with kernels that pool two maps, and take their gradients, in one pass (the CUDA and Triton kernels
-# in one launch per direction; the CPU kernels share the bin geometry). The others pool each map on its own, with the same results.
+# in one launch per direction; the CPU kernels share the bin geometry). The others pool each map on its own,
+# with the same results.
 PAIR_BACKENDS = ("cpu", "cuda", "triton")
 
 
