@@ -109,7 +109,8 @@ def test_nvcc_compiles(compile_jobs, source, target):
 
 
 # ptxas -v: each entry function's name, then its spill stores. fp64 instantiations (for gradcheck) may spill.
-ENTRY_SPILLS = re.compile(r"Compiling entry function '(\S+)' for '\w+'\n.*?\n\s*\d+ bytes stack frame, (\d+) bytes spill stores")
+ENTRY_SPILLS = re.compile(
+    r"Compiling entry function '(\S+)' for '\w+'\n.*?\n\s*\d+ bytes stack frame, (\d+) bytes spill stores")
 FLOAT64_INSTANCE = re.compile(r"kernelIdE")  # a kernel template instantiated for double
 
 

@@ -53,11 +53,13 @@ PLANTS = [
 LAUNCH_PLANTS = [
     (6, "no shared-memory opt-in before a launch above 48 KiB",
      "  cudaError_t status = allow_dynamic_smem(short_attention_forward_kernel<T, BM>, smem);",
-     "  cudaError_t status =\n      simt_planted_bug() == 6 ? cudaSuccess : allow_dynamic_smem(short_attention_forward_kernel<T, BM>, smem);",
+     "  cudaError_t status =\n      simt_planted_bug() == 6 ? cudaSuccess "
+     ": allow_dynamic_smem(short_attention_forward_kernel<T, BM>, smem);",
      (1, 20, 1000, 16, 16)),
     (7, "a block of 2048 threads",
      "  return launch_kernel<reduce_chunks_kernel<T>>(blocks, kReduceThreads, 0, stream,",
-     "  return launch_kernel<reduce_chunks_kernel<T>>(blocks, simt_planted_bug() == 7 ? 2048 : kReduceThreads, 0, stream,",
+     "  return launch_kernel<reduce_chunks_kernel<T>>(blocks, simt_planted_bug() == 7 ? 2048 : kReduceThreads, 0, "
+     "stream,",
      (1, 20, 17, 16, 16)),
     (8, "batch above the grid's y limit let through",
      "  return shape.batch > 0 && shape.batch <= kMaxGridY &&",
