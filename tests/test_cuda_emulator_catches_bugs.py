@@ -30,15 +30,15 @@ PLANTS = [
     # Shifted right, not past the tile: the last entry lands in the row padding, so the bug cannot scribble
     # outside shared memory (the emulator reports such writes but cannot stop them).
     (4, "16-byte operand tile stores shifted one vector to the right",
-     "        *reinterpret_cast<uint4*>(dst + slow * ld + fast) = values[i];",
-     "        *reinterpret_cast<uint4*>(dst + slow * ld + fast + (simt_planted_bug() == 4) * kVec<T>) = values[i];"),
+     "        *reinterpret_cast<uint4*>(dst + at.y * ld + at.x) = values[i];",
+     "        *reinterpret_cast<uint4*>(dst + at.y * ld + at.x + (simt_planted_bug() == 4) * kVec<T>) = values[i];"),
     (5, "score accumulator fragment stored with the wrong layout",
      "acc[m][f], ld_out, wmma::mem_row_major);\n        }\n      }\n    }\n  }\n}",
      "acc[m][f], ld_out,\n                                  simt_planted_bug() == 5 ? wmma::mem_col_major : "
      "wmma::mem_row_major);\n        }\n      }\n    }\n  }\n}"),
     (9, "scalar operand tile stores shifted one entry along the row",
-     "      dst[r * ld + c] = values[i];",
-     "      dst[r * ld + c + (simt_planted_bug() == 9)] = values[i];"),
+     "      dst[at.x * ld + at.y] = values[i];",
+     "      dst[at.x * ld + at.y + (simt_planted_bug() == 9)] = values[i];"),
     (10, "removed __syncthreads before the key/value kernel's next query step overwrites its tiles",
      "    __syncthreads();  // the previous step's tiles are no longer read\n",
      "    if (simt_planted_bug() != 10) __syncthreads();  // the previous step's tiles are no longer read\n"),

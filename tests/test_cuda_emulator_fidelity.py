@@ -2,7 +2,8 @@
 miss: asynchronous copies (<cuda_pipeline_primitives.h>) that are never waited for, committed or aligned;
 vector loads and stores not aligned to their size, which the host runs (or crashes on) where a GPU faults;
 WMMA pointers and leading dimensions without the 256-bit alignment load/store_matrix_sync need; and code that
-reads fragment elements by position, whose placement CUDA leaves unspecified. Each check has a probe kernel
+reads fragment elements by position, whose placement CUDA leaves unspecified. It also counts the shared-memory
+wavefronts (bank conflicts) that the static report's shared term reads. Each check has a probe kernel
 (tests/simt/probes) with a correct variant that must pass and buggy variants that must fail, by a checker
 report or a wrong result. nvcc compiles the same probes, so the emulator's headers keep the toolkit's
 signatures.
@@ -75,6 +76,31 @@ def test_async_copy_bug_is_reported(async_copy, variant, what, report):
     with pytest.raises(EmulatorError, match=report) as caught:
         _staged_sum(async_copy, variant)
     print(f"{what}: {caught.value}")
+
+
+# Pattern of probes/bank_conflicts.cu -> wavefronts of its store (and of its load, the same).
+BANK_PATTERNS = [
+    (0, "consecutive words", 1),
+    (1, "words 32 apart, one bank", 32),
+    (2, "a column of a 33-word padded tile", 1),
+    (3, "consecutive 16-byte vectors", 4),
+    (4, "consecutive halves, two per word", 1),
+    (5, "a column of halves in 36-word rows", 4),
+]
+
+
+@pytest.mark.parametrize("pattern, what, wavefronts", BANK_PATTERNS, ids=[p[1] for p in BANK_PATTERNS])
+def test_shared_wavefronts_count_bank_conflicts(pattern, what, wavefronts):
+    from simt.probe import Probe
+
+    probe = Probe("bank_conflicts").count_shared_wavefronts()
+    try:
+        out = torch.full((32,), float("nan"))
+        (launch,) = probe.run("probe_bank_conflicts", pattern, out, outputs=[("out", out)])
+    finally:
+        probe.count_shared_wavefronts(False)
+    torch.testing.assert_close(out, torch.arange(32.0), rtol=0, atol=0)
+    assert (launch.shared_requests, launch.shared_wavefronts) == (2, 2 * wavefronts), (what, launch)
 
 
 @pytest.fixture(scope="module")

@@ -163,17 +163,41 @@ __device__ __forceinline__ T vector_entry(const uint4& v, int i) {
 }
 
 // load_tile's 16-byte path, for tiles that no vector straddles the edge of: the fast axis (stride 1) is the rows
-// when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. fetch_vectors issues the
-// kBatch loads of the batch that starts at vector `first` (predicated, not branched around, so the batch is
-// straight-line code and its loads are in flight together); store_vectors writes them to shared memory. A
-// row-major destination takes each vector in one 16-byte shared store; a transposed one takes it entry by entry.
+// when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. fetch issues the kCount
+// loads of the batch that starts at vector `first` (predicated, not branched around, so the batch is
+// straight-line code and its loads are in flight together); store writes them to shared memory. A row-major
+// destination takes each vector in one 16-byte shared store.
+//
+// A transposed destination (kRowsFastest) takes each vector entry by entry, down a column of the row-major
+// tile. Rows are a multiple of 16 bytes apart, so the entries a warp stores at once would share banks if every
+// lane stored its vector's entry v at step v: in a 72-half row (36 words), the 8 lanes that split one
+// 64-row line all hit bank 4v. So a warp covers kWarpFast vectors along the fast axis by 32 / kWarpFast
+// lines (each line is 128 bytes or more of one coalesced segment), and lane f of a line stores entry
+// (v + f * kRotate) % kVec at step v: its rows, and so its banks, differ from its neighbours'. With 16-byte
+// padded rows this makes the column stores conflict-free for 2- and 4-byte types (the emulator counts it:
+// tests/test_cuda_emulated.py).
 template <typename T, int ROWS, int COLS, bool kRowsFastest>
 struct TileVectors {
   static constexpr int kFast = kRowsFastest ? ROWS : COLS;
+  static constexpr int kSlow = kRowsFastest ? COLS : ROWS;
   static constexpr int kVectorsPerLine = kFast / kVec<T>;
   static constexpr int kPerThread = ROWS * COLS / kVec<T> / kThreads;
+  static constexpr int kWarpFast = kVectorsPerLine < 8 ? kVectorsPerLine : 8;
+  static constexpr int kWarpLines = kWarpSize / kWarpFast;
+  static constexpr int kRotate = kVec<T> / kWarpFast > 0 ? kVec<T> / kWarpFast : 1;
   static_assert(kFast % kVec<T> == 0 && (kPerThread % kVectorBatch == 0 || kPerThread < kVectorBatch),
                 "tile shape must split into whole vector batches");
+  static_assert(kVectorsPerLine % kWarpFast == 0 && kSlow % kWarpLines == 0,
+                "tile shape must split into whole warp blocks");
+
+  // Vector g of the tile: its first entry along the fast axis, its line along the slow one.
+  static __device__ __forceinline__ int2 place(int g) {
+    constexpr int kFastBlocks = kVectorsPerLine / kWarpFast;
+    const int lane = g % kWarpSize;
+    const int block = g / kWarpSize;
+    return make_int2((block % kFastBlocks * kWarpFast + lane % kWarpFast) * kVec<T>,
+                     block / kFastBlocks * kWarpLines + lane / kWarpFast);
+  }
 
   template <int kCount>
   static __device__ __forceinline__ void fetch(uint4 (&values)[kCount], int first, const T* __restrict__ src,
@@ -182,28 +206,26 @@ struct TileVectors {
     const int slow_valid = kRowsFastest ? cols : rows;
 #pragma unroll
     for (int i = 0; i < kCount; ++i) {
-      const int g = threadIdx.x + (first + i) * kThreads;
-      const int fast = g % kVectorsPerLine * kVec<T>;
-      const int slow = g / kVectorsPerLine;
-      const bool inside = slow < slow_valid && fast + kVec<T> <= fast_valid;
-      values[i] = inside ? *reinterpret_cast<const uint4*>(src + slow * slow_stride + fast) : make_uint4(0, 0, 0, 0);
+      const int2 at = place(threadIdx.x + (first + i) * kThreads);
+      const bool inside = at.y < slow_valid && at.x + kVec<T> <= fast_valid;
+      values[i] = inside ? *reinterpret_cast<const uint4*>(src + at.y * slow_stride + at.x) : make_uint4(0, 0, 0, 0);
     }
   }
 
   template <int kCount>
   static __device__ __forceinline__ void store(T* dst, int ld, const uint4 (&values)[kCount], int first) {
+    const int rotation = threadIdx.x % kWarpFast * kRotate;
 #pragma unroll
     for (int i = 0; i < kCount; ++i) {
-      const int g = threadIdx.x + (first + i) * kThreads;
-      const int fast = g % kVectorsPerLine * kVec<T>;
-      const int slow = g / kVectorsPerLine;
+      const int2 at = place(threadIdx.x + (first + i) * kThreads);
       if (kRowsFastest) {
 #pragma unroll
         for (int v = 0; v < kVec<T>; ++v) {
-          dst[(fast + v) * ld + slow] = vector_entry<T>(values[i], v);
+          const int entry = (v + rotation) % kVec<T>;
+          dst[(at.x + entry) * ld + at.y] = vector_entry<T>(values[i], entry);
         }
       } else {
-        *reinterpret_cast<uint4*>(dst + slow * ld + fast) = values[i];
+        *reinterpret_cast<uint4*>(dst + at.y * ld + at.x) = values[i];
       }
     }
   }
@@ -221,32 +243,37 @@ struct TileVectors {
   }
 };
 
-// load_tile's scalar path: entry e = threadIdx.x + k * kThreads, the fast axis first; the loads of a batch are
-// predicated, not branched around.
+// load_tile's scalar path: the loads of a batch are predicated, not branched around. When the rows are the
+// fast axis, a warp covers 8 rows by 4 columns (one column each would put 4 of its 32 stores in each bank used,
+// rows being 4 words apart modulo 32 with 16-byte padding: see TileVectors); else 32 entries of one row.
 template <typename T, int ROWS, int COLS>
 __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __restrict__ src, int64_t row_stride,
                                                   int64_t col_stride, int rows, int cols, bool rows_fastest) {
   constexpr int kPerThread = ROWS * COLS / kThreads;
   static_assert(kPerThread % kScalarBatch == 0 || kPerThread < kScalarBatch,
                 "tile shape must split into whole scalar batches");
+  static_assert(ROWS % 8 == 0 && COLS % 4 == 0, "tile shape must split into 8 x 4 warp blocks");
   constexpr int kBatch = kPerThread < kScalarBatch ? kPerThread : kScalarBatch;
   const T zero = from_acc<T>(0.0f);
+  // Entry e of the tile: its row and column.
+  const auto place = [rows_fastest](int e) {
+    const int lane = e % kWarpSize;
+    const int block = e / kWarpSize;
+    return rows_fastest ? make_int2(block % (ROWS / 8) * 8 + lane % 8, block / (ROWS / 8) * 4 + lane / 8)
+                        : make_int2(e / COLS, e % COLS);
+  };
 #pragma unroll 1
   for (int first = 0; first < kPerThread; first += kBatch) {
     T values[kBatch];
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      const int e = threadIdx.x + (first + i) * kThreads;
-      const int r = rows_fastest ? e % ROWS : e / COLS;
-      const int c = rows_fastest ? e / ROWS : e % COLS;
-      values[i] = (r < rows && c < cols) ? src[r * row_stride + c * col_stride] : zero;
+      const int2 at = place(threadIdx.x + (first + i) * kThreads);
+      values[i] = (at.x < rows && at.y < cols) ? src[at.x * row_stride + at.y * col_stride] : zero;
     }
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      const int e = threadIdx.x + (first + i) * kThreads;
-      const int r = rows_fastest ? e % ROWS : e / COLS;
-      const int c = rows_fastest ? e / ROWS : e % COLS;
-      dst[r * ld + c] = values[i];
+      const int2 at = place(threadIdx.x + (first + i) * kThreads);
+      dst[at.x * ld + at.y] = values[i];
     }
   }
 }

@@ -44,12 +44,30 @@ class Launch:
     dynamic_smem: int
     read_bytes: int
     written_bytes: int
+    # Shared memory, counted only after count_shared_wavefronts(True): the kernel's own warp requests and the
+    # wavefronts (bank-conflict passes) they take, and the bytes of WMMA fragment loads and stores.
+    shared_requests: int = 0
+    shared_wavefronts: int = 0
+    fragment_shared_bytes: int = 0
 
 
 def set_fragment_seed(runtime, seed: int):
     """Seeds the placement of WMMA fragment elements across lanes (0: identity) in the emulator's runtime."""
     runtime.simt_set_fragment_seed.argtypes = [ctypes.c_uint64]
     runtime.simt_set_fragment_seed(seed)
+
+
+def read_launches(runtime) -> list[Launch]:
+    """The launches the runtime recorded since its last reset."""
+    runtime.simt_launch.restype = ctypes.c_char_p
+    runtime.simt_launch.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
+    numbers = (ctypes.c_uint64 * 12)()
+    launches = []
+    for i in range(runtime.simt_launch_count()):
+        name = runtime.simt_launch(i, numbers).decode()
+        n = list(numbers)
+        launches.append(Launch(name, tuple(n[0:3]), tuple(n[3:6]), *n[6:12]))
+    return launches
 
 
 def _bind_signature(library, name: str):
@@ -98,10 +116,9 @@ class Emulator:
         rt.simt_set_device.argtypes = [ctypes.c_char_p]
         rt.simt_set_order.argtypes = [ctypes.c_int, ctypes.c_uint64]
         rt.simt_set_blocks_to_run.argtypes = [ctypes.c_int64]
+        rt.simt_count_shared_wavefronts.argtypes = [ctypes.c_int]
         rt.simt_register_buffer.argtypes = [_vp, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_int]
         rt.simt_report.restype = ctypes.c_char_p
-        rt.simt_launch.restype = ctypes.c_char_p
-        rt.simt_launch.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
         k = self._kernels
         k.simt_entry_points.restype = k.simt_signature.restype = ctypes.c_char_p
         k.simt_signature.argtypes = [ctypes.c_char_p]
@@ -128,6 +145,12 @@ class Emulator:
         self._runtime.simt_set_blocks_to_run(-1 if blocks is None else blocks)
         return self
 
+    def count_shared_wavefronts(self, on: bool = True):
+        """Counts each later launch's shared-memory warp requests and their wavefronts (runtime.cpp explains
+        how); it slows the emulator, so it is off unless asked for."""
+        self._runtime.simt_count_shared_wavefronts(int(on))
+        return self
+
     def plant(self, bug: int):
         """Switches on planted bug `bug` (0: none) in a scratch copy of a kernel built with simt_planted_bug()."""
         self._runtime.simt_set_planted_bug(bug)
@@ -143,12 +166,7 @@ class Emulator:
         for name, tensor in outputs:
             rt.simt_register_buffer(*_span(tensor), name.encode(), 1)
         status = function(*args)
-        numbers = (ctypes.c_uint64 * 9)()
-        launches = []
-        for i in range(rt.simt_launch_count()):
-            name = rt.simt_launch(i, numbers).decode()
-            n = list(numbers)
-            launches.append(Launch(name, tuple(n[0:3]), tuple(n[3:6]), n[6], n[7], n[8]))
+        launches = read_launches(rt)
         self.launches.extend(launches)
         reports = [rt.simt_report(i).decode() for i in range(rt.simt_report_count())]
         suppressed = rt.simt_suppressed_reports()

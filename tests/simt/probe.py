@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ctypes
 
-from . import EmulatorError, build, set_fragment_seed
+from . import EmulatorError, Launch, build, read_launches, set_fragment_seed
 
 
 class Probe:
@@ -16,15 +16,21 @@ class Probe:
         self._runtime.simt_register_buffer.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p,
                                                        ctypes.c_int]
         self._runtime.simt_report.restype = ctypes.c_char_p
+        self._runtime.simt_count_shared_wavefronts.argtypes = [ctypes.c_int]
 
     def scramble_fragments(self, seed: int):
         """Seeds the WMMA fragment placement (0: identity; the runtime starts at 1)."""
         set_fragment_seed(self._runtime, seed)
         return self
 
-    def run(self, entry: str, *args, inputs=(), outputs=()):
+    def count_shared_wavefronts(self, on: bool = True):
+        """Counts the shared-memory wavefronts of later launches (see Emulator.count_shared_wavefronts)."""
+        self._runtime.simt_count_shared_wavefronts(int(on))
+        return self
+
+    def run(self, entry: str, *args, inputs=(), outputs=()) -> list[Launch]:
         """Calls entry(*args) (tensors pass as pointers) with `inputs` and `outputs` ((name, tensor) pairs)
-        as the launch's only buffers."""
+        as the launch's only buffers; returns the launches it made."""
         rt = self._runtime
         rt.simt_reset()
         for writable, buffers in ((0, inputs), (1, outputs)):
@@ -38,3 +44,4 @@ class Probe:
             raise EmulatorError("\n".join(reports))
         if status != 0:
             raise RuntimeError(f"{entry} returned cudaError_t {status}")
+        return read_launches(rt)

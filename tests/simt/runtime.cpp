@@ -19,7 +19,11 @@
 //            store whose pointer is not 256-bit aligned or whose ldm is not a multiple of 16 bytes.
 // WMMA fragments hold their elements in a placement scrambled per fragment type (mma.h;
 // simt_set_fragment_seed), so kernels that read fragment elements by position compute wrong results.
-// It also counts the global bytes each launch reads and writes.
+// It also counts the global bytes each launch reads and writes and, when asked (simt_count_shared_wavefronts),
+// the shared-memory wavefronts of the kernel's own loads and stores: the accesses one warp makes at one code
+// site between two barriers are one warp request, split into phases of 128 bytes (32 lanes up to 4-byte
+// accesses, 16 for 8-byte, 8 for 16-byte), each phase taking as many wavefronts as the most distinct 32-bit
+// words any of the 32 banks holds. WMMA fragment loads and stores are counted as bytes only.
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 #include <link.h>
@@ -35,6 +39,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "include/simt_device.h"
@@ -80,6 +85,30 @@ struct Fiber {
   int linear = 0;
   std::vector<AsyncCopy> async_copies;  // issued, not landed, in issue order
   uint64_t committed_batches = 0;
+  std::unordered_map<uintptr_t, uint32_t> site_visits;  // shared accesses per code site since the last barrier
+};
+
+// The lanes of one warp request to shared memory (one code site, one visit, one warp).
+struct SharedRequest {
+  uint32_t lane_mask = 0;
+  uint32_t bytes = 0;
+  uintptr_t address[32];
+};
+
+struct SharedRequestKey {
+  uintptr_t site;
+  uint32_t visit;
+  int warp;
+  bool operator==(const SharedRequestKey& other) const {
+    return site == other.site && visit == other.visit && warp == other.warp;
+  }
+};
+
+struct SharedRequestHash {
+  size_t operator()(const SharedRequestKey& key) const {
+    return std::hash<uintptr_t>()(key.site) ^ (static_cast<size_t>(key.visit) << 20) ^
+           (static_cast<size_t>(key.warp) << 52);
+  }
 };
 
 struct Warp {
@@ -116,6 +145,7 @@ struct LaunchRecord {
   dim3 grid, block;
   size_t dynamic_smem;
   uint64_t read_bytes = 0, written_bytes = 0;
+  uint64_t shared_requests = 0, shared_wavefronts = 0, fragment_shared_bytes = 0;
 };
 
 struct State {
@@ -139,6 +169,8 @@ struct State {
   uintptr_t shared_begin = 0, shared_end = 0;
   std::vector<std::pair<uintptr_t, size_t>> dynamic_buffers;
   std::vector<ShadowByte> shadow;
+  bool count_wavefronts = false;
+  std::unordered_map<SharedRequestKey, SharedRequest, SharedRequestHash> shared_requests;
 
   // The running launch and block.
   const LaunchRequest* request = nullptr;
@@ -313,9 +345,65 @@ void global_access(uintptr_t address, size_t bytes, bool is_write) {
   }
 }
 
+// ---- shared-memory wavefronts ----
+
+uint64_t wavefronts(const SharedRequest& request) {
+  const int lanes_per_phase = 32 / static_cast<int>(std::max<uint32_t>(1, request.bytes / 4));
+  uint64_t total = 0;
+  for (int phase = 0; phase < 32; phase += lanes_per_phase) {
+    std::vector<uintptr_t> words[32];
+    for (int lane = phase; lane < phase + lanes_per_phase; ++lane) {
+      if ((request.lane_mask >> lane & 1u) == 0) {
+        continue;
+      }
+      for (uintptr_t word = request.address[lane] / 4; word <= (request.address[lane] + request.bytes - 1) / 4;
+           ++word) {
+        std::vector<uintptr_t>& bank = words[word % 32];
+        if (std::find(bank.begin(), bank.end(), word) == bank.end()) {
+          bank.push_back(word);
+        }
+      }
+    }
+    size_t most = 0;
+    for (const auto& bank : words) {
+      most = std::max(most, bank.size());
+    }
+    total += most;
+  }
+  return total;
+}
+
+// Adds the warp requests made since the last barrier to the launch's counts.
+void flush_shared_requests() {
+  if (g.shared_requests.empty()) {
+    return;
+  }
+  LaunchRecord& launch = g.launches.back();
+  for (const auto& entry : g.shared_requests) {
+    ++launch.shared_requests;
+    launch.shared_wavefronts += wavefronts(entry.second);
+  }
+  g.shared_requests.clear();
+  for (Fiber& fiber : g.fibers) {
+    fiber.site_visits.clear();
+  }
+}
+
+void record_shared_request(uintptr_t site, uintptr_t address, size_t bytes) {
+  Fiber* fiber = g.current;
+  const uint32_t visit = fiber->site_visits[site]++;
+  SharedRequest& request = g.shared_requests[SharedRequestKey{site, visit, fiber->linear / 32}];
+  const int lane = fiber->linear % 32;
+  request.lane_mask |= 1u << lane;
+  request.bytes = static_cast<uint32_t>(bytes);
+  request.address[lane] = address;
+}
+
 [[noreturn]] void finish_fiber();
 
-inline void on_access(const void* pointer, size_t bytes, bool is_write) {
+// site: the kernel code making the access (its return address in the hook), or 0 for an access the emulator
+// makes on the kernel's behalf (a WMMA fragment load or store).
+inline void on_access(const void* pointer, size_t bytes, bool is_write, uintptr_t site = 0) {
   Fiber* fiber = g.current;
   if (fiber == nullptr) {
     return;  // host code of the launchers
@@ -335,7 +423,13 @@ inline void on_access(const void* pointer, size_t bytes, bool is_write) {
     finish_fiber();
   }
   if (shared) {
-    shared_access(address, bytes, is_write);
+    if (shared_access(address, bytes, is_write) && g.count_wavefronts) {
+      if (site != 0) {
+        record_shared_request(site, address, bytes);
+      } else {
+        g.launches.back().fragment_shared_bytes += bytes;
+      }
+    }
   } else {
     global_access(address, bytes, is_write);
   }
@@ -344,6 +438,7 @@ inline void on_access(const void* pointer, size_t bytes, bool is_write) {
 // ---- scheduling ----
 
 void release_barrier() {
+  flush_shared_requests();
   for (Fiber& fiber : g.fibers) {
     if (fiber.state == FiberState::kAtBarrier) {
       fiber.state = FiberState::kRunnable;
@@ -466,9 +561,11 @@ void run_block(uint3 block) {
       }
       report("deadlock", "%d live threads, %d at __syncthreads, none can run", g.live, g.at_barrier);
       g.current = nullptr;
+      flush_shared_requests();
       return;  // the blocked fibers are abandoned; their stacks are reused by the next block
     }
   }
+  flush_shared_requests();
 }
 
 bool check_launch(const LaunchRequest& r, size_t threads) {
@@ -853,12 +950,14 @@ const char* simt_report(int index) { return g.reports.at(index).c_str(); }
 
 int simt_launch_count() { return static_cast<int>(g.launches.size()); }
 
-// kernel name, grid, block, dynamic shared bytes, global bytes read and written.
-const char* simt_launch(int index, uint64_t numbers[9]) {
+// kernel name, grid, block, dynamic shared bytes, global bytes read and written, shared warp requests and
+// their wavefronts (0 unless counted), WMMA fragment bytes to and from shared memory.
+const char* simt_launch(int index, uint64_t numbers[12]) {
   const auto& launch = g.launches.at(index);
-  const uint64_t values[9] = {launch.grid.x, launch.grid.y, launch.grid.z, launch.block.x, launch.block.y,
-                              launch.block.z, launch.dynamic_smem, launch.read_bytes, launch.written_bytes};
-  std::copy(values, values + 9, numbers);
+  const uint64_t values[12] = {launch.grid.x, launch.grid.y, launch.grid.z, launch.block.x, launch.block.y,
+                               launch.block.z, launch.dynamic_smem, launch.read_bytes, launch.written_bytes,
+                               launch.shared_requests, launch.shared_wavefronts, launch.fragment_shared_bytes};
+  std::copy(values, values + 12, numbers);
   return launch.kernel.c_str();
 }
 
@@ -867,6 +966,10 @@ const char* simt_launch(int index, uint64_t numbers[9]) {
 // tools/gpu reads a launch plan and a block's loads at full-size shapes in seconds. Outputs stay unwritten.
 void simt_set_blocks_to_run(int64_t blocks) { g.blocks_to_run = blocks; }
 
+// Counts the shared-memory wavefronts of later launches (see the top of this file); off by default, as it
+// slows the emulator.
+void simt_count_shared_wavefronts(int on) { g.count_wavefronts = on != 0; }
+
 // Scratch copies of kernels with planted bugs switch them on at run time (one build for all of them).
 static int planted_bug = 0;
 void simt_set_planted_bug(int bug) { planted_bug = bug; }
@@ -874,21 +977,24 @@ int simt_planted_bug() { return planted_bug; }
 
 // ---- the instrumentation hooks (gcc -fsanitize=kernel-address, outline calls) ----
 
+// The access's code site: the hook's return address, in the kernel.
+#define SIMT_ACCESS_SITE reinterpret_cast<uintptr_t>(__builtin_return_address(0))
 #define SIMT_HOOKS(size)                                                                                      \
-  void __asan_load##size##_noabort(const void* p) { simt::on_access(p, size, false); }                        \
-  void __asan_store##size##_noabort(const void* p) { simt::on_access(p, size, true); }                        \
-  void __asan_report_load##size##_noabort(const void* p) { simt::on_access(p, size, false); }                 \
-  void __asan_report_store##size##_noabort(const void* p) { simt::on_access(p, size, true); }
+  void __asan_load##size##_noabort(const void* p) { simt::on_access(p, size, false, SIMT_ACCESS_SITE); }                 \
+  void __asan_store##size##_noabort(const void* p) { simt::on_access(p, size, true, SIMT_ACCESS_SITE); }                 \
+  void __asan_report_load##size##_noabort(const void* p) { simt::on_access(p, size, false, SIMT_ACCESS_SITE); }          \
+  void __asan_report_store##size##_noabort(const void* p) { simt::on_access(p, size, true, SIMT_ACCESS_SITE); }
 SIMT_HOOKS(1)
 SIMT_HOOKS(2)
 SIMT_HOOKS(4)
 SIMT_HOOKS(8)
 SIMT_HOOKS(16)
 #undef SIMT_HOOKS
-void __asan_loadN_noabort(const void* p, size_t n) { simt::on_access(p, n, false); }
-void __asan_storeN_noabort(const void* p, size_t n) { simt::on_access(p, n, true); }
-void __asan_report_load_n_noabort(const void* p, size_t n) { simt::on_access(p, n, false); }
-void __asan_report_store_n_noabort(const void* p, size_t n) { simt::on_access(p, n, true); }
+void __asan_loadN_noabort(const void* p, size_t n) { simt::on_access(p, n, false, SIMT_ACCESS_SITE); }
+void __asan_storeN_noabort(const void* p, size_t n) { simt::on_access(p, n, true, SIMT_ACCESS_SITE); }
+void __asan_report_load_n_noabort(const void* p, size_t n) { simt::on_access(p, n, false, SIMT_ACCESS_SITE); }
+void __asan_report_store_n_noabort(const void* p, size_t n) { simt::on_access(p, n, true, SIMT_ACCESS_SITE); }
 void __asan_handle_no_return() {}
+#undef SIMT_ACCESS_SITE
 
 }  // extern "C"

@@ -14,6 +14,7 @@ SM_COUNT = 132
 CLOCK_GHZ = 1.9  # sustained SM clock under load, about
 HBM_BYTES_PER_S = 4.3e12  # device copy bandwidth, reads plus writes
 L2_BYTES_PER_S = 7.0e12  # L2 hits across the chip, about [unverified]
+SHARED_BYTES_PER_CYCLE = 128  # per SM: one wavefront (32 banks x 4 bytes) per cycle
 L2_LATENCY_CYCLES = 270  # global load that hits L2, issue to use
 HBM_LATENCY_CYCLES = 600  # global load that misses L2
 # Per-SM resources (sm_90): registers, shared memory (228 KiB, 1 KiB of it reserved per resident CTA),
@@ -153,13 +154,19 @@ class LaunchCost:
         return self.waves * self.round_trips * cycles / (CLOCK_GHZ * 1e9)
 
 
+def shared_time_s(ctas: int, block_wavefronts: float) -> float:
+    """Shared-memory time of one launch: the busiest SM runs ceil(ctas / SM_COUNT) blocks, each taking
+    block_wavefronts cycles of its SM's shared memory."""
+    return math.ceil(ctas / SM_COUNT) * block_wavefronts / (CLOCK_GHZ * 1e9)
+
+
 def modelled_time(case: Case, launches: list[LaunchCost], global_bytes: float, unit: str,
-                  flops: float | None = None) -> dict:
-    """The modelled time of one op (all its launches) and its three terms, in seconds.
+                  flops: float | None = None, shared_s: float | None = None) -> dict:
+    """The modelled time of one op (all its launches) and its terms, in seconds.
 
     global_bytes: bytes all launches load and store (re-reads included). Loads of the minimal traffic go to
     HBM; the rest are taken as L2 hits. flops: the products the kernels issue on ``unit`` (default: the
-    op's own FLOPs, Case.flops)."""
+    op's own FLOPs, Case.flops). shared_s: the launches' shared-memory time (shared_time_s), where known."""
     flops = case.flops if not flops else flops
     hbm_fraction = min(1.0, case.minimal_bytes / global_bytes) if global_bytes else 1.0
     terms = {
@@ -167,6 +174,8 @@ def modelled_time(case: Case, launches: list[LaunchCost], global_bytes: float, u
         "compute_s": flops / PEAK_FLOPS[unit],
         "latency_s": sum(launch.latency_s(hbm_fraction) for launch in launches),
     }
+    if shared_s is not None:
+        terms["shared_s"] = shared_s
     time_s = max(terms.values())
     return {
         **terms,

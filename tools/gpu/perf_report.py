@@ -47,7 +47,7 @@ def kernel_record(kernel: cuda_static.KernelStatic) -> dict:
 
 def cuda_case(case: model.Case, launches: list[dict], kernels: dict[str, cuda_static.KernelStatic]) -> dict:
     """The modelled time of one op at one shape from its launches and their kernels' static facts."""
-    costs, rows, global_bytes = [], [], 0.0
+    costs, rows, global_bytes, shared_s = [], [], 0.0, 0.0
     for launch in launches:
         kernel = kernels[launch["kernel"]]
         ctas = math.prod(launch["grid"])
@@ -59,11 +59,18 @@ def cuda_case(case: model.Case, launches: list[dict], kernels: dict[str, cuda_st
             mean_in_flight=kernel.mean_in_flight)
         costs.append(cost)
         global_bytes += ctas * (launch["block_read_bytes"] + launch["block_written_bytes"])
+        # The kernel's own shared accesses as counted, bank conflicts included; WMMA fragments at the ideal
+        # 128 bytes per wavefront (the emulator does not model how the hardware lays them across banks).
+        block_wavefronts = launch["block_shared_wavefronts"] + launch["block_fragment_shared_bytes"] / \
+            model.SHARED_BYTES_PER_CYCLE
+        shared_s += model.shared_time_s(ctas, block_wavefronts)
         rows.append({**launch, "ctas": ctas, "ctas_per_sm": resident, "limited_by": limiter, "waves": cost.waves,
                      "sm_fill": round(min(ctas, resident * model.SM_COUNT) / (resident * model.SM_COUNT), 3),
-                     "loads_per_thread": round(cost.loads_per_thread, 1), "round_trips": round(cost.round_trips, 1)})
+                     "loads_per_thread": round(cost.loads_per_thread, 1), "round_trips": round(cost.round_trips, 1),
+                     "block_wavefronts": round(block_wavefronts)})
     main = kernels[launches[0]["kernel"]]
-    result = model.modelled_time(case, costs, global_bytes, model.unit_for(main.tensor_core, case.dtype))
+    result = model.modelled_time(case, costs, global_bytes, model.unit_for(main.tensor_core, case.dtype),
+                                 shared_s=shared_s)
     return {**result, "global_bytes": global_bytes, "minimal_bytes": case.minimal_bytes, "launches": rows}
 
 
@@ -85,7 +92,7 @@ def build_report(with_triton: bool = True) -> dict:
         "device": "H200 SXM (modelled)",
         "host": f"{platform.machine()}, Python {platform.python_version()}",
         "constants": {name: getattr(model, name) for name in (
-            "SM_COUNT", "CLOCK_GHZ", "HBM_BYTES_PER_S", "L2_BYTES_PER_S", "L2_LATENCY_CYCLES", "HBM_LATENCY_CYCLES",
+            "SM_COUNT", "CLOCK_GHZ", "SHARED_BYTES_PER_CYCLE", "HBM_BYTES_PER_S", "L2_BYTES_PER_S", "L2_LATENCY_CYCLES", "HBM_LATENCY_CYCLES",
             "PEAK_FLOPS", "FLOOR_FLOPS")},
         "cases": {c.name: {"floor_s": c.floor_s, "minimal_bytes": c.minimal_bytes, "flops": c.flops} for c in cases},
     }
@@ -138,9 +145,10 @@ def markdown(report: dict) -> str:
             else:
                 cells += ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "`bound` names the largest term. The model ignores shared-memory and instruction throughput, so a "
-              "kernel limited there (the CUDA pool backward, which gathers from shared memory) shows at its bytes "
-              "floor."]
+    lines += ["", "`bound` names the largest term. The CUDA kernels' shared term counts their shared-memory "
+              "wavefronts under the emulator, bank conflicts included (WMMA fragments at 128 bytes per wavefront); "
+              "Triton's is not counted (the compiler lays out and swizzles its shared tiles). The model ignores "
+              "instruction throughput."]
     if "skipped" in report["cuda"]:
         lines += ["", f"CUDA kernels skipped: {report['cuda']['skipped']}."]
     else:
@@ -168,20 +176,20 @@ def _cuda_markdown(cuda: dict) -> list[str]:
                      f"{k['async_copies']} | {k['tma']} |")
     lines += ["", "## CUDA launches at the key shapes (plans from the launchers, via the emulator)", "",
               "| case | kernel | CTAs | threads | smem | CTAs/SM (limit) | waves | SM fill | loads/thread "
-              "| round trips |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| round trips | shared wavefronts/CTA |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, case in cuda["cases"].items():
         for launch in case["launches"]:
             lines.append(f"| {name} | `{launch['kernel']}` | {launch['ctas']} | {launch['threads']} | "
                          f"{launch['dynamic_smem']} | {launch['ctas_per_sm']} ({launch['limited_by']}) | "
                          f"{launch['waves']} | {100 * launch['sm_fill']:.0f}% | {launch['loads_per_thread']} | "
-                         f"{launch['round_trips']} |")
+                         f"{launch['round_trips']} | {launch['block_wavefronts']} |")
     lines += ["", "## CUDA model terms (µs, modelled)", "",
-              "| case | bytes | compute (unit) | latency | global MB (emulated) | minimal MB |",
-              "|---|---|---|---|---|---|"]
+              "| case | bytes | compute (unit) | latency | shared | global MB (emulated) | minimal MB |",
+              "|---|---|---|---|---|---|---|"]
     for name, case in cuda["cases"].items():
         lines.append(f"| {name} | {_us(case['bytes_s'])} | {_us(case['compute_s'])} ({case['unit']}) | "
-                     f"{_us(case['latency_s'])} | {case['global_bytes'] / 1e6:.1f} | "
+                     f"{_us(case['latency_s'])} | {_us(case['shared_s'])} | {case['global_bytes'] / 1e6:.1f} | "
                      f"{case['minimal_bytes'] / 1e6:.1f} |")
     return lines
 
