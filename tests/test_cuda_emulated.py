@@ -158,7 +158,7 @@ def test_forward_query_tile_follows_the_sm_count(emulator, device, block_m):
 
 
 # The key/value GEMM over several 64-query steps per chunk, with a part-filled last step and last chunk.
-@pytest.mark.parametrize("case", [(16, 300, 130, 8, 8), (3, 1100, 100, 40, 24)], ids=str)
+@pytest.mark.parametrize("case", [(4, 300, 130, 8, 8), (3, 1100, 100, 40, 24)], ids=str)
 def test_backward_with_several_query_steps_per_chunk(emulator, case):
     emulator.configure(device="h100", order="shuffle", seed=5)
     plan = emulator.attention_backward_plan(torch.float32, case)
@@ -167,15 +167,16 @@ def test_backward_with_several_query_steps_per_chunk(emulator, case):
 
 
 def test_backward_key_value_grid_fills_an_h200_at_the_key_shapes(emulator):
-    # Kernel B's grid (key tiles x column tiles x chunks x B) must cover the 132 SMs, and its fp32 partials must
-    # stay L2-sized: the 60 MB dK/dV workspace of the one-kernel backward is gone.
+    # Kernel B's grid (key tiles x column tiles x chunks x B) must fill the 132 SMs with one block each, no SM
+    # taking two (which would double the launch's time), and its fp32 partials must stay L2-sized: the 60 MB
+    # dK/dV workspace of the one-kernel backward is gone.
     emulator.configure(device="h200")
     for shape in [(2, 8192, 110, 256, 256), (1, 32768, 110, 256, 256), (1, 9409, 110, 256, 256)]:
         plan = emulator.attention_backward_plan(torch.bfloat16, shape)
         columns = 128  # [dK | dV] columns per block in 16-bit types
         blocks = math.ceil(plan["keys_padded"] / 64) * (math.ceil(plan["key_dim_padded"] / columns) +
                                                         math.ceil(plan["value_dim_padded"] / columns))
-        assert blocks * plan["chunks"] * shape[0] >= 132, (shape, plan)
+        assert 0.9 * 132 <= blocks * plan["chunks"] * shape[0] <= 132, (shape, plan)
         partial_bytes = plan["workspace_bytes"] - plan["partial_offset"]
         assert partial_bytes <= 8 << 20, (shape, plan)
 
@@ -195,6 +196,27 @@ def test_fp32_backward_with_s_near_1024_does_not_fit_an_a100(emulator):
     with pytest.raises(RuntimeError, match="cudaError_t 1"):
         emulator.attention_backward_plan(torch.float32, (1, 40, 1000, 24, 16))
     assert emulator.attention_backward_plan(torch.bfloat16, (1, 40, 1000, 24, 16))["block_m"] == 16
+
+
+# Channel-first operands (the view a conv output gives) reach shared memory through column stores, one entry per
+# lane per store. Unless lanes are spread over rows and banks (TileVectors, load_tile_scalars), those stores
+# take 8-16 wavefronts each (the loader before it: 3.5 per request on average over the kernel); conflict-free,
+# the kernels' own requests average little over one (the rest: softmax loops whose trip count differs between
+# lanes, which the count pairs inexactly). N = 9409 takes the scalar loader, N = 8192 the vector one.
+@pytest.mark.parametrize("queries", [8192, 9409])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_channel_first_tile_stores_are_conflict_free(emulator, dtype, queries):
+    q, k, v = (_make((1, rows, 256), "channel_first", dtype) for rows in (queries, 110, 110))
+    emulator.configure(device="h200").run_blocks(1).count_shared_wavefronts()
+    try:
+        start = len(emulator.launches)
+        emulator.attention_forward(q, k, v, 256 ** -0.5)
+        emulator.attention_backward(_make((1, queries, 256), "channel_first", dtype), q, k, v, 256 ** -0.5)
+    finally:
+        emulator.run_blocks(None).count_shared_wavefronts(False)
+    for launch in emulator.launches[start:]:
+        if launch.kernel.startswith(("short_attention_forward", "short_attention_backward_scores")):
+            assert launch.shared_wavefronts <= 1.2 * launch.shared_requests, launch
 
 
 @pytest.mark.slow
@@ -246,6 +268,16 @@ def test_pyramid_pool_other_dtypes(emulator, dtype):
     (lowp_grad,) = torch.autograd.grad(lowp_out, lowp_x, grad)
     assert_within_reference_error(out_pair[0], lowp_out, out_pair[1], "out")
     assert_within_reference_error(grad_pair[0], lowp_grad, grad_pair[1], "grad_x")
+
+
+# The backward's column groups: rows wider than one warp's 128 pixels, a width that leaves a part-filled last
+# group (scalar stores), one that does not (vector stores), and the largest scale (bin indices up to 63).
+@pytest.mark.parametrize("shape, scales", [((1, 2, 3, 261), (1, 3, 6, 8)), ((2, 1, 5, 132), (1, 3, 6, 8)),
+                                           ((1, 1, 64, 130), (64,))], ids=str)
+def test_pyramid_pool_backward_column_groups(emulator, shape, scales):
+    emulator.configure(order="shuffle", seed=3)
+    (_, _), (grad_x, expected_grad), _ = _pool_check(emulator, torch.randn(shape), scales)
+    assert_close(grad_x, expected_grad, name=f"grad_x {shape}", **POOL_TOLERANCE)
 
 
 def test_pyramid_pool_strided_grad_output_and_determinism(emulator):

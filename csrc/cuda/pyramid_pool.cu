@@ -58,6 +58,7 @@ struct MapTiles {
   int64_t stride_b, stride_c, stride_h, stride_w;
   int channels;
   int planes, tile_rows, tile_cols;
+  int row_stride;   // of a plane in the staged tile: tile_cols, or more (see plan_map)
   int first_block;  // the map's blocks start here in the grid
 };
 
@@ -83,13 +84,14 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
   using Acc = typename AccumulateType<T>::type;
   const MapTiles<T> map = blockIdx.x >= maps.second.first_block ? maps.second : maps.first;
   const int planes = map.planes, tile_rows = map.tile_rows, tile_cols = map.tile_cols, channels = map.channels;
+  const int row_stride = map.row_stride;
   extern __shared__ __align__(16) unsigned char smem[];
   BinBox* boxes = reinterpret_cast<BinBox*>(smem);
   Acc* sums = reinterpret_cast<Acc*>(smem + align16(num_bins * sizeof(BinBox)));
   Acc* tile = reinterpret_cast<Acc*>(smem + align16(num_bins * sizeof(BinBox)) +
                                      align16(static_cast<size_t>(planes) * num_bins * sizeof(Acc)));
   // Odd plane stride: channels_last loads (consecutive threads -> consecutive planes) hit distinct banks.
-  const int plane_stride = tile_rows * tile_cols + 1;
+  const int plane_stride = tile_rows * row_stride + 1;
 
   const int groups_per_batch = static_cast<int>(ceil_div(channels, planes));
   const int block = static_cast<int>(blockIdx.x) - map.first_block;
@@ -152,7 +154,7 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
 #pragma unroll
           for (int i = 0; i < kLoadBatch; ++i) {
             if (r < rows) {
-              dst[r * tile_cols + c] = values[i];
+              dst[r * row_stride + c] = values[i];
             }
             advance(r, c);
           }
@@ -178,7 +180,7 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
         Acc partial = Acc(0);
         for (int r = r_begin + (lane >> col_bits); r < r_end; r += kWarpSize >> col_bits) {
           for (int c = c_begin + (lane & (lanes_per_row - 1)); c < c_end; c += lanes_per_row) {
-            partial += src[r * tile_cols + c];
+            partial += src[r * row_stride + c];
           }
         }
         partial = warp_sum(partial);
@@ -213,19 +215,60 @@ struct BackwardMaps {
   MapPlanes<T> first, second;  // as ForwardMaps
 };
 
-// Backward. Grid: one block per (map, batch, channel) plane; lanes run along width (coalesced writes), warps
-// over rows. Shared memory holds grad / area for every bin and, per scale, the first and last bin
-// index containing each row and each column, so a pixel's gather is a few table reads and adds.
+// Backward. Grid: one block per (map, batch, channel) plane. A thread computes kGroupPixels consecutive pixels
+// of a row (one vector store where the row allows), lanes run along width (coalesced), warps over rows. Shared
+// memory holds grad / area for every bin and two tables: per scale and row, the first and last row bins that
+// hold the row; per scale and column group, the first and last column bins of each of its pixels. The
+// pixels of a group mostly share their bins, so a thread reads each bin value once for all of them (a warp's
+// reads of one row are broadcasts) and adds it to the pixels that lie in it: about 4x fewer shared-memory
+// requests than a gather per pixel. Each pixel adds its bins in the same order (scale, row bin, column bin),
+// so the result is deterministic.
+constexpr int kGroupPixels = 4;
+constexpr int kBinBits = 8;  // a bin index along one axis is below 64 (valid_scales: s * s <= kMaxPyramidBins)
+static_assert(kMaxPyramidBins <= 64 * 64, "bin indices must fit in kBinBits");
+
+// The bins of scale s that hold index x of an axis of `length`: floor(x*s/length) .. ceil((x+1)*s/length)-1.
+__device__ __forceinline__ int2 axis_bins(int64_t x, int64_t s, int64_t length) {
+  return make_int2(static_cast<int>((x * s) / length), static_cast<int>(ceil_div((x + 1) * s, length)) - 1);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_group(T* __restrict__ dst, const typename AccumulateType<T>::type (&total)[kGroupPixels],
+                                            int valid, bool vector) {
+  struct alignas(kGroupPixels * sizeof(T)) Group {
+    T pixel[kGroupPixels];
+  };
+  if (vector) {
+    Group group;
+#pragma unroll
+    for (int p = 0; p < kGroupPixels; ++p) {
+      group.pixel[p] = from_acc<T>(total[p]);
+    }
+    *reinterpret_cast<Group*>(dst) = group;
+  } else {
+#pragma unroll
+    for (int p = 0; p < kGroupPixels; ++p) {
+      if (p < valid) {
+        dst[p] = from_acc<T>(total[p]);
+      }
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kPoolThreads)
     pyramid_pool_backward_kernel(BackwardMaps<T> maps, int height, int width, PyramidScales scales, int num_bins) {
   using Acc = typename AccumulateType<T>::type;
   const MapPlanes<T> map = blockIdx.x >= maps.second.first_block ? maps.second : maps.first;
   const int block = static_cast<int>(blockIdx.x) - map.first_block;
+  const int groups = static_cast<int>(ceil_div(width, kGroupPixels));
   extern __shared__ __align__(16) unsigned char smem[];
   Acc* weighted = reinterpret_cast<Acc*>(smem);
-  int2* row_bins = reinterpret_cast<int2*>(smem + align16(num_bins * sizeof(Acc)));
-  int2* col_bins = row_bins + scales.count * height;
+  // row_bins[k * height + h]: first | last << 16; column_bins[k * groups + g]: pixel p's first (x) and last (y)
+  // column bins in byte p (a pixel past the width gets first > last: no bin).
+  uint32_t* row_bins = reinterpret_cast<uint32_t*>(smem + align16(num_bins * sizeof(Acc)));
+  uint2* column_bins = reinterpret_cast<uint2*>(smem + align16(num_bins * sizeof(Acc)) +
+                                                align16(scales.count * static_cast<size_t>(height) * sizeof(uint32_t)));
   __shared__ int sizes[kMaxPyramidScales];
 
   const int b = block / map.channels;
@@ -240,38 +283,65 @@ __global__ void __launch_bounds__(kPoolThreads)
     const Acc area = static_cast<Acc>((box.row_end - box.row_begin) * (box.col_end - box.col_begin));
     weighted[q] = to_acc(grad[q * map.stride_s]) / area;
   }
-  // Bins of scale s containing index x of an axis of `length`: floor(x*s/length) .. ceil((x+1)*s/length)-1.
-  for (int e = threadIdx.x; e < scales.count * (height + width); e += blockDim.x) {
-    const bool is_row = e < scales.count * height;
-    const int length = is_row ? height : width;
-    const int local = is_row ? e : e - scales.count * height;
-    const int k = local / length;
-    const int x = local % length;
-    const int64_t s = sizes[k];
-    const int first = static_cast<int>((x * s) / length);
-    const int last = static_cast<int>(ceil_div((x + 1) * s, length)) - 1;
-    (is_row ? row_bins : col_bins)[local] = make_int2(first, last);
+  for (int e = threadIdx.x; e < scales.count * height; e += blockDim.x) {
+    const int2 bins = axis_bins(e % height, sizes[e / height], height);
+    row_bins[e] = static_cast<uint32_t>(bins.x) | static_cast<uint32_t>(bins.y) << 16;
+  }
+  for (int e = threadIdx.x; e < scales.count * groups; e += blockDim.x) {
+    const int s = sizes[e / groups];
+    const int first_pixel = e % groups * kGroupPixels;
+    uint2 packed = make_uint2(0, 0);
+#pragma unroll
+    for (int p = 0; p < kGroupPixels; ++p) {
+      const int2 bins = first_pixel + p < width ? axis_bins(first_pixel + p, s, width) : make_int2(1, 0);
+      packed.x |= static_cast<uint32_t>(bins.x) << (kBinBits * p);
+      packed.y |= static_cast<uint32_t>(bins.y) << (kBinBits * p);
+    }
+    column_bins[e] = packed;
   }
   __syncthreads();
 
+  constexpr uint32_t kBinMask = (1u << kBinBits) - 1;
   T* __restrict__ plane = map.grad_input + static_cast<int64_t>(block) * height * width;
+  // One store per group when every group starts on a whole vector (the plane is contiguous).
+  const bool vector = width % kGroupPixels == 0 &&
+                      reinterpret_cast<uintptr_t>(plane) % (kGroupPixels * sizeof(T)) == 0;
   const int lane = threadIdx.x % kWarpSize;
   for (int h = threadIdx.x / kWarpSize; h < height; h += kPoolWarps) {
-    for (int w = lane; w < width; w += kWarpSize) {
-      Acc total = Acc(0);
+    for (int g = lane; g < groups; g += kWarpSize) {
+      Acc total[kGroupPixels];
+#pragma unroll
+      for (int p = 0; p < kGroupPixels; ++p) {
+        total[p] = Acc(0);
+      }
       int offset = 0;
       for (int k = 0; k < scales.count; ++k) {
         const int s = sizes[k];
-        const int2 rows = row_bins[k * height + h];
-        const int2 cols = col_bins[k * width + w];
-        for (int i = rows.x; i <= rows.y; ++i) {
-          for (int j = cols.x; j <= cols.y; ++j) {
-            total += weighted[offset + i * s + j];
+        const uint32_t rows = row_bins[k * height + h];
+        const uint2 columns = column_bins[k * groups + g];
+        // Pixel 0 has the group's first column bin and its last valid pixel the last; past-the-width pixels
+        // hold first 1 > last 0, so the last bin is the largest last over the pixels.
+        int last_column = 0;
+#pragma unroll
+        for (int p = 0; p < kGroupPixels; ++p) {
+          last_column = max(last_column, static_cast<int>(columns.y >> (kBinBits * p) & kBinMask));
+        }
+        for (int i = rows & 0xffff; i <= static_cast<int>(rows >> 16); ++i) {
+          for (int j = columns.x & kBinMask; j <= last_column; ++j) {
+            const Acc value = weighted[offset + i * s + j];
+#pragma unroll
+            for (int p = 0; p < kGroupPixels; ++p) {
+              if (j >= static_cast<int>(columns.x >> (kBinBits * p) & kBinMask) &&
+                  j <= static_cast<int>(columns.y >> (kBinBits * p) & kBinMask)) {
+                total[p] += value;
+              }
+            }
           }
         }
         offset += s * s;
       }
-      plane[static_cast<int64_t>(h) * width + w] = from_acc<T>(total);
+      const int w = g * kGroupPixels;
+      store_group<T>(plane + static_cast<int64_t>(h) * width + w, total, width - w, vector);
     }
   }
 }
@@ -298,7 +368,8 @@ bool valid_scales(const PyramidScales& scales) {
 
 // channels_last: give each block enough consecutive channels that one pixel is a full 32-byte sector.
 template <typename T>
-MapTiles<T> plan_map(const PoolMap& map, int num_bins, int64_t height, int64_t width, int first_block) {
+MapTiles<T> plan_map(const PoolMap& map, const PyramidScales& scales, int num_bins, int64_t height, int64_t width,
+                     int first_block) {
   using Acc = typename AccumulateType<T>::type;
   int planes = 1;
   if (map.strides[3] != 1 && map.strides[1] == 1 && map.channels > 1) {
@@ -311,16 +382,33 @@ MapTiles<T> plan_map(const PoolMap& map, int num_bins, int64_t height, int64_t w
   const int tile_cols = static_cast<int>(std::min<int64_t>(width, std::max<int64_t>(1, tile_elems / planes)));
   const int tile_rows =
       static_cast<int>(std::min<int64_t>(height, std::max<int64_t>(1, tile_elems / (planes * tile_cols))));
+  // One plane per block: a warp sums a bin narrower than 32 pixels over 32 / L rows at once (L lanes per row, the
+  // bin width rounded up to a power of two). Rows L words apart modulo 32 put those rows in distinct banks, so
+  // the row stride is padded to that for the narrowest bins (the largest scale, which has the most bins).
+  int row_stride = tile_cols;
+  if (planes == 1) {
+    int largest_scale = 1;
+    for (int k = 0; k < scales.count; ++k) {
+      largest_scale = std::max(largest_scale, scales.sizes[k]);
+    }
+    int lanes_per_row = 1;
+    while (lanes_per_row < 32 && lanes_per_row < width / largest_scale) {
+      lanes_per_row *= 2;
+    }
+    if (lanes_per_row < 32 && tile_rows > 1) {
+      row_stride = static_cast<int>(round_up(std::max(tile_cols - lanes_per_row, 0), 32)) + lanes_per_row;
+    }
+  }
   return MapTiles<T>{static_cast<const T*>(map.input), static_cast<T*>(map.output), map.strides[0], map.strides[1],
                      map.strides[2], map.strides[3], static_cast<int>(map.channels), planes, tile_rows, tile_cols,
-                     first_block};
+                     row_stride, first_block};
 }
 
 template <typename T>
 size_t forward_smem(const MapTiles<T>& tiles, int num_bins) {
   using Acc = typename AccumulateType<T>::type;
   return align16(num_bins * sizeof(BinBox)) + align16(static_cast<size_t>(tiles.planes) * num_bins * sizeof(Acc)) +
-         static_cast<size_t>(tiles.planes) * (static_cast<size_t>(tiles.tile_rows) * tiles.tile_cols + 1) * sizeof(Acc);
+         static_cast<size_t>(tiles.planes) * (static_cast<size_t>(tiles.tile_rows) * tiles.row_stride + 1) * sizeof(Acc);
 }
 
 template <typename T>
@@ -332,7 +420,7 @@ cudaError_t launch_forward(const PoolMap* maps, int map_count, int64_t batch, in
   int64_t blocks = 0;
   size_t smem = 0;
   for (int m = 0; m < map_count; ++m) {
-    *tiles[m] = plan_map<T>(maps[m], num_bins, height, width, static_cast<int>(blocks));
+    *tiles[m] = plan_map<T>(maps[m], scales, num_bins, height, width, static_cast<int>(blocks));
     blocks += batch * ceil_div(maps[m].channels, tiles[m]->planes);
     smem = std::max(smem, forward_smem(*tiles[m], num_bins));
   }
@@ -366,7 +454,8 @@ cudaError_t launch_backward(const PoolMapGrad* maps, int map_count, int64_t batc
   if (map_count == 1) {
     launch.second.first_block = static_cast<int>(blocks);  // no block reaches it
   }
-  const size_t smem = align16(num_bins * sizeof(Acc)) + static_cast<size_t>(scales.count) * (height + width) * sizeof(int2);
+  const size_t smem = align16(num_bins * sizeof(Acc)) + align16(scales.count * height * sizeof(uint32_t)) +
+                      scales.count * ceil_div(width, kGroupPixels) * sizeof(uint2);
   cudaError_t status = allow_dynamic_smem(pyramid_pool_backward_kernel<T>, smem);
   if (status != cudaSuccess) {
     return status;

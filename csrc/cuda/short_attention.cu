@@ -165,38 +165,42 @@ __device__ __forceinline__ T vector_entry(const uint4& v, int i) {
 // load_tile's 16-byte path, for tiles that no vector straddles the edge of: the fast axis (stride 1) is the rows
 // when kRowsFastest, else the columns; vector g covers kVec<T> consecutive entries of it. fetch issues the kCount
 // loads of the batch that starts at vector `first` (predicated, not branched around, so the batch is
-// straight-line code and its loads are in flight together); store writes them to shared memory. A row-major
-// destination takes each vector in one 16-byte shared store.
+// straight-line code and its loads are in flight together); store writes them to shared memory.
 //
-// A transposed destination (kRowsFastest) takes each vector entry by entry, down a column of the row-major
-// tile. Rows are a multiple of 16 bytes apart, so the entries a warp stores at once would share banks if every
-// lane stored its vector's entry v at step v: in a 72-half row (36 words), the 8 lanes that split one
-// 64-row line all hit bank 4v. So a warp covers kWarpFast vectors along the fast axis by 32 / kWarpFast
-// lines (each line is 128 bytes or more of one coalesced segment), and lane f of a line stores entry
-// (v + f * kRotate) % kVec at step v: its rows, and so its banks, differ from its neighbours'. With 16-byte
-// padded rows this makes the column stores conflict-free for 2- and 4-byte types (the emulator counts it:
-// tests/test_cuda_emulated.py).
+// A row-major destination takes each vector in one 16-byte shared store; a warp covers 8 vectors (128 bytes)
+// of each of 4 lines. A transposed destination (kRowsFastest) takes each vector entry by entry, down a column
+// of the row-major tile, and its rows are 16-byte padded: every tile row here is a multiple of 128 bytes plus
+// 16, so rows r and r + d lie 4d banks apart. A warp covers 2 vectors (one 32-byte sector) of each of 16 lines:
+// its 16 lines span 8 (16-bit types) or 16 (fp32) banks, and the second vector's rows must sit 16 banks from
+// the first's, an odd multiple of 4 rows away. For fp32 that is kVec = 4 rows already; for 16-bit types the
+// second vector stores its entries in the order 4..7, 0..3 (12 and 4 rows away). So the column stores are
+// conflict-free (the emulator counts it: tests/test_cuda_emulated.py).
 template <typename T, int ROWS, int COLS, bool kRowsFastest>
 struct TileVectors {
   static constexpr int kFast = kRowsFastest ? ROWS : COLS;
   static constexpr int kSlow = kRowsFastest ? COLS : ROWS;
   static constexpr int kVectorsPerLine = kFast / kVec<T>;
   static constexpr int kPerThread = ROWS * COLS / kVec<T> / kThreads;
-  static constexpr int kWarpFast = kVectorsPerLine < 8 ? kVectorsPerLine : 8;
+  static constexpr int kWarpFast = kRowsFastest ? 2 : kVectorsPerLine < 8 ? kVectorsPerLine : 8;
   static constexpr int kWarpLines = kWarpSize / kWarpFast;
-  static constexpr int kRotate = kVec<T> / kWarpFast > 0 ? kVec<T> / kWarpFast : 1;
+  // Entries by which the second vector of a line rotates its column stores (see above).
+  static constexpr int kRotation = kVec<T> == 8 ? 4 : 0;
   static_assert(kFast % kVec<T> == 0 && (kPerThread % kVectorBatch == 0 || kPerThread < kVectorBatch),
                 "tile shape must split into whole vector batches");
   static_assert(kVectorsPerLine % kWarpFast == 0 && kSlow % kWarpLines == 0,
                 "tile shape must split into whole warp blocks");
 
-  // Vector g of the tile: its first entry along the fast axis, its line along the slow one.
-  static __device__ __forceinline__ int2 place(int g) {
-    constexpr int kFastBlocks = kVectorsPerLine / kWarpFast;
-    const int lane = g % kWarpSize;
-    const int block = g / kWarpSize;
-    return make_int2((block % kFastBlocks * kWarpFast + lane % kWarpFast) * kVec<T>,
-                     block / kFastBlocks * kWarpLines + lane / kWarpFast);
+  // This thread's vector of load step `step` (vectors step * kThreads + threadIdx.x): its first entry along the
+  // fast axis, its line along the slow one. The warps of a step take consecutive line blocks, so a thread's
+  // vectors lie at constant offsets from its first (step is a constant once the batch loop is unrolled).
+  static constexpr int kLineBlocks = kSlow / kWarpLines;
+  static_assert(kLineBlocks % kWarps == 0, "a step's warps must take whole line blocks");
+  static __device__ __forceinline__ int2 place(int step) {
+    constexpr int kStepsPerFastBlock = kLineBlocks / kWarps;
+    const int lane = threadIdx.x % kWarpSize;
+    const int line_block = threadIdx.x / kWarpSize + kWarps * (step % kStepsPerFastBlock);
+    const int fast_block = step / kStepsPerFastBlock;
+    return make_int2((fast_block * kWarpFast + lane % kWarpFast) * kVec<T>, line_block * kWarpLines + lane / kWarpFast);
   }
 
   template <int kCount>
@@ -206,7 +210,7 @@ struct TileVectors {
     const int slow_valid = kRowsFastest ? cols : rows;
 #pragma unroll
     for (int i = 0; i < kCount; ++i) {
-      const int2 at = place(threadIdx.x + (first + i) * kThreads);
+      const int2 at = place(first + i);
       const bool inside = at.y < slow_valid && at.x + kVec<T> <= fast_valid;
       values[i] = inside ? *reinterpret_cast<const uint4*>(src + at.y * slow_stride + at.x) : make_uint4(0, 0, 0, 0);
     }
@@ -214,15 +218,21 @@ struct TileVectors {
 
   template <int kCount>
   static __device__ __forceinline__ void store(T* dst, int ld, const uint4 (&values)[kCount], int first) {
-    const int rotation = threadIdx.x % kWarpFast * kRotate;
+    // Transposed: this lane's entries go to rows (v + rotation) % kVec of its vector, v = 0..kVec-1; those
+    // past the vector's end wrap to its start. Two base pointers keep every store at a constant offset.
+    const int rotation = threadIdx.x % kWarpFast == 1 ? kRotation : 0;
 #pragma unroll
     for (int i = 0; i < kCount; ++i) {
-      const int2 at = place(threadIdx.x + (first + i) * kThreads);
+      const int2 at = place(first + i);
       if (kRowsFastest) {
+        const uint4& v = values[i];
+        static_assert(kRotation == 0 || kRotation * sizeof(T) == 8, "the rotation swaps the vector's halves");
+        const uint4 rotated = rotation == 0 ? v : make_uint4(v.z, v.w, v.x, v.y);
+        T* unwrapped = dst + (at.x + rotation) * ld + at.y;
+        T* wrapped = unwrapped - (rotation == 0 ? 0 : kVec<T> * ld);
 #pragma unroll
-        for (int v = 0; v < kVec<T>; ++v) {
-          const int entry = (v + rotation) % kVec<T>;
-          dst[(at.x + entry) * ld + at.y] = vector_entry<T>(values[i], entry);
+        for (int e = 0; e < kVec<T>; ++e) {
+          (e < kVec<T> - kRotation ? unwrapped : wrapped)[e * ld] = vector_entry<T>(rotated, e);
         }
       } else {
         *reinterpret_cast<uint4*>(dst + at.y * ld + at.x) = values[i];
@@ -255,24 +265,29 @@ __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __res
   static_assert(ROWS % 8 == 0 && COLS % 4 == 0, "tile shape must split into 8 x 4 warp blocks");
   constexpr int kBatch = kPerThread < kScalarBatch ? kPerThread : kScalarBatch;
   const T zero = from_acc<T>(0.0f);
-  // Entry e of the tile: its row and column.
-  const auto place = [rows_fastest](int e) {
-    const int lane = e % kWarpSize;
-    const int block = e / kWarpSize;
-    return rows_fastest ? make_int2(block % (ROWS / 8) * 8 + lane % 8, block / (ROWS / 8) * 4 + lane / 8)
-                        : make_int2(e / COLS, e % COLS);
+  // This thread's entry of load step `step`: its row and column (as TileVectors::place, in 8 x 4 warp blocks,
+  // column blocks first, when the rows are the fast axis).
+  static_assert(COLS / 4 % kWarps == 0 && kThreads % COLS == 0, "tile shape must split into whole warp steps");
+  const auto place = [rows_fastest](int step) {
+    const int lane = threadIdx.x % kWarpSize;
+    constexpr int kStepsPerRowBlock = COLS / 4 / kWarps;
+    const int column_block = threadIdx.x / kWarpSize + kWarps * (step % kStepsPerRowBlock);
+    const int row_block = step / kStepsPerRowBlock;
+    return rows_fastest ? make_int2(row_block * 8 + lane % 8, column_block * 4 + lane / 8)
+                        : make_int2(step * (kThreads / COLS) + static_cast<int>(threadIdx.x) / COLS,
+                                    static_cast<int>(threadIdx.x) % COLS);
   };
 #pragma unroll 1
   for (int first = 0; first < kPerThread; first += kBatch) {
     T values[kBatch];
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      const int2 at = place(threadIdx.x + (first + i) * kThreads);
+      const int2 at = place(first + i);
       values[i] = (at.x < rows && at.y < cols) ? src[at.x * row_stride + at.y * col_stride] : zero;
     }
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      const int2 at = place(threadIdx.x + (first + i) * kThreads);
+      const int2 at = place(first + i);
       dst[at.x * ld + at.y] = values[i];
     }
   }
@@ -887,9 +902,10 @@ cudaError_t plan_backward(const AttentionShape& shape, AttentionBackwardPlan* pl
   }
   const int64_t key_dim_padded = round_up(shape.key_dim, 16);
   const int64_t value_dim_padded = round_up(shape.value_dim, 16);
-  // Key/value blocks: chunks of whole 64-query steps, enough chunks for one block per SM, and at least two
-  // steps per chunk (a chunk's partial costs about one step's traffic); the fp32 partials (chunks x S_pad x
-  // (Dk + Dv) per image, about 4 MB at B=2, S=110, Dk=Dv=256) stay L2-sized.
+  // Key/value blocks: chunks of whole 64-query steps, as many chunks as keep to one block per SM (rounded
+  // down: 144 blocks on 132 SMs would give 12 SMs two blocks' shared-memory work, and the launch their time),
+  // and at least two steps per chunk (a chunk's partial costs about one step's traffic); the fp32 partials
+  // (chunks x S_pad x (Dk + Dv) per image, about 4 MB at B=2, S=110, Dk=Dv=256) stay L2-sized.
   constexpr int kKeyValueBlocksPerSm = 1;
   constexpr int kMinStepsPerChunk = 2;
   const int64_t tiles_per_chunk = ceil_div(keys_padded, kKvTile) *
@@ -898,7 +914,7 @@ cudaError_t plan_backward(const AttentionShape& shape, AttentionBackwardPlan* pl
   const int64_t steps = ceil_div(shape.queries, kKvTile);
   const int64_t wanted_chunks = std::min<int64_t>(
       std::min<int64_t>(ceil_div(steps, kMinStepsPerChunk), 65535),
-      std::max<int64_t>(1, ceil_div(kKeyValueBlocksPerSm * sm_count, tiles_per_chunk)));
+      std::max<int64_t>(1, kKeyValueBlocksPerSm * sm_count / tiles_per_chunk));
   const int64_t rows_per_chunk = ceil_div(steps, wanted_chunks) * kKvTile;
   const int64_t chunks = ceil_div(shape.queries, rows_per_chunk);
   const int64_t score_bytes = align256(shape.batch * shape.queries * keys_padded * static_cast<int64_t>(sizeof(T)));

@@ -23,7 +23,10 @@
 // the shared-memory wavefronts of the kernel's own loads and stores: the accesses one warp makes at one code
 // site between two barriers are one warp request, split into phases of 128 bytes (32 lanes up to 4-byte
 // accesses, 16 for 8-byte, 8 for 16-byte), each phase taking as many wavefronts as the most distinct 32-bit
-// words any of the 32 banks holds. WMMA fragment loads and stores are counted as bytes only.
+// words any of the 32 banks holds. WMMA fragment loads and stores are counted as bytes only. A lane's k-th visit
+// to a site is taken to be the same instruction as its neighbours' k-th: exact for straight-line code and
+// loops every lane runs alike, approximate in a loop whose trip count differs between lanes (the lanes that
+// run longer pair their extra visits with the others' next ones).
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 #include <link.h>
