@@ -36,6 +36,7 @@ ALLOWED_SYSTEM_HEADERS = {
     "algorithm",
     "cstddef",
     "cstdint",
+    "type_traits",
 }
 INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.MULTILINE)
 

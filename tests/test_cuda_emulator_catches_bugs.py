@@ -29,9 +29,9 @@ PLANTS = [
      "    if (r < rows + (simt_planted_bug() == 3) && c < cols) {\n      dst[r * row_stride"),
     # Shifted right, not past the tile: the last entry lands in the row padding, so the bug cannot scribble
     # outside shared memory (the emulator reports such writes but cannot stop them).
-    (4, "16-byte operand tile stores shifted one vector to the right",
-     "        *reinterpret_cast<uint4*>(dst + at.y * ld + at.x) = values[i];",
-     "        *reinterpret_cast<uint4*>(dst + at.y * ld + at.x + (simt_planted_bug() == 4) * kVec<T>) = values[i];"),
+    (4, "row-major operand tile stores shifted one vector to the right",
+     "        *reinterpret_cast<Vector*>(dst + at.y * ld + at.x) = values[i];",
+     "        *reinterpret_cast<Vector*>(dst + at.y * ld + at.x + (simt_planted_bug() == 4) * kEntries) = values[i];"),
     (5, "score accumulator fragment stored with the wrong layout",
      "acc[m][f], ld_out, wmma::mem_row_major);\n        }\n      }\n    }\n  }\n}",
      "acc[m][f], ld_out,\n                                  simt_planted_bug() == 5 ? wmma::mem_col_major : "

@@ -8,8 +8,11 @@
 //
 // Operands are streamed through shared memory in tiles. Loads run threads along whichever operand axis
 // has stride 1, so the channel-first views [B, N, D] with stride (D*N, 1, N) are read coalesced along N, and
-// each thread issues a batch of loads (16-byte where the layout allows) before storing any (load_tile);
-// outputs are staged in fp32 and written the same way. The backward is three launches: a scores kernel per
+// each thread issues a batch of loads (16-byte, or 2-entry words, where the layout allows) before storing any
+// (load_tile). When both operands of a product are channel-first, their tiles keep that orientation in shared
+// memory and the fragments load col_major (scores_product, output_product); otherwise a channel-first
+// operand is stored column by column, spread over banks so the stores do not conflict. Outputs are staged in
+// fp32 and written the same way. The backward is three launches: a scores kernel per
 // query tile (S, dP, softmax backward, dQ; P and dS to a workspace), a key/value GEMM split over the queries
 // with fp32 partials per chunk, and a reduce that adds the chunks in a fixed order.
 #include <cuda_bf16.h>
@@ -18,6 +21,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "short_attention.h"
@@ -118,7 +122,9 @@ __host__ __device__ constexpr int score_ld(int keys_padded) { return keys_padded
 template <typename T, int BM>
 constexpr size_t stage_bytes() {
   const size_t qk_tiles = static_cast<size_t>(BM + kTileN) * (kChunkK + kPad<T>) * sizeof(T);
-  const size_t value_tile = static_cast<size_t>(kChunkS) * (kTileN + kPad<T>) * sizeof(T);
+  // Value (or key) tiles of P v and dS k: [kChunkS][kTileN], or [kTileN][kChunkS] in global orientation.
+  const size_t value_tile =
+      static_cast<size_t>(std::max(kChunkS * (kTileN + kPad<T>), kTileN * (kChunkS + kPad<T>))) * sizeof(T);
   const size_t out_stage = static_cast<size_t>(std::max(BM * (kTileN + 4), kTileN * (BM + 4))) * sizeof(float);
   const size_t query_tile = static_cast<size_t>(BM) * (kTileN + kPad<T>) * sizeof(T);
   return align128(std::max(std::max(qk_tiles, value_tile), std::max(out_stage, query_tile)));
@@ -175,17 +181,21 @@ __device__ __forceinline__ T vector_entry(const uint4& v, int i) {
 // the first's, an odd multiple of 4 rows away. For fp32 that is kVec = 4 rows already; for 16-bit types the
 // second vector stores its entries in the order 4..7, 0..3 (12 and 4 rows away). So the column stores are
 // conflict-free (the emulator counts it: tests/test_cuda_emulated.py).
-template <typename T, int ROWS, int COLS, bool kRowsFastest>
+template <typename T, int ROWS, int COLS, bool kRowsFastest, typename Vector = uint4>
 struct TileVectors {
+  static constexpr int kEntries = static_cast<int>(sizeof(Vector) / sizeof(T));  // per vector
   static constexpr int kFast = kRowsFastest ? ROWS : COLS;
   static constexpr int kSlow = kRowsFastest ? COLS : ROWS;
-  static constexpr int kVectorsPerLine = kFast / kVec<T>;
-  static constexpr int kPerThread = ROWS * COLS / kVec<T> / kThreads;
-  static constexpr int kWarpFast = kRowsFastest ? 2 : kVectorsPerLine < 8 ? kVectorsPerLine : 8;
+  static constexpr int kVectorsPerLine = kFast / kEntries;
+  static constexpr int kPerThread = ROWS * COLS / kEntries / kThreads;
+  // Vectors of a line per warp: 128 bytes for row-major stores; one 32-byte sector for column stores.
+  static constexpr int kLineVectors = kRowsFastest ? 2 : static_cast<int>(128 / sizeof(Vector));
+  static constexpr int kWarpFast = kVectorsPerLine < kLineVectors ? kVectorsPerLine : kLineVectors;
   static constexpr int kWarpLines = kWarpSize / kWarpFast;
   // Entries by which the second vector of a line rotates its column stores (see above).
-  static constexpr int kRotation = kVec<T> == 8 ? 4 : 0;
-  static_assert(kFast % kVec<T> == 0 && (kPerThread % kVectorBatch == 0 || kPerThread < kVectorBatch),
+  static constexpr int kRotation = kEntries == 8 ? 4 : 0;
+  static_assert(!kRowsFastest || std::is_same_v<Vector, uint4>, "column stores take 16-byte vectors");
+  static_assert(kFast % kEntries == 0 && (kPerThread % kVectorBatch == 0 || kPerThread < kVectorBatch),
                 "tile shape must split into whole vector batches");
   static_assert(kVectorsPerLine % kWarpFast == 0 && kSlow % kWarpLines == 0,
                 "tile shape must split into whole warp blocks");
@@ -194,48 +204,54 @@ struct TileVectors {
   // fast axis, its line along the slow one. The warps of a step take consecutive line blocks, so a thread's
   // vectors lie at constant offsets from its first (step is a constant once the batch loop is unrolled).
   static constexpr int kLineBlocks = kSlow / kWarpLines;
-  static_assert(kLineBlocks % kWarps == 0, "a step's warps must take whole line blocks");
+  static_assert(kLineBlocks % kWarps == 0 || kWarps % kLineBlocks == 0, "a step's warps must take whole blocks");
   static __device__ __forceinline__ int2 place(int step) {
-    constexpr int kStepsPerFastBlock = kLineBlocks / kWarps;
     const int lane = threadIdx.x % kWarpSize;
-    const int line_block = threadIdx.x / kWarpSize + kWarps * (step % kStepsPerFastBlock);
-    const int fast_block = step / kStepsPerFastBlock;
-    return make_int2((fast_block * kWarpFast + lane % kWarpFast) * kVec<T>, line_block * kWarpLines + lane / kWarpFast);
+    const int warp = threadIdx.x / kWarpSize;
+    int line_block, fast_block;
+    if constexpr (kLineBlocks % kWarps == 0) {
+      line_block = warp + kWarps * (step % (kLineBlocks / kWarps));
+      fast_block = step / (kLineBlocks / kWarps);
+    } else {  // fewer line blocks than warps: the warps also split the fast axis
+      line_block = warp % kLineBlocks;
+      fast_block = warp / kLineBlocks + kWarps / kLineBlocks * step;
+    }
+    return make_int2((fast_block * kWarpFast + lane % kWarpFast) * kEntries, line_block * kWarpLines + lane / kWarpFast);
   }
 
   template <int kCount>
-  static __device__ __forceinline__ void fetch(uint4 (&values)[kCount], int first, const T* __restrict__ src,
+  static __device__ __forceinline__ void fetch(Vector (&values)[kCount], int first, const T* __restrict__ src,
                                                int64_t slow_stride, int rows, int cols) {
     const int fast_valid = kRowsFastest ? rows : cols;
     const int slow_valid = kRowsFastest ? cols : rows;
 #pragma unroll
     for (int i = 0; i < kCount; ++i) {
       const int2 at = place(first + i);
-      const bool inside = at.y < slow_valid && at.x + kVec<T> <= fast_valid;
-      values[i] = inside ? *reinterpret_cast<const uint4*>(src + at.y * slow_stride + at.x) : make_uint4(0, 0, 0, 0);
+      const bool inside = at.y < slow_valid && at.x + kEntries <= fast_valid;
+      values[i] = inside ? *reinterpret_cast<const Vector*>(src + at.y * slow_stride + at.x) : Vector{};
     }
   }
 
   template <int kCount>
-  static __device__ __forceinline__ void store(T* dst, int ld, const uint4 (&values)[kCount], int first) {
+  static __device__ __forceinline__ void store(T* dst, int ld, const Vector (&values)[kCount], int first) {
     // Transposed: this lane's entries go to rows (v + rotation) % kVec of its vector, v = 0..kVec-1; those
     // past the vector's end wrap to its start. Two base pointers keep every store at a constant offset.
     const int rotation = threadIdx.x % kWarpFast == 1 ? kRotation : 0;
 #pragma unroll
     for (int i = 0; i < kCount; ++i) {
       const int2 at = place(first + i);
-      if (kRowsFastest) {
+      if constexpr (kRowsFastest) {
         const uint4& v = values[i];
         static_assert(kRotation == 0 || kRotation * sizeof(T) == 8, "the rotation swaps the vector's halves");
         const uint4 rotated = rotation == 0 ? v : make_uint4(v.z, v.w, v.x, v.y);
         T* unwrapped = dst + (at.x + rotation) * ld + at.y;
-        T* wrapped = unwrapped - (rotation == 0 ? 0 : kVec<T> * ld);
+        T* wrapped = unwrapped - (rotation == 0 ? 0 : kEntries * ld);
 #pragma unroll
-        for (int e = 0; e < kVec<T>; ++e) {
-          (e < kVec<T> - kRotation ? unwrapped : wrapped)[e * ld] = vector_entry<T>(rotated, e);
+        for (int e = 0; e < kEntries; ++e) {
+          (e < kEntries - kRotation ? unwrapped : wrapped)[e * ld] = vector_entry<T>(rotated, e);
         }
       } else {
-        *reinterpret_cast<uint4*>(dst + at.y * ld + at.x) = values[i];
+        *reinterpret_cast<Vector*>(dst + at.y * ld + at.x) = values[i];
       }
     }
   }
@@ -246,7 +262,7 @@ struct TileVectors {
     constexpr int kBatch = kPerThread < kVectorBatch ? kPerThread : kVectorBatch;
 #pragma unroll 1
     for (int first = 0; first < kPerThread; first += kBatch) {
-      uint4 values[kBatch];
+      Vector values[kBatch];
       fetch(values, first, src, slow_stride, rows, cols);
       store(dst, ld, values, first);
     }
@@ -318,10 +334,23 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ 
   const bool vectors = (rows_fastest || col_stride == 1) && slow_stride % kVec<T> == 0 &&
                        reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
                        (fast_valid % kVec<T> == 0 || fast_valid >= (rows_fastest ? ROWS : COLS));
+  // 16-bit rows whose length is even but not a multiple of 8 (S = 110 keys) still take pairs in 4-byte words
+  // into row-major tiles: half the loads and shared stores of the scalar path.
+  constexpr bool kPairs = sizeof(T) == 2;
+  const bool pairs = kPairs && !vectors && !rows_fastest && col_stride == 1 && slow_stride % 2 == 0 &&
+                     reinterpret_cast<uintptr_t>(src) % 4 == 0 && (fast_valid % 2 == 0 || fast_valid >= COLS);
   using RowsFastest = TileVectors<T, ROWS, COLS, true>;
   using ColsFastest = TileVectors<T, ROWS, COLS, false>;
+  using ColsFastestPairs = TileVectors<T, ROWS, COLS, false, uint32_t>;
   static_assert(RowsFastest::kPerThread == ColsFastest::kPerThread, "one vector count per tile");
   constexpr int kPerThread = RowsFastest::kPerThread;
+  const auto load_narrow = [&] {
+    if (kPairs && pairs) {
+      ColsFastestPairs::load(dst, ld, src, slow_stride, rows, cols);
+    } else {
+      load_tile_scalars<T, ROWS, COLS>(dst, ld, src, row_stride, col_stride, rows, cols, rows_fastest);
+    }
+  };
   if constexpr (kPerThread < kVectorBatch) {
     uint4 values[kPerThread];
     if (vectors && rows_fastest) {
@@ -335,7 +364,7 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ 
     } else if (vectors) {
       ColsFastest::store(dst, ld, values, 0);
     } else {
-      load_tile_scalars<T, ROWS, COLS>(dst, ld, src, row_stride, col_stride, rows, cols, rows_fastest);
+      load_narrow();
     }
   } else {
     if (vectors && rows_fastest) {
@@ -343,7 +372,7 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ 
     } else if (vectors) {
       ColsFastest::load(dst, ld, src, slow_stride, rows, cols);
     } else {
-      load_tile_scalars<T, ROWS, COLS>(dst, ld, src, row_stride, col_stride, rows, cols, rows_fastest);
+      load_narrow();
     }
     load_next();
   }
@@ -378,18 +407,20 @@ __device__ __forceinline__ void zero_accumulators(WarpAccumulators<T, BM>& acc) 
 }
 
 // One k step (Mma<T>::kK deep) of a warp's row block: acc[m][f] += A[16m, 16m + 16) x B(col_f) for the warp's
-// columns col_f = (warp * kFragsN + f) * 16 with n0 + col_f < cols. A is row-major at `a` (already at this k
-// step, leading dimension ld_a); load_b(fragment, col) loads B's fragment for column col.
-template <typename T, int BM, typename LayoutB, typename LoadB>
+// columns col_f = (warp * kFragsN + f) * 16 with n0 + col_f < cols. A is at `a` (already at this k step, leading
+// dimension ld_a), row-major ([m][k]) or col_major ([k][m]) as LayoutA says; load_b(fragment, col) loads B's
+// fragment for column col.
+template <typename T, int BM, typename LayoutA, typename LayoutB, typename LoadB>
 __device__ __forceinline__ void mma_k_step(WarpAccumulators<T, BM>& acc, const T* a, int ld_a, int n0, int cols,
                                            LoadB load_b) {
   using M = Mma<T>;
   constexpr int kRowFrags = BM / 16;
+  constexpr bool kRowMajorA = std::is_same_v<LayoutA, wmma::row_major>;
   const int warp = threadIdx.x / kWarpSize;
-  typename M::template A<wmma::row_major> a_frag[kRowFrags];
+  typename M::template A<LayoutA> a_frag[kRowFrags];
 #pragma unroll
   for (int m = 0; m < kRowFrags; ++m) {
-    M::load(a_frag[m], a + 16 * m * ld_a, ld_a);
+    M::load(a_frag[m], a + (kRowMajorA ? 16 * m * ld_a : 16 * m), ld_a);
   }
 #pragma unroll
   for (int f = 0; f < kFragsN; ++f) {
@@ -408,29 +439,46 @@ __device__ __forceinline__ void mma_k_step(WarpAccumulators<T, BM>& acc, const T
 // out[BM x cols_padded] (fp32, shared) = A[BM x depth] * B[b_rows x depth]^T, both operands global.
 // A is the block's query tile (a_rows valid), B the keys (b_rows valid); columns b_rows..cols_padded
 // come out zero. Warp w owns columns [32w, 32w + 32) of each 128-column pass and all BM rows.
-template <typename T, int BM>
+//
+// kGlobalOrientation: both operands are channel-first (stride 1 along their rows: N for A, S for B), and their
+// tiles keep that orientation in shared memory, A as [k][m] (a col_major matrix_a) and B as [k][n] (a row_major
+// matrix_b), so they arrive in 16-byte stores. Otherwise A is [m][k] and B [n][k], and a channel-first operand is
+// stored column by column (load_tile), one entry per lane per store.
+template <typename T, int BM, bool kGlobalOrientation>
 __device__ void gemm_abt_to_smem(const T* a, int64_t a_rs, int64_t a_cs, int a_rows, const T* b, int64_t b_rs,
                                  int64_t b_cs, int b_rows, int depth, int cols_padded, float* out, int ld_out,
                                  T* stage) {
   using M = Mma<T>;
+  using LayoutA = std::conditional_t<kGlobalOrientation, wmma::col_major, wmma::row_major>;
+  using LayoutB = std::conditional_t<kGlobalOrientation, wmma::row_major, wmma::col_major>;
   constexpr int kRowFrags = BM / 16;
-  constexpr int ld = kChunkK + kPad<T>;
+  constexpr int ld_a = kGlobalOrientation ? BM + kPad<T> : kChunkK + kPad<T>;
+  constexpr int ld_b = kGlobalOrientation ? kTileN + kPad<T> : kChunkK + kPad<T>;
   T* a_tile = stage;
-  T* b_tile = stage + BM * ld;
+  T* b_tile = stage + (kGlobalOrientation ? kChunkK : BM) * ld_a;
   const int warp = threadIdx.x / kWarpSize;
   for (int n0 = 0; n0 < cols_padded; n0 += kTileN) {
     WarpAccumulators<T, BM> acc;
     zero_accumulators<T, BM>(acc);
     for (int k0 = 0; k0 < depth; k0 += kChunkK) {
       __syncthreads();  // the previous tiles are no longer read
-      load_tile<T, BM, kChunkK>(a_tile, ld, a + k0 * a_cs, a_rs, a_cs, a_rows, depth - k0, [&] {
-        load_tile<T, kTileN, kChunkK>(b_tile, ld, b + n0 * b_rs + k0 * b_cs, b_rs, b_cs, b_rows - n0, depth - k0);
-      });
+      const T* a_chunk = a + k0 * a_cs;
+      const T* b_chunk = b + n0 * b_rs + k0 * b_cs;
+      if constexpr (kGlobalOrientation) {
+        load_tile<T, kChunkK, BM>(a_tile, ld_a, a_chunk, a_cs, a_rs, depth - k0, a_rows, [&] {
+          load_tile<T, kChunkK, kTileN>(b_tile, ld_b, b_chunk, b_cs, b_rs, depth - k0, b_rows - n0);
+        });
+      } else {
+        load_tile<T, BM, kChunkK>(a_tile, ld_a, a_chunk, a_rs, a_cs, a_rows, depth - k0, [&] {
+          load_tile<T, kTileN, kChunkK>(b_tile, ld_b, b_chunk, b_rs, b_cs, b_rows - n0, depth - k0);
+        });
+      }
       __syncthreads();
       const int k_end = min(kChunkK, static_cast<int>(round_up(depth - k0, M::kK)));
       for (int kk = 0; kk < k_end; kk += M::kK) {
-        mma_k_step<T, BM, wmma::col_major>(acc, a_tile + kk, ld, n0, cols_padded, [&](auto& b_frag, int col) {
-          M::load(b_frag, b_tile + col * ld + kk, ld);
+        mma_k_step<T, BM, LayoutA, LayoutB>(acc, a_tile + (kGlobalOrientation ? kk * ld_a : kk), ld_a, n0,
+                                            cols_padded, [&](auto& b_frag, int col) {
+          M::load(b_frag, b_tile + (kGlobalOrientation ? kk * ld_b + col : col * ld_b + kk), ld_b);
         });
       }
     }
@@ -447,14 +495,36 @@ __device__ void gemm_abt_to_smem(const T* a, int64_t a_rs, int64_t a_cs, int a_r
   }
 }
 
-// out[BM x cols] (global, strided; out_rows valid) = A[BM x depth_padded] * B[b_rows x cols], where A is
-// in shared memory (row-major, ld_a) and B global (rows b_rows..depth_padded read as zero).
+// Channel-first operands of a product: stride 1 along the rows (N or S), as a conv output's view gives.
+__device__ __forceinline__ bool rows_contiguous(int64_t row_stride, int64_t col_stride) {
+  return row_stride == 1 && col_stride != 1;
+}
+
+// gemm_abt_to_smem in global orientation when both operands are channel-first (one branch per block).
 template <typename T, int BM>
+__device__ void scores_product(const T* a, int64_t a_rs, int64_t a_cs, int a_rows, const T* b, int64_t b_rs,
+                               int64_t b_cs, int b_rows, int depth, int cols_padded, float* out, int ld_out,
+                               T* stage) {
+  if (rows_contiguous(a_rs, a_cs) && rows_contiguous(b_rs, b_cs)) {
+    gemm_abt_to_smem<T, BM, true>(a, a_rs, a_cs, a_rows, b, b_rs, b_cs, b_rows, depth, cols_padded, out, ld_out,
+                                  stage);
+  } else {
+    gemm_abt_to_smem<T, BM, false>(a, a_rs, a_cs, a_rows, b, b_rs, b_cs, b_rows, depth, cols_padded, out, ld_out,
+                                   stage);
+  }
+}
+
+// out[BM x cols] (global, strided; out_rows valid) = A[BM x depth_padded] * B[b_rows x cols], where A is
+// in shared memory (row-major, ld_a) and B global (rows b_rows..depth_padded read as zero). kGlobalOrientation:
+// B is channel-first (stride 1 along its rows, the keys) and its tile stays [n][k] in shared memory (a col_major
+// matrix_b, filled by 16-byte stores); otherwise [k][n].
+template <typename T, int BM, bool kGlobalOrientation>
 __device__ void gemm_ab_to_global(const T* a, int ld_a, int depth_padded, const T* b, int64_t b_rs, int64_t b_cs,
                                   int b_rows, int cols, T* out, int64_t o_rs, int64_t o_cs, int out_rows, T* stage) {
   using M = Mma<T>;
+  using LayoutB = std::conditional_t<kGlobalOrientation, wmma::col_major, wmma::row_major>;
   constexpr int kRowFrags = BM / 16;
-  constexpr int ld_b = kTileN + kPad<T>;
+  constexpr int ld_b = kGlobalOrientation ? kChunkS + kPad<T> : kTileN + kPad<T>;
   T* b_tile = stage;
   float* out_stage = reinterpret_cast<float*>(stage);  // reused once the products are done
   const bool stage_col_major = o_rs == 1 && o_cs != 1;
@@ -465,12 +535,17 @@ __device__ void gemm_ab_to_global(const T* a, int ld_a, int depth_padded, const 
     zero_accumulators<T, BM>(acc);
     for (int k0 = 0; k0 < depth_padded; k0 += kChunkS) {
       __syncthreads();
-      load_tile<T, kChunkS, kTileN>(b_tile, ld_b, b + k0 * b_rs + n0 * b_cs, b_rs, b_cs, b_rows - k0, cols - n0);
+      const T* b_chunk = b + k0 * b_rs + n0 * b_cs;
+      if constexpr (kGlobalOrientation) {
+        load_tile<T, kTileN, kChunkS>(b_tile, ld_b, b_chunk, b_cs, b_rs, cols - n0, b_rows - k0);
+      } else {
+        load_tile<T, kChunkS, kTileN>(b_tile, ld_b, b_chunk, b_rs, b_cs, b_rows - k0, cols - n0);
+      }
       __syncthreads();
       const int k_end = min(kChunkS, depth_padded - k0);
       for (int kk = 0; kk < k_end; kk += M::kK) {
-        mma_k_step<T, BM, wmma::row_major>(acc, a + k0 + kk, ld_a, n0, cols, [&](auto& b_frag, int col) {
-          M::load(b_frag, b_tile + kk * ld_b + col, ld_b);
+        mma_k_step<T, BM, wmma::row_major, LayoutB>(acc, a + k0 + kk, ld_a, n0, cols, [&](auto& b_frag, int col) {
+          M::load(b_frag, b_tile + (kGlobalOrientation ? col * ld_b + kk : kk * ld_b + col), ld_b);
         });
       }
     }
@@ -491,6 +566,19 @@ __device__ void gemm_ab_to_global(const T* a, int ld_a, int depth_padded, const 
     }
     __syncthreads();
     store_tile<T, BM, kTileN>(out + n0 * o_cs, o_rs, o_cs, out_stage, ld_out, stage_col_major, out_rows, cols - n0);
+  }
+}
+
+// gemm_ab_to_global in global orientation when B is channel-first (one branch per block).
+template <typename T, int BM>
+__device__ void output_product(const T* a, int ld_a, int depth_padded, const T* b, int64_t b_rs, int64_t b_cs,
+                               int b_rows, int cols, T* out, int64_t o_rs, int64_t o_cs, int out_rows, T* stage) {
+  if (rows_contiguous(b_rs, b_cs)) {
+    gemm_ab_to_global<T, BM, true>(a, ld_a, depth_padded, b, b_rs, b_cs, b_rows, cols, out, o_rs, o_cs, out_rows,
+                                   stage);
+  } else {
+    gemm_ab_to_global<T, BM, false>(a, ld_a, depth_padded, b, b_rs, b_cs, b_rows, cols, out, o_rs, o_cs, out_rows,
+                                    stage);
   }
 }
 
@@ -620,14 +708,14 @@ __global__ void __launch_bounds__(kThreads, 2) short_attention_forward_kernel(Fo
   const T* value = static_cast<const T*>(p.value.data) + b * p.value.batch_stride;
   T* out = static_cast<T*>(p.out.data) + b * p.out.batch_stride + row0 * p.out.row_stride;
 
-  gemm_abt_to_smem<T, BM>(query, p.query.row_stride, p.query.col_stride, rows_valid, key, p.key.row_stride,
+  scores_product<T, BM>(query, p.query.row_stride, p.query.col_stride, rows_valid, key, p.key.row_stride,
                           p.key.col_stride, p.keys, p.key_dim, keys_padded, scores, ld_s, stage);
   __syncthreads();
   softmax_rows<T, BM>(scores, ld_s, p.keys, keys_padded, p.scale,
                       p.lse + static_cast<int64_t>(b) * p.queries + row0, rows_valid);
   __syncthreads();
   const int ld_p = ld_s * static_cast<int>(sizeof(float) / sizeof(T));
-  gemm_ab_to_global<T, BM>(reinterpret_cast<const T*>(scores), ld_p, keys_padded, value, p.value.row_stride,
+  output_product<T, BM>(reinterpret_cast<const T*>(scores), ld_p, keys_padded, value, p.value.row_stride,
                            p.value.col_stride, p.keys, p.value_dim, out, p.out.row_stride, p.out.col_stride,
                            rows_valid, stage);
 }
@@ -665,9 +753,9 @@ __global__ void __launch_bounds__(kThreads, 2) short_attention_backward_scores_k
       static_cast<const T*>(p.grad_out.data) + b * p.grad_out.batch_stride + row0 * p.grad_out.row_stride;
   T* grad_query = static_cast<T*>(p.grad_query.data) + b * p.grad_query.batch_stride + row0 * p.grad_query.row_stride;
 
-  gemm_abt_to_smem<T, BM>(query, p.query.row_stride, p.query.col_stride, rows_valid, key, p.key.row_stride,
+  scores_product<T, BM>(query, p.query.row_stride, p.query.col_stride, rows_valid, key, p.key.row_stride,
                           p.key.col_stride, p.keys, p.key_dim, keys_padded, scores, ld_s, stage);
-  gemm_abt_to_smem<T, BM>(grad_out, p.grad_out.row_stride, p.grad_out.col_stride, rows_valid, value,
+  scores_product<T, BM>(grad_out, p.grad_out.row_stride, p.grad_out.col_stride, rows_valid, value,
                           p.value.row_stride, p.value.col_stride, p.keys, p.value_dim, keys_padded, dprob, ld_s,
                           stage);
   __syncthreads();
@@ -686,7 +774,7 @@ __global__ void __launch_bounds__(kThreads, 2) short_attention_backward_scores_k
     *reinterpret_cast<uint4*>(static_cast<T*>(p.dscore) + to) =
         *reinterpret_cast<const uint4*>(dscore + r * ld_p + j);
   }
-  gemm_ab_to_global<T, BM>(dscore, ld_p, keys_padded, key, p.key.row_stride, p.key.col_stride, p.keys, p.key_dim,
+  output_product<T, BM>(dscore, ld_p, keys_padded, key, p.key.row_stride, p.key.col_stride, p.keys, p.key_dim,
                            grad_query, p.grad_query.row_stride, p.grad_query.col_stride, rows_valid, stage);
 }
 

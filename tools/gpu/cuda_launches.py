@@ -64,7 +64,8 @@ def _cache_key(cases) -> str:
 
 def launches(cases: list[Case]) -> dict[str, list[dict]]:
     """{case name: one dict per launch (kernel label, grid, threads, dynamic shared memory, one block's
-    bytes read and written, its shared-memory wavefronts and WMMA fragment bytes)}, cached by the content of csrc/cuda and the emulator."""
+    bytes read and written, its shared-memory wavefronts and WMMA fragment bytes)}, cached by the content of
+    csrc/cuda and the emulator."""
     entry = cuda_static.cache_root() / "launches" / f"{_cache_key(cases)}.json"
     if entry.exists():
         return json.loads(entry.read_text())

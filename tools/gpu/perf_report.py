@@ -92,8 +92,8 @@ def build_report(with_triton: bool = True) -> dict:
         "device": "H200 SXM (modelled)",
         "host": f"{platform.machine()}, Python {platform.python_version()}",
         "constants": {name: getattr(model, name) for name in (
-            "SM_COUNT", "CLOCK_GHZ", "SHARED_BYTES_PER_CYCLE", "HBM_BYTES_PER_S", "L2_BYTES_PER_S", "L2_LATENCY_CYCLES", "HBM_LATENCY_CYCLES",
-            "PEAK_FLOPS", "FLOOR_FLOPS")},
+            "SM_COUNT", "CLOCK_GHZ", "SHARED_BYTES_PER_CYCLE", "HBM_BYTES_PER_S", "L2_BYTES_PER_S",
+            "L2_LATENCY_CYCLES", "HBM_LATENCY_CYCLES", "PEAK_FLOPS", "FLOOR_FLOPS")},
         "cases": {c.name: {"floor_s": c.floor_s, "minimal_bytes": c.minimal_bytes, "flops": c.flops} for c in cases},
     }
     missing = cuda_static.missing_tools()
