@@ -233,8 +233,9 @@ __device__ __forceinline__ int2 axis_bins(int64_t x, int64_t s, int64_t length) 
 }
 
 template <typename T>
-__device__ __forceinline__ void store_group(T* __restrict__ dst, const typename AccumulateType<T>::type (&total)[kGroupPixels],
-                                            int valid, bool vector) {
+__device__ __forceinline__ void store_group(T* __restrict__ dst,
+                                            const typename AccumulateType<T>::type (&total)[kGroupPixels], int valid,
+                                            bool vector) {
   struct alignas(kGroupPixels * sizeof(T)) Group {
     T pixel[kGroupPixels];
   };
@@ -408,7 +409,8 @@ template <typename T>
 size_t forward_smem(const MapTiles<T>& tiles, int num_bins) {
   using Acc = typename AccumulateType<T>::type;
   return align16(num_bins * sizeof(BinBox)) + align16(static_cast<size_t>(tiles.planes) * num_bins * sizeof(Acc)) +
-         static_cast<size_t>(tiles.planes) * (static_cast<size_t>(tiles.tile_rows) * tiles.row_stride + 1) * sizeof(Acc);
+         static_cast<size_t>(tiles.planes) * (static_cast<size_t>(tiles.tile_rows) * tiles.row_stride + 1) *
+             sizeof(Acc);
 }
 
 template <typename T>

@@ -148,8 +148,8 @@ constexpr int kVec = static_cast<int>(16 / sizeof(T));
 constexpr int kVectorBatch = 8;
 constexpr int kScalarBatch = 8;
 
-// Entry i of a 16-byte vector of T, through 32-bit words: the vector stays in registers (a T* into a register array would send it to local memory). i is a constant once the
-// callers' loops are unrolled.
+// Entry i of a 16-byte vector of T, through 32-bit words: the vector stays in registers (a T* into a register
+// array would send it to local memory). i is a constant once the callers' loops are unrolled.
 __device__ __forceinline__ uint32_t vector_word(const uint4& v, int w) {
   return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
 }
@@ -216,7 +216,8 @@ struct TileVectors {
       line_block = warp % kLineBlocks;
       fast_block = warp / kLineBlocks + kWarps / kLineBlocks * step;
     }
-    return make_int2((fast_block * kWarpFast + lane % kWarpFast) * kEntries, line_block * kWarpLines + lane / kWarpFast);
+    return make_int2((fast_block * kWarpFast + lane % kWarpFast) * kEntries,
+                     line_block * kWarpLines + lane / kWarpFast);
   }
 
   template <int kCount>
@@ -352,17 +353,29 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ 
     }
   };
   if constexpr (kPerThread < kVectorBatch) {
+    // Pairs too few for a batch of their own wait in registers like the vectors.
+    constexpr int kStagedPairs =
+        kPairs && ColsFastestPairs::kPerThread < kVectorBatch ? ColsFastestPairs::kPerThread : 0;
     uint4 values[kPerThread];
+    uint32_t pair_values[kStagedPairs > 0 ? kStagedPairs : 1];
     if (vectors && rows_fastest) {
       RowsFastest::fetch(values, 0, src, slow_stride, rows, cols);
     } else if (vectors) {
       ColsFastest::fetch(values, 0, src, slow_stride, rows, cols);
+    } else if constexpr (kStagedPairs > 0) {
+      if (pairs) {
+        ColsFastestPairs::fetch(pair_values, 0, src, slow_stride, rows, cols);
+      }
     }
     load_next();
     if (vectors && rows_fastest) {
       RowsFastest::store(dst, ld, values, 0);
     } else if (vectors) {
       ColsFastest::store(dst, ld, values, 0);
+    } else if (kStagedPairs > 0 && pairs) {
+      if constexpr (kStagedPairs > 0) {
+        ColsFastestPairs::store(dst, ld, pair_values, 0);
+      }
     } else {
       load_narrow();
     }

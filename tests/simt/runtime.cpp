@@ -983,9 +983,9 @@ int simt_planted_bug() { return planted_bug; }
 // The access's code site: the hook's return address, in the kernel.
 #define SIMT_ACCESS_SITE reinterpret_cast<uintptr_t>(__builtin_return_address(0))
 #define SIMT_HOOKS(size)                                                                                      \
-  void __asan_load##size##_noabort(const void* p) { simt::on_access(p, size, false, SIMT_ACCESS_SITE); }                 \
-  void __asan_store##size##_noabort(const void* p) { simt::on_access(p, size, true, SIMT_ACCESS_SITE); }                 \
-  void __asan_report_load##size##_noabort(const void* p) { simt::on_access(p, size, false, SIMT_ACCESS_SITE); }          \
+  void __asan_load##size##_noabort(const void* p) { simt::on_access(p, size, false, SIMT_ACCESS_SITE); }          \
+  void __asan_store##size##_noabort(const void* p) { simt::on_access(p, size, true, SIMT_ACCESS_SITE); }          \
+  void __asan_report_load##size##_noabort(const void* p) { simt::on_access(p, size, false, SIMT_ACCESS_SITE); }   \
   void __asan_report_store##size##_noabort(const void* p) { simt::on_access(p, size, true, SIMT_ACCESS_SITE); }
 SIMT_HOOKS(1)
 SIMT_HOOKS(2)
