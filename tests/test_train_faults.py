@@ -142,6 +142,11 @@ def _checkpoint_on_rank(rank: int, work_dir: str, init_file: str):
             Path(work_dir, f"rank{rank}.txt").write_text(str(error))
     finally:
         torch.distributed.destroy_process_group()
+    # The outcome is on disk. A spawned process that built the training objects and then ran a gloo collective
+    # aborts now and then in interpreter teardown, after this function has returned ("terminate called without
+    # an active exception", no Python frame; about 1 run in 4 here, with or without a barrier, whether the write
+    # fails or not; not seen with either half alone). Leaving without the teardown keeps that out of the test.
+    os._exit(0)
 
 
 @pytest.mark.timeout(180)
