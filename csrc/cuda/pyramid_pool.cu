@@ -58,8 +58,9 @@ struct MapTiles {
   int64_t stride_b, stride_c, stride_h, stride_w;
   int channels;
   int planes, tile_rows, tile_cols;
-  int row_stride;   // of a plane in the staged tile: tile_cols, or more (see plan_map)
-  int first_block;  // the map's blocks start here in the grid
+  int row_stride;      // of a plane in the staged tile: tile_cols, or more (see plan_map)
+  int row_sums_ld;     // > 0: the row pass (sum_bins_by_rows), with this leading dimension of its row sums
+  int first_block;     // the map's blocks start here in the grid
 };
 
 // Up to kMaxPoolMaps maps pooled by one launch; a one-map launch sets second.first_block to the grid size.
@@ -68,12 +69,115 @@ struct ForwardMaps {
   MapTiles<T> first, second;
 };
 
+// Scales the row pass takes at most (their running sums live in registers).
+constexpr int kRowPassScales = 4;
+
+// Sums of every (plane, bin) over one staged tile, one warp per (plane, bin): lanes cover the bin's columns
+// with the smallest power of two >= its width (at most 32), the remaining lane bits step over rows; the warp
+// adds its total to sums[t]. Each pixel is read once per bin that holds it (about 4.4 times for (1, 3, 6, 8)).
+template <typename Acc>
+__device__ void sum_bins_by_warps(const Acc* tile, int plane_stride, int row_stride, const BinBox* boxes, Acc* sums,
+                                  int planes_valid, int num_bins, int h0, int w0, int rows, int cols) {
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int t = warp; t < planes_valid * num_bins; t += kPoolWarps) {
+    const int p = t / num_bins;
+    const BinBox box = boxes[t - p * num_bins];
+    const int r_begin = max(box.row_begin, h0) - h0;
+    const int r_end = min(box.row_end, h0 + rows) - h0;
+    const int c_begin = max(box.col_begin, w0) - w0;
+    const int c_end = min(box.col_end, w0 + cols) - w0;
+    if (r_begin >= r_end || c_begin >= c_end) {
+      continue;  // warp-uniform: the bin misses this tile
+    }
+    const int box_cols = c_end - c_begin;
+    const int col_bits = box_cols >= kWarpSize ? 5 : 32 - __clz(box_cols - 1);
+    const int lanes_per_row = 1 << col_bits;
+    const Acc* src = tile + p * plane_stride;
+    Acc partial = Acc(0);
+    for (int r = r_begin + (lane >> col_bits); r < r_end; r += kWarpSize >> col_bits) {
+      for (int c = c_begin + (lane & (lanes_per_row - 1)); c < c_end; c += lanes_per_row) {
+        partial += src[r * row_stride + c];
+      }
+    }
+    partial = warp_sum(partial);
+    if (lane == 0) {
+      sums[t] += partial;
+    }
+  }
+}
+
+// The row pass, for one plane staged in full-width rows (plan_map picks it): each pixel is read once. Thread r
+// walks tile row r left to right keeping, per scale, the running sums of the column bin that holds the pixel
+// and of the next one (neighbouring bins share at most one pixel when the scale is at most the width); each
+// finished column bin goes to row_sums[r][column bin]. Then thread q adds bin q's column-bin entries over the
+// tile rows of its row bin, in row order, to sums[q]. Rows are an odd number of words apart, so the lanes of a
+// warp (consecutive rows) read and write distinct banks.
+template <typename Acc>
+__device__ void sum_bins_by_rows(const Acc* tile, int row_stride, Acc* row_sums, int row_sums_ld,
+                                 const int* column_bins, const BinBox* boxes, Acc* sums, const int* sizes,
+                                 int scale_count, int num_bins, int h0, int rows, int width) {
+  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+    const Acc* row = tile + r * row_stride;
+    Acc* out = row_sums + r * row_sums_ld;
+    int bin[kRowPassScales], end[kRowPassScales], next_start[kRowPassScales], first_column_bin[kRowPassScales];
+    Acc current[kRowPassScales], next[kRowPassScales];
+    int offset = 0;
+#pragma unroll
+    for (int k = 0; k < kRowPassScales; ++k) {
+      const int s = k < scale_count ? sizes[k] : 1;
+      bin[k] = 0;
+      end[k] = k < scale_count ? adaptive_bin_end(0, width, s) : width + 1;  // an unused scale never ends a bin
+      next_start[k] = s > 1 ? adaptive_bin_start(1, width, s) : width;
+      first_column_bin[k] = offset;
+      offset += k < scale_count ? s : 0;
+      current[k] = next[k] = Acc(0);
+    }
+    for (int c = 0; c < width; ++c) {
+      const Acc value = row[c];
+#pragma unroll
+      for (int k = 0; k < kRowPassScales; ++k) {
+        if (c == end[k]) {  // bin[k] is complete; pixel c starts (or continues) the next
+          const int s = sizes[k];
+          out[first_column_bin[k] + bin[k]] = current[k];
+          ++bin[k];
+          current[k] = next[k];
+          next[k] = Acc(0);
+          end[k] = adaptive_bin_end(bin[k], width, s);
+          next_start[k] = bin[k] + 1 < s ? adaptive_bin_start(bin[k] + 1, width, s) : width;
+        }
+        current[k] += value;
+        if (c >= next_start[k]) {
+          next[k] += value;
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kRowPassScales; ++k) {
+      if (k < scale_count) {
+        out[first_column_bin[k] + bin[k]] = current[k];  // the last bin of the row
+      }
+    }
+  }
+  __syncthreads();
+  for (int q = threadIdx.x; q < num_bins; q += blockDim.x) {
+    const BinBox box = boxes[q];
+    const int r_end = min(box.row_end, h0 + rows) - h0;
+    Acc partial = Acc(0);
+    for (int r = max(box.row_begin, h0) - h0; r < r_end; ++r) {
+      partial += row_sums[r * row_sums_ld + column_bins[q]];
+    }
+    sums[q] += partial;
+  }
+}
+
 // Forward. Grid: one block per (map, batch, group of `planes` consecutive channels). The block walks the
 // planes in tiles of tile_rows x tile_cols pixels: each tile is loaded once into shared memory (threads
 // run along whichever of channel / width is contiguous, so loads are coalesced for NCHW and for
-// channels_last), then every (plane, bin) that intersects the tile is summed by one warp and added to
-// that bin's running sum. The warp owning a (plane, bin) and the tile order are fixed, so the result
-// is deterministic. Sums in Acc (fp32, or fp64 for fp64 input); output [B, C, S] contiguous.
+// channels_last), then its bins are summed and added to each bin's running sum: by the row pass for one plane
+// in full-width rows (NCHW, the blocks' case), else by one warp per (plane, bin). The thread or warp owning
+// each sum and the tile order are fixed, so the result is deterministic. Sums in Acc (fp32, or fp64 for fp64
+// input); output [B, C, S] contiguous.
 //
 // The launch bounds ask for 2 blocks per SM, a budget of 128 registers: left to itself ptxas keeps the kernel
 // near 40 registers (6 blocks per SM) and gets there by interleaving a batch's loads with its shared stores
@@ -92,6 +196,11 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
                                      align16(static_cast<size_t>(planes) * num_bins * sizeof(Acc)));
   // Odd plane stride: channels_last loads (consecutive threads -> consecutive planes) hit distinct banks.
   const int plane_stride = tile_rows * row_stride + 1;
+  // The row pass's buffers follow the tile (forward_smem sizes them only for it).
+  int* column_bins = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(tile) +
+                                            align16(static_cast<size_t>(planes) * plane_stride * sizeof(Acc)));
+  Acc* row_sums =
+      reinterpret_cast<Acc*>(reinterpret_cast<unsigned char*>(column_bins) + align16(num_bins * sizeof(int)));
 
   const int groups_per_batch = static_cast<int>(ceil_div(channels, planes));
   const int block = static_cast<int>(blockIdx.x) - map.first_block;
@@ -106,6 +215,15 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
   __syncthreads();
   for (int q = threadIdx.x; q < num_bins; q += blockDim.x) {
     boxes[q] = bin_box(sizes, q, height, width);
+    if (map.row_sums_ld > 0) {  // bin q's column bin: its scale's first column bin, plus its column
+      int offset = 0, column_offset = 0, k = 0;
+      while (q >= offset + sizes[k] * sizes[k]) {
+        offset += sizes[k] * sizes[k];
+        column_offset += sizes[k];
+        ++k;
+      }
+      column_bins[q] = column_offset + (q - offset) % sizes[k];
+    }
   }
   for (int t = threadIdx.x; t < planes * num_bins; t += blockDim.x) {
     sums[t] = Acc(0);
@@ -115,8 +233,6 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
   const int plane = threadIdx.x % planes;
   const int pos_first = threadIdx.x / planes;
   const int pos_step = blockDim.x / planes;
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
 
   for (int h0 = 0; h0 < height; h0 += tile_rows) {
     const int rows = min(tile_rows, height - h0);
@@ -161,32 +277,11 @@ __global__ void __launch_bounds__(kPoolThreads, 2)
         }
       }
       __syncthreads();
-      for (int t = warp; t < planes_valid * num_bins; t += kPoolWarps) {
-        const int p = t / num_bins;
-        const BinBox box = boxes[t - p * num_bins];
-        const int r_begin = max(box.row_begin, h0) - h0;
-        const int r_end = min(box.row_end, h0 + rows) - h0;
-        const int c_begin = max(box.col_begin, w0) - w0;
-        const int c_end = min(box.col_end, w0 + cols) - w0;
-        if (r_begin >= r_end || c_begin >= c_end) {
-          continue;  // warp-uniform: the bin misses this tile
-        }
-        // Lanes cover the bin's columns with the smallest power of two >= its width (at most 32),
-        // the remaining lane bits step over rows.
-        const int box_cols = c_end - c_begin;
-        const int col_bits = box_cols >= kWarpSize ? 5 : 32 - __clz(box_cols - 1);
-        const int lanes_per_row = 1 << col_bits;
-        const Acc* src = tile + p * plane_stride;
-        Acc partial = Acc(0);
-        for (int r = r_begin + (lane >> col_bits); r < r_end; r += kWarpSize >> col_bits) {
-          for (int c = c_begin + (lane & (lanes_per_row - 1)); c < c_end; c += lanes_per_row) {
-            partial += src[r * row_stride + c];
-          }
-        }
-        partial = warp_sum(partial);
-        if (lane == 0) {
-          sums[t] += partial;
-        }
+      if (map.row_sums_ld > 0) {
+        sum_bins_by_rows(tile, row_stride, row_sums, map.row_sums_ld, column_bins, boxes, sums, sizes, scales.count,
+                         num_bins, h0, rows, width);
+      } else {
+        sum_bins_by_warps(tile, plane_stride, row_stride, boxes, sums, planes_valid, num_bins, h0, w0, rows, cols);
       }
     }
   }
@@ -383,15 +478,24 @@ MapTiles<T> plan_map(const PoolMap& map, const PyramidScales& scales, int num_bi
   const int tile_cols = static_cast<int>(std::min<int64_t>(width, std::max<int64_t>(1, tile_elems / planes)));
   const int tile_rows =
       static_cast<int>(std::min<int64_t>(height, std::max<int64_t>(1, tile_elems / (planes * tile_cols))));
-  // One plane per block: a warp sums a bin narrower than 32 pixels over 32 / L rows at once (L lanes per row, the
-  // bin width rounded up to a power of two). Rows L words apart modulo 32 put those rows in distinct banks, so
-  // the row stride is padded to that for the narrowest bins (the largest scale, which has the most bins).
+  // One plane per block in full-width rows, at most kRowPassScales scales, each at most the width, and fewer
+  // column bins than pixels in a row (so the row sums stay smaller than the tile): the row pass, with rows an
+  // odd number of words apart. Otherwise the bin warps: a warp sums a bin narrower than 32 pixels over
+  // 32 / L rows at once (L lanes per row, the bin width rounded up to a power of two). Rows L words apart
+  // modulo 32 put those rows in distinct banks, so the row stride is padded to that for the narrowest bins
+  // (the largest scale, which has the most bins).
+  int largest_scale = 1, column_bins = 0;
+  for (int k = 0; k < scales.count; ++k) {
+    largest_scale = std::max(largest_scale, scales.sizes[k]);
+    column_bins += scales.sizes[k];
+  }
   int row_stride = tile_cols;
-  if (planes == 1) {
-    int largest_scale = 1;
-    for (int k = 0; k < scales.count; ++k) {
-      largest_scale = std::max(largest_scale, scales.sizes[k]);
-    }
+  int row_sums_ld = 0;
+  if (planes == 1 && tile_cols == width && scales.count <= kRowPassScales && largest_scale <= width &&
+      column_bins < width) {
+    row_stride = tile_cols | 1;
+    row_sums_ld = column_bins | 1;
+  } else if (planes == 1) {
     int lanes_per_row = 1;
     while (lanes_per_row < 32 && lanes_per_row < width / largest_scale) {
       lanes_per_row *= 2;
@@ -402,15 +506,18 @@ MapTiles<T> plan_map(const PoolMap& map, const PyramidScales& scales, int num_bi
   }
   return MapTiles<T>{static_cast<const T*>(map.input), static_cast<T*>(map.output), map.strides[0], map.strides[1],
                      map.strides[2], map.strides[3], static_cast<int>(map.channels), planes, tile_rows, tile_cols,
-                     row_stride, first_block};
+                     row_stride, row_sums_ld, first_block};
 }
 
 template <typename T>
 size_t forward_smem(const MapTiles<T>& tiles, int num_bins) {
   using Acc = typename AccumulateType<T>::type;
+  const size_t tile = static_cast<size_t>(tiles.planes) *
+                      (static_cast<size_t>(tiles.tile_rows) * tiles.row_stride + 1) * sizeof(Acc);
+  const size_t row_sums = static_cast<size_t>(tiles.tile_rows) * tiles.row_sums_ld * sizeof(Acc);
+  const size_t row_pass = tiles.row_sums_ld > 0 ? align16(num_bins * sizeof(int)) + row_sums : 0;
   return align16(num_bins * sizeof(BinBox)) + align16(static_cast<size_t>(tiles.planes) * num_bins * sizeof(Acc)) +
-         static_cast<size_t>(tiles.planes) * (static_cast<size_t>(tiles.tile_rows) * tiles.row_stride + 1) *
-             sizeof(Acc);
+         align16(tile) + row_pass;
 }
 
 template <typename T>
