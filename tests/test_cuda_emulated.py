@@ -202,40 +202,42 @@ def test_fp32_backward_with_s_near_1024_does_not_fit_an_a100(emulator):
     assert emulator.attention_backward_plan(torch.bfloat16, (1, 40, 1000, 24, 16))["block_m"] == 16
 
 
-# Channel-first operands (the view a conv output gives) must not cost shared memory more than channels-last ones.
-# Both channel-first: tiles keep global memory's orientation (16-byte or 2-entry stores). One of each: the
-# channel-first operand is stored column by column, one entry per lane per store; unless lanes are spread over
-# rows and banks (TileVectors, load_tile_scalars) each such store takes 2-16 wavefronts (the loader before:
-# 3-4x the channels-last count over the kernel; without the rotation of TileVectors: 1.28x in the backward
-# and 3x in the key/value kernel, which stores every tile column by column). One block per launch at
-# B=2 (64-row query tiles); N = 9409 takes the scalar loaders, N = 8192 the vector ones.
-_SHARED_OVER_CHANNELS_LAST = {"short_attention_forward": 1.2, "short_attention_backward_scores": 1.2,
-                              "short_attention_backward_key_value": 1.75}
+# Shared memory of the attention kernels, one block per launch at B=2 (64-row query tiles) with S = 110: N = 8192
+# takes the vector loaders, N = 9409 the scalar ones. Every layout's stores must be free of bank conflicts: a
+# channel-first operand whose partner is not is stored column by column, one entry per lane per store, and
+# unless lanes are spread over rows and banks (TileVectors, load_tile_scalars) each store takes 2-16 wavefronts
+# (the loader before: 3-4x the conflict-free count; without the rotation of TileVectors: 1.2x here, 1.8x in the
+# key/value kernel). What is left (under 10%) is the output and workspace staging. And when both operands are
+# channel-first and aligned, their tiles keep that orientation, so they cost what channels-last ones cost.
+_LAYOUTS = [("channel_first", "channel_first"), ("contiguous", "contiguous"), ("channel_first", "contiguous"),
+            ("contiguous", "channel_first")]
 
 
-def _own_wavefronts(emulator, dtype, queries, query_layout, key_layout):
+def _shared_counts(emulator, dtype, queries, query_layout, key_layout):
     q = _make((2, queries, 256), query_layout, dtype)
     k, v = (_make((2, 110, 256), key_layout, dtype) for _ in range(2))
     start = len(emulator.launches)
     emulator.attention_forward(q, k, v, 256 ** -0.5)
     emulator.attention_backward(_make((2, queries, 256), query_layout, dtype), q, k, v, 256 ** -0.5)
-    return {launch.kernel.split("_kernel")[0]: launch.shared_wavefronts for launch in emulator.launches[start:]
+    return {launch.kernel.split("_kernel")[0]: launch for launch in emulator.launches[start:]
             if not launch.kernel.startswith("reduce")}
 
 
 @pytest.mark.parametrize("queries", [8192, 9409])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_channel_first_operands_cost_shared_memory_like_channels_last(emulator, dtype, queries):
+def test_attention_shared_memory_is_free_of_bank_conflicts(emulator, dtype, queries):
     emulator.configure(device="h200").run_blocks(1).count_shared_wavefronts()
     try:
-        baseline = _own_wavefronts(emulator, dtype, queries, "contiguous", "contiguous")
-        for layouts in [("channel_first", "channel_first"), ("channel_first", "contiguous"),
-                        ("contiguous", "channel_first")]:
-            for kernel, wavefronts in _own_wavefronts(emulator, dtype, queries, *layouts).items():
-                bound = _SHARED_OVER_CHANNELS_LAST[kernel] * baseline[kernel]
-                assert wavefronts <= bound, (layouts, kernel, wavefronts, baseline[kernel])
+        counts = {layouts: _shared_counts(emulator, dtype, queries, *layouts) for layouts in _LAYOUTS}
     finally:
         emulator.run_blocks(None).count_shared_wavefronts(False)
+    for layouts, launches in counts.items():
+        for kernel, launch in launches.items():
+            assert launch.shared_wavefronts <= 1.1 * launch.shared_conflict_free_wavefronts, (layouts, kernel, launch)
+    if queries == 8192:
+        for kernel, launch in counts[_LAYOUTS[0]].items():
+            if kernel != "short_attention_backward_key_value":  # its own loader, column stores whatever the layout
+                assert launch.shared_wavefronts <= counts[_LAYOUTS[1]][kernel].shared_wavefronts, (kernel, launch)
 
 
 @pytest.mark.slow

@@ -78,19 +78,20 @@ def test_async_copy_bug_is_reported(async_copy, variant, what, report):
     print(f"{what}: {caught.value}")
 
 
-# Pattern of probes/bank_conflicts.cu -> wavefronts of its store (and of its load, the same).
+# Pattern of probes/bank_conflicts.cu -> wavefronts of its store (and of its load, the same), and what they
+# would be without bank conflicts (one per phase: 128 bytes of lanes).
 BANK_PATTERNS = [
-    (0, "consecutive words", 1),
-    (1, "words 32 apart, one bank", 32),
-    (2, "a column of a 33-word padded tile", 1),
-    (3, "consecutive 16-byte vectors", 4),
-    (4, "consecutive halves, two per word", 1),
-    (5, "a column of halves in 36-word rows", 4),
+    (0, "consecutive words", 1, 1),
+    (1, "words 32 apart, one bank", 32, 1),
+    (2, "a column of a 33-word padded tile", 1, 1),
+    (3, "consecutive 16-byte vectors", 4, 4),
+    (4, "consecutive halves, two per word", 1, 1),
+    (5, "a column of halves in 36-word rows", 4, 1),
 ]
 
 
-@pytest.mark.parametrize("pattern, what, wavefronts", BANK_PATTERNS, ids=[p[1] for p in BANK_PATTERNS])
-def test_shared_wavefronts_count_bank_conflicts(pattern, what, wavefronts):
+@pytest.mark.parametrize("pattern, what, wavefronts, conflict_free", BANK_PATTERNS, ids=[p[1] for p in BANK_PATTERNS])
+def test_shared_wavefronts_count_bank_conflicts(pattern, what, wavefronts, conflict_free):
     from simt.probe import Probe
 
     probe = Probe("bank_conflicts").count_shared_wavefronts()
@@ -100,7 +101,8 @@ def test_shared_wavefronts_count_bank_conflicts(pattern, what, wavefronts):
     finally:
         probe.count_shared_wavefronts(False)
     torch.testing.assert_close(out, torch.arange(32.0), rtol=0, atol=0)
-    assert (launch.shared_requests, launch.shared_wavefronts) == (2, 2 * wavefronts), (what, launch)
+    assert (launch.shared_requests, launch.shared_wavefronts, launch.shared_conflict_free_wavefronts) == (
+        2, 2 * wavefronts, 2 * conflict_free), (what, launch)
 
 
 @pytest.fixture(scope="module")

@@ -622,6 +622,49 @@ __device__ __forceinline__ RowStats exponentiate_row(float* row, int keys, float
   return {maximum, sum, 1.0f / sum};
 }
 
+// A score row held in registers, entries j = lane + 32 i (i < kPerLane): read from shared memory once, where
+// exponentiate_row reads it twice and writes it once. load_exponentiated() returns the stats exponentiate_row
+// would, by the same operations in the same order (so P comes out bit for bit the same), and leaves
+// exp2(x_j - maximum) in e[i].
+template <int kPerLane>
+struct RowInRegisters {
+  float e[kPerLane];
+
+  __device__ __forceinline__ RowStats load_exponentiated(const float* row, int keys, float scale_log2, int lane) {
+    float maximum = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int j = lane + i * kWarpSize;
+      e[i] = j < keys ? row[j] * scale_log2 : 0.0f;
+      maximum = j < keys ? fmaxf(maximum, e[i]) : maximum;
+    }
+    maximum = warp_max(maximum);
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      if (lane + i * kWarpSize < keys) {
+        e[i] = exp2f(e[i] - maximum);
+        sum += e[i];
+      }
+    }
+    sum = warp_sum(sum);
+    return {maximum, sum, 1.0f / sum};
+  }
+};
+
+// Calls body(RowInRegisters<k>{}) with the fewest entries per lane that hold keys_padded scores (4 for S <= 128,
+// 8 for S <= 256), or body_in_shared() for longer rows.
+template <typename Body, typename BodyInShared>
+__device__ __forceinline__ void with_row_registers(int keys_padded, Body body, BodyInShared body_in_shared) {
+  if (keys_padded <= 4 * kWarpSize) {
+    body(RowInRegisters<4>{});
+  } else if (keys_padded <= 8 * kWarpSize) {
+    body(RowInRegisters<8>{});
+  } else {
+    body_in_shared();
+  }
+}
+
 // Softmax of each scaled score row, in place: row r of `scores` (fp32, ld_s) becomes P in T with the
 // same byte offset per row (ld_s * 4 / sizeof(T) elements), keys..keys_padded set to zero. One warp per
 // row; P is written 32 entries at a time after the warp has read them, which is safe because entry j
@@ -636,19 +679,39 @@ __device__ void softmax_rows(float* scores, int ld_s, int keys, int keys_padded,
   for (int r = warp; r < BM; r += kWarps) {
     float* row = scores + r * ld_s;
     T* prob = reinterpret_cast<T*>(scores) + r * ld_p;
-    const RowStats stats = exponentiate_row(row, keys, scale_log2, lane);
-    if (lane == 0 && r < rows_valid) {
-      lse[r] = (stats.maximum + log2f(stats.sum)) * kLn2;
-    }
-    for (int j0 = 0; j0 < keys_padded; j0 += kWarpSize) {
-      const int j = j0 + lane;
-      const float p = j < keys ? row[j] * stats.reciprocal : 0.0f;
-      __syncwarp();
-      if (j < keys_padded) {
-        prob[j] = from_acc<T>(p);
+    const auto write_lse = [&](const RowStats& stats) {
+      if (lane == 0 && r < rows_valid) {
+        lse[r] = (stats.maximum + log2f(stats.sum)) * kLn2;
       }
-      __syncwarp();
-    }
+    };
+    with_row_registers(
+        keys_padded,
+        [&](auto values) {
+          const RowStats stats = values.load_exponentiated(row, keys, scale_log2, lane);
+          write_lse(stats);
+          __syncwarp();  // the whole row is read before P overwrites it
+          constexpr int kPerLane = sizeof(values.e) / sizeof(float);
+#pragma unroll
+          for (int i = 0; i < kPerLane; ++i) {
+            const int j = lane + i * kWarpSize;
+            if (j < keys_padded) {
+              prob[j] = from_acc<T>(j < keys ? values.e[i] * stats.reciprocal : 0.0f);
+            }
+          }
+        },
+        [&] {
+          const RowStats stats = exponentiate_row(row, keys, scale_log2, lane);
+          write_lse(stats);
+          for (int j0 = 0; j0 < keys_padded; j0 += kWarpSize) {
+            const int j = j0 + lane;
+            const float p = j < keys ? row[j] * stats.reciprocal : 0.0f;
+            __syncwarp();
+            if (j < keys_padded) {
+              prob[j] = from_acc<T>(p);
+            }
+            __syncwarp();
+          }
+        });
   }
 }
 
@@ -669,29 +732,63 @@ __device__ void softmax_backward_rows(float* scores, float* dprob, int ld_s, int
     const float* dp_row = dprob + r * ld_s;
     T* p_out = reinterpret_cast<T*>(scores) + r * ld_p;
     T* ds_out = reinterpret_cast<T*>(dprob) + r * ld_p;
-    const RowStats stats = exponentiate_row(s_row, keys, scale_log2, lane);
-    float delta = 0.0f;
-    if (valid) {
-      for (int j = lane; j < keys; j += kWarpSize) {
-        delta += s_row[j] * stats.reciprocal * dp_row[j];
-      }
-    }
-    delta = warp_sum(delta);
-    for (int j0 = 0; j0 < keys_padded; j0 += kWarpSize) {
-      const int j = j0 + lane;
-      float p = 0.0f;
-      float ds = 0.0f;
-      if (valid && j < keys) {
-        p = s_row[j] * stats.reciprocal;
-        ds = p * (dp_row[j] - delta) * scale;
-      }
-      __syncwarp();
-      if (j < keys_padded) {
-        p_out[j] = from_acc<T>(p);
-        ds_out[j] = from_acc<T>(ds);
-      }
-      __syncwarp();
-    }
+    with_row_registers(
+        keys_padded,
+        [&](auto values) {
+          constexpr int kPerLane = sizeof(values.e) / sizeof(float);
+          const RowStats stats = values.load_exponentiated(s_row, keys, scale_log2, lane);
+          float dp[kPerLane];
+          float delta = 0.0f;
+#pragma unroll
+          for (int i = 0; i < kPerLane; ++i) {
+            const int j = lane + i * kWarpSize;
+            dp[i] = j < keys ? dp_row[j] : 0.0f;
+            if (valid && j < keys) {
+              delta += values.e[i] * stats.reciprocal * dp[i];
+            }
+          }
+          delta = warp_sum(delta);
+          __syncwarp();  // both rows are read before P and dS overwrite them
+#pragma unroll
+          for (int i = 0; i < kPerLane; ++i) {
+            const int j = lane + i * kWarpSize;
+            float p = 0.0f;
+            float ds = 0.0f;
+            if (valid && j < keys) {
+              p = values.e[i] * stats.reciprocal;
+              ds = p * (dp[i] - delta) * scale;
+            }
+            if (j < keys_padded) {
+              p_out[j] = from_acc<T>(p);
+              ds_out[j] = from_acc<T>(ds);
+            }
+          }
+        },
+        [&] {
+          const RowStats stats = exponentiate_row(s_row, keys, scale_log2, lane);
+          float delta = 0.0f;
+          if (valid) {
+            for (int j = lane; j < keys; j += kWarpSize) {
+              delta += s_row[j] * stats.reciprocal * dp_row[j];
+            }
+          }
+          delta = warp_sum(delta);
+          for (int j0 = 0; j0 < keys_padded; j0 += kWarpSize) {
+            const int j = j0 + lane;
+            float p = 0.0f;
+            float ds = 0.0f;
+            if (valid && j < keys) {
+              p = s_row[j] * stats.reciprocal;
+              ds = p * (dp_row[j] - delta) * scale;
+            }
+            __syncwarp();
+            if (j < keys_padded) {
+              p_out[j] = from_acc<T>(p);
+              ds_out[j] = from_acc<T>(ds);
+            }
+            __syncwarp();
+          }
+        });
   }
 }
 

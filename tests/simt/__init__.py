@@ -44,10 +44,12 @@ class Launch:
     dynamic_smem: int
     read_bytes: int
     written_bytes: int
-    # Shared memory, counted only after count_shared_wavefronts(True): the kernel's own warp requests and the
-    # wavefronts (bank-conflict passes) they take, and the bytes of WMMA fragment loads and stores.
+    # Shared memory, counted only after count_shared_wavefronts(True): the kernel's own warp requests, the
+    # wavefronts (bank-conflict passes) they take and would take without conflicts, and the bytes of WMMA
+    # fragment loads and stores.
     shared_requests: int = 0
     shared_wavefronts: int = 0
+    shared_conflict_free_wavefronts: int = 0
     fragment_shared_bytes: int = 0
 
 
@@ -61,12 +63,12 @@ def read_launches(runtime) -> list[Launch]:
     """The launches the runtime recorded since its last reset."""
     runtime.simt_launch.restype = ctypes.c_char_p
     runtime.simt_launch.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
-    numbers = (ctypes.c_uint64 * 12)()
+    numbers = (ctypes.c_uint64 * 13)()
     launches = []
     for i in range(runtime.simt_launch_count()):
         name = runtime.simt_launch(i, numbers).decode()
         n = list(numbers)
-        launches.append(Launch(name, tuple(n[0:3]), tuple(n[3:6]), *n[6:12]))
+        launches.append(Launch(name, tuple(n[0:3]), tuple(n[3:6]), *n[6:13]))
     return launches
 
 

@@ -148,7 +148,7 @@ struct LaunchRecord {
   dim3 grid, block;
   size_t dynamic_smem;
   uint64_t read_bytes = 0, written_bytes = 0;
-  uint64_t shared_requests = 0, shared_wavefronts = 0, fragment_shared_bytes = 0;
+  uint64_t shared_requests = 0, shared_wavefronts = 0, shared_conflict_free_wavefronts = 0, fragment_shared_bytes = 0;
 };
 
 struct State {
@@ -350,10 +350,17 @@ void global_access(uintptr_t address, size_t bytes, bool is_write) {
 
 // ---- shared-memory wavefronts ----
 
-uint64_t wavefronts(const SharedRequest& request) {
+// The wavefronts a request takes, and (conflict_free) the phases it has, which is what it would take without
+// bank conflicts.
+uint64_t wavefronts(const SharedRequest& request, uint64_t* conflict_free) {
   const int lanes_per_phase = 32 / static_cast<int>(std::max<uint32_t>(1, request.bytes / 4));
   uint64_t total = 0;
   for (int phase = 0; phase < 32; phase += lanes_per_phase) {
+    const uint32_t phase_lanes = (lanes_per_phase == 32 ? ~0u : (1u << lanes_per_phase) - 1) << phase;
+    if ((request.lane_mask & phase_lanes) == 0) {
+      continue;
+    }
+    ++*conflict_free;
     std::vector<uintptr_t> words[32];
     for (int lane = phase; lane < phase + lanes_per_phase; ++lane) {
       if ((request.lane_mask >> lane & 1u) == 0) {
@@ -384,7 +391,7 @@ void flush_shared_requests() {
   LaunchRecord& launch = g.launches.back();
   for (const auto& entry : g.shared_requests) {
     ++launch.shared_requests;
-    launch.shared_wavefronts += wavefronts(entry.second);
+    launch.shared_wavefronts += wavefronts(entry.second, &launch.shared_conflict_free_wavefronts);
   }
   g.shared_requests.clear();
   for (Fiber& fiber : g.fibers) {
@@ -953,14 +960,16 @@ const char* simt_report(int index) { return g.reports.at(index).c_str(); }
 
 int simt_launch_count() { return static_cast<int>(g.launches.size()); }
 
-// kernel name, grid, block, dynamic shared bytes, global bytes read and written, shared warp requests and
-// their wavefronts (0 unless counted), WMMA fragment bytes to and from shared memory.
-const char* simt_launch(int index, uint64_t numbers[12]) {
+// kernel name, grid, block, dynamic shared bytes, global bytes read and written, shared warp requests, their
+// wavefronts and the wavefronts they would take without bank conflicts (0 unless counted), WMMA fragment bytes
+// to and from shared memory.
+const char* simt_launch(int index, uint64_t numbers[13]) {
   const auto& launch = g.launches.at(index);
-  const uint64_t values[12] = {launch.grid.x, launch.grid.y, launch.grid.z, launch.block.x, launch.block.y,
+  const uint64_t values[13] = {launch.grid.x, launch.grid.y, launch.grid.z, launch.block.x, launch.block.y,
                                launch.block.z, launch.dynamic_smem, launch.read_bytes, launch.written_bytes,
-                               launch.shared_requests, launch.shared_wavefronts, launch.fragment_shared_bytes};
-  std::copy(values, values + 12, numbers);
+                               launch.shared_requests, launch.shared_wavefronts,
+                               launch.shared_conflict_free_wavefronts, launch.fragment_shared_bytes};
+  std::copy(values, values + 13, numbers);
   return launch.kernel.c_str();
 }
 

@@ -26,7 +26,8 @@ __global__ void bank_probe_kernel(float* out, int pattern) {
     float4* slot = reinterpret_cast<float4*>(staging) + lane;
     *slot = make_float4(lane, lane, lane, lane);
     __syncthreads();
-    value = slot->w;
+    const float4 loaded = *slot;  // one 16-byte load
+    value = loaded.w;
   } else if (pattern == kHalvesInPairs || pattern == kHalfColumn) {
     __half* slot = reinterpret_cast<__half*>(staging) + (pattern == kHalvesInPairs ? lane : lane * 72);
     *slot = __float2half(lane);
