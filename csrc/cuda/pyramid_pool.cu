@@ -319,6 +319,7 @@ struct BackwardMaps {
 // requests than a gather per pixel. Each pixel adds its bins in the same order (scale, row bin, column bin),
 // so the result is deterministic.
 constexpr int kGroupPixels = 4;
+constexpr int kHeldScales = 4;  // scales whose column bins a thread keeps in registers
 constexpr int kBinBits = 8;  // a bin index along one axis is below 64 (valid_scales: s * s <= kMaxPyramidBins)
 static_assert(kMaxPyramidBins <= 64 * 64, "bin indices must fit in kBinBits");
 
@@ -403,18 +404,23 @@ __global__ void __launch_bounds__(kPoolThreads)
   const bool vector = width % kGroupPixels == 0 &&
                       reinterpret_cast<uintptr_t>(plane) % (kGroupPixels * sizeof(T)) == 0;
   const int lane = threadIdx.x % kWarpSize;
-  for (int h = threadIdx.x / kWarpSize; h < height; h += kPoolWarps) {
-    for (int g = lane; g < groups; g += kWarpSize) {
+  for (int g = lane; g < groups; g += kWarpSize) {
+    // The group's column bins of the first kHeldScales scales stay in registers over all its rows.
+    uint2 held[kHeldScales];
+#pragma unroll
+    for (int k = 0; k < kHeldScales; ++k) {
+      held[k] = k < scales.count ? column_bins[k * groups + g] : make_uint2(0, 0);
+    }
+    for (int h = threadIdx.x / kWarpSize; h < height; h += kPoolWarps) {
       Acc total[kGroupPixels];
 #pragma unroll
       for (int p = 0; p < kGroupPixels; ++p) {
         total[p] = Acc(0);
       }
       int offset = 0;
-      for (int k = 0; k < scales.count; ++k) {
+      const auto add_scale = [&](int k, const uint2& columns) {
         const int s = sizes[k];
         const uint32_t rows = row_bins[k * height + h];
-        const uint2 columns = column_bins[k * groups + g];
         // Pixel 0 has the group's first column bin and its last valid pixel the last; past-the-width pixels
         // hold first 1 > last 0, so the last bin is the largest last over the pixels.
         int last_column = 0;
@@ -435,6 +441,15 @@ __global__ void __launch_bounds__(kPoolThreads)
           }
         }
         offset += s * s;
+      };
+#pragma unroll
+      for (int k = 0; k < kHeldScales; ++k) {
+        if (k < scales.count) {
+          add_scale(k, held[k]);
+        }
+      }
+      for (int k = kHeldScales; k < scales.count; ++k) {
+        add_scale(k, column_bins[k * groups + g]);
       }
       const int w = g * kGroupPixels;
       store_group<T>(plane + static_cast<int64_t>(h) * width + w, total, width - w, vector);
