@@ -310,6 +310,11 @@ __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __res
   }
 }
 
+// Channel-first operands of a product: stride 1 along the rows (N or S), as a conv output's view gives.
+__device__ __forceinline__ bool rows_contiguous(int64_t row_stride, int64_t col_stride) {
+  return row_stride == 1 && col_stride != 1;
+}
+
 struct NothingMore {
   __device__ __forceinline__ void operator()() const {}
 };
@@ -329,7 +334,7 @@ struct NothingMore {
 template <typename T, int ROWS, int COLS, typename LoadNext = NothingMore>
 __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ src, int64_t row_stride,
                                           int64_t col_stride, int rows, int cols, LoadNext load_next = {}) {
-  const bool rows_fastest = row_stride == 1 && col_stride != 1;
+  const bool rows_fastest = rows_contiguous(row_stride, col_stride);
   const int64_t slow_stride = rows_fastest ? col_stride : row_stride;
   const int fast_valid = rows_fastest ? rows : cols;
   const bool vectors = (rows_fastest || col_stride == 1) && slow_stride % kVec<T> == 0 &&
@@ -508,11 +513,6 @@ __device__ void gemm_abt_to_smem(const T* a, int64_t a_rs, int64_t a_cs, int a_r
   }
 }
 
-// Channel-first operands of a product: stride 1 along the rows (N or S), as a conv output's view gives.
-__device__ __forceinline__ bool rows_contiguous(int64_t row_stride, int64_t col_stride) {
-  return row_stride == 1 && col_stride != 1;
-}
-
 // gemm_abt_to_smem in global orientation when both operands are channel-first (one branch per block).
 template <typename T, int BM>
 __device__ void scores_product(const T* a, int64_t a_rs, int64_t a_cs, int a_rows, const T* b, int64_t b_rs,
@@ -540,7 +540,7 @@ __device__ void gemm_ab_to_global(const T* a, int ld_a, int depth_padded, const 
   constexpr int ld_b = kGlobalOrientation ? kChunkS + kPad<T> : kTileN + kPad<T>;
   T* b_tile = stage;
   float* out_stage = reinterpret_cast<float*>(stage);  // reused once the products are done
-  const bool stage_col_major = o_rs == 1 && o_cs != 1;
+  const bool stage_col_major = rows_contiguous(o_rs, o_cs);
   const int ld_out = stage_col_major ? BM + 4 : kTileN + 4;
   const int warp = threadIdx.x / kWarpSize;
   for (int n0 = 0; n0 < cols; n0 += kTileN) {
