@@ -32,6 +32,7 @@ ALLOWED_SYSTEM_HEADERS = {
     "cuda_runtime_api.h",
     "cuda_fp16.h",
     "cuda_bf16.h",
+    "cuda_pipeline_primitives.h",
     "mma.h",
     "algorithm",
     "cstddef",

@@ -150,6 +150,9 @@ def _kernels(emulator, start):
     return [launch.kernel for launch in emulator.launches[start:]]
 
 
+_CUDA_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+
+
 @pytest.mark.parametrize("device, block_m", [("a100", 64), ("h100", 16)])
 def test_forward_query_tile_follows_the_sm_count(emulator, device, block_m):
     # ceil(3451 / 64) * 2 = 108 tiles: enough for every SM of an A100 (BM=64), not of an H100 (BM=16).
@@ -159,6 +162,67 @@ def test_forward_query_tile_follows_the_sm_count(emulator, device, block_m):
     _check_attention_fp32(emulator, (2, 3451, 50, 16, 8), "channel_first")
     forward = [k for k in _kernels(emulator, start) if k.startswith("short_attention_forward_kernel")]
     assert forward == [f"short_attention_forward_kernel<float, {block_m}>"]
+
+
+# The persistent forward (K and V resident in shared memory, query chunks streamed by asynchronous copies) against
+# the tiled one on the same inputs: same arithmetic in the same order, so the same bits. hopper-4sm gives each block
+# several tiles at test sizes. Query chunks arrive as 16-byte vectors (N = 320), 4-byte words (N = 300) or scalar
+# loads (N = 301, odd); K and V as words (S = 110) or scalar loads (S = 17); Dk = 72 leaves an 8-deep last chunk,
+# Dv = 136 a second output pass 8 columns wide (in 16-bit types: fp32 K and V that wide overflow shared memory).
+@pytest.mark.parametrize("case, dtype", [
+    (case, dtype)
+    for case in [(2, 320, 110, 72, 136), (2, 300, 110, 64, 40), (1, 301, 17, 40, 24), (3, 200, 128, 16, 8)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16) if case[4] <= 128 or dtype != torch.float32], ids=str)
+def test_persistent_forward_gives_the_tiled_forward_bits(emulator, case, dtype):
+    torch.manual_seed(sum(case))
+    q, k, v = (t.detach() for t in _attention_inputs(case, "channel_first", dtype))
+    scale = case[3] ** -0.5
+    results = {}
+    for device in ("hopper-4sm", "h200"):
+        start = len(emulator.launches)
+        results[device] = emulator.configure(device=device, order="shuffle", seed=2).attention_forward(q, k, v, scale)
+        results[device + " kernels"] = _kernels(emulator, start)
+    assert results["hopper-4sm kernels"] == [f"short_attention_forward_resident_kernel<{_CUDA_TYPES[dtype]}>"]
+    assert results["h200 kernels"] == [f"short_attention_forward_kernel<{_CUDA_TYPES[dtype]}, 16>"]
+    for name, resident, tiled in zip(("out", "logsumexp"), results["hopper-4sm"], results["h200"], strict=True):
+        assert torch.equal(resident, tiled), name
+    assert_close(results["h200"][0].double(), reference.short_attention(q.double(), k.double(), v.double(), scale),
+                 name="out", atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+
+
+def test_persistent_forward_with_gradients_matches_reference(emulator):
+    emulator.configure(device="hopper-4sm", order="reverse")
+    start = len(emulator.launches)
+    _check_attention_fp32(emulator, (2, 300, 110, 64, 40), "channel_first")
+    assert "short_attention_forward_resident_kernel<float>" in _kernels(emulator, start)
+
+
+# Which forward each key shape gets: the persistent one for channel-first 16-bit operands on Hopper, one block per
+# SM (132 CTAs); the tiled one where its shared memory does not fit (fp32, an A100) or the operands are not all
+# channel-first. No block runs: the plans only.
+@pytest.mark.parametrize("device, dtype, layout, shape, kernel, grid", [
+    ("h200", torch.bfloat16, "channel_first", (2, 8192), "short_attention_forward_resident_kernel<__nv_bfloat16>",
+     (66, 2, 1)),
+    ("h200", torch.float16, "channel_first", (1, 32768), "short_attention_forward_resident_kernel<__half>",
+     (132, 1, 1)),
+    ("h200", torch.bfloat16, "channel_first", (1, 9409), "short_attention_forward_resident_kernel<__nv_bfloat16>",
+     (132, 1, 1)),
+    ("h200", torch.bfloat16, "contiguous", (2, 8192), "short_attention_forward_kernel<__nv_bfloat16, 64>", (128, 2, 1)),
+    ("h200", torch.float32, "channel_first", (2, 8192), "short_attention_forward_kernel<float, 64>", (128, 2, 1)),
+    ("a100", torch.bfloat16, "channel_first", (2, 8192), "short_attention_forward_kernel<__nv_bfloat16, 64>",
+     (128, 2, 1)),
+], ids=str)
+def test_forward_plan_at_the_key_shapes(emulator, device, dtype, layout, shape, kernel, grid):
+    batch, queries = shape
+    q, k, v = (_make(dims, layout, dtype) for dims in ((batch, queries, 256), (batch, 110, 256), (batch, 110, 256)))
+    emulator.configure(device=device).run_blocks(0)
+    try:
+        start = len(emulator.launches)
+        emulator.attention_forward(q, k, v, 256 ** -0.5)
+    finally:
+        emulator.run_blocks(None)
+    (launch,) = emulator.launches[start:]
+    assert (launch.kernel, tuple(launch.grid)) == (kernel, grid)
 
 
 # The key/value GEMM over several 64-query steps per chunk, with a part-filled last step and last chunk.
@@ -219,8 +283,15 @@ def _shared_counts(emulator, dtype, queries, query_layout, key_layout):
     start = len(emulator.launches)
     emulator.attention_forward(q, k, v, 256 ** -0.5)
     emulator.attention_backward(_make((2, queries, 256), query_layout, dtype), q, k, v, 256 ** -0.5)
-    return {launch.kernel.split("_kernel")[0]: launch for launch in emulator.launches[start:]
+    return {launch.kernel.split("_kernel")[0].replace("_resident", ""): launch for launch in emulator.launches[start:]
             if not launch.kernel.startswith("reduce")}
+
+
+def _wavefronts_per_tile(launch, queries):
+    # The persistent forward's first block runs ceil(tiles / blocks) 64-row query tiles; the other kernels' one.
+    if "resident" not in launch.kernel:
+        return launch.shared_wavefronts
+    return launch.shared_wavefronts / math.ceil(math.ceil(queries / 64) / launch.grid[0])
 
 
 @pytest.mark.parametrize("queries", [8192, 9409])
@@ -237,7 +308,9 @@ def test_attention_shared_memory_is_free_of_bank_conflicts(emulator, dtype, quer
     if queries == 8192:
         for kernel, launch in counts[_LAYOUTS[0]].items():
             if kernel != "short_attention_backward_key_value":  # its own loader, column stores whatever the layout
-                assert launch.shared_wavefronts <= counts[_LAYOUTS[1]][kernel].shared_wavefronts, (kernel, launch)
+                channels_last = counts[_LAYOUTS[1]][kernel]
+                assert _wavefronts_per_tile(launch, queries) <= _wavefronts_per_tile(channels_last, queries), (
+                    kernel, launch, channels_last)
 
 
 @pytest.mark.slow

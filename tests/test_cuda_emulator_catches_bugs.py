@@ -33,9 +33,9 @@ PLANTS = [
      "        *reinterpret_cast<Vector*>(dst + at.y * ld + at.x) = values[i];",
      "        *reinterpret_cast<Vector*>(dst + at.y * ld + at.x + (simt_planted_bug() == 4) * kEntries) = values[i];"),
     (5, "score accumulator fragment stored with the wrong layout",
-     "acc[m][f], ld_out, wmma::mem_row_major);\n        }\n      }\n    }\n  }\n}",
-     "acc[m][f], ld_out,\n                                  simt_planted_bug() == 5 ? wmma::mem_col_major : "
-     "wmma::mem_row_major);\n        }\n      }\n    }\n  }\n}"),
+     "acc[m][f], ld_out, wmma::mem_row_major);\n      }\n    }\n  }\n}",
+     "acc[m][f], ld_out,\n                                simt_planted_bug() == 5 ? wmma::mem_col_major : "
+     "wmma::mem_row_major);\n      }\n    }\n  }\n}"),
     (9, "scalar operand tile stores shifted one entry along the row",
      "      dst[at.x * ld + at.y] = values[i];",
      "      dst[at.x * ld + at.y + (simt_planted_bug() == 9)] = values[i];"),
@@ -48,6 +48,16 @@ PLANTS = [
     (12, "P and dS copied to the workspace with one row too few",
      "  for (int v = threadIdx.x; v < rows_valid * vectors_per_row; v += kThreads) {",
      "  for (int v = threadIdx.x; v < (rows_valid - (simt_planted_bug() == 12)) * vectors_per_row; v += kThreads) {"),
+    (13, "the persistent forward waits for one query chunk too few",
+     "    __pipeline_wait_prior(g + 1 < stream ? 1 : 0);",
+     "    __pipeline_wait_prior(g + 1 < stream ? 1 + (simt_planted_bug() == 13) : 0);"),
+    (14, "removed __syncthreads before the persistent forward refills a query chunk buffer",
+     "    __syncthreads();  // chunk g's buffer has been read: chunk g + 2 may take it\n",
+     "    if (simt_planted_bug() != 14) __syncthreads();  // chunk g's buffer has been read\n"),
+    (15, "the persistent forward's blocks skip their last tile",
+     "  const int stream = static_cast<int>(ceil_div(tiles - static_cast<int>(blockIdx.x), gridDim.x)) * chunks;",
+     "  const int stream =\n      static_cast<int>(ceil_div(tiles - static_cast<int>(blockIdx.x), gridDim.x) - "
+     "(simt_planted_bug() == 15)) * chunks;"),
 ]
 # Launch mistakes, each with a case that reaches it: (bug id, what, original, planted, case).
 LAUNCH_PLANTS = [
@@ -66,7 +76,9 @@ LAUNCH_PLANTS = [
      "  return shape.batch > 0 && (shape.batch <= kMaxGridY || simt_planted_bug() == 8) &&",
      (65536, 1, 1, 1, 1)),
 ]
-CASES = [((2, 91, 110, 32, 24), "contiguous"), ((1, 97, 17, 72, 72), "channel_first")]
+# (case, layout, device profile): the last reaches the persistent forward (several tiles per block).
+CASES = [((2, 91, 110, 32, 24), "contiguous", "h100"), ((1, 97, 17, 72, 72), "channel_first", "h100"),
+         ((2, 300, 110, 64, 40), "channel_first", "hopper-4sm")]
 
 
 def _scratch_copy():
@@ -91,8 +103,8 @@ def planted():
 
 def test_scratch_copy_without_a_bug_passes(planted):
     planted.plant(0)
-    for case, layout in CASES:
-        _check_attention_fp32(planted.configure(order="forward"), case, layout)
+    for case, layout, device in CASES:
+        _check_attention_fp32(planted.configure(device=device, order="forward"), case, layout)
 
 
 @pytest.mark.parametrize("bug, what", [(bug, what) for bug, what, _, _ in PLANTS], ids=[p[1] for p in PLANTS])
@@ -100,10 +112,10 @@ def test_planted_bug_is_caught(planted, bug, what):
     planted.plant(bug)
     failures = []
     for order in ("forward", "shuffle"):
-        for case, layout in CASES:
+        for case, layout, device in CASES:
             torch.manual_seed(0)
             try:
-                _check_attention_fp32(planted.configure(order=order, seed=1), case, layout)
+                _check_attention_fp32(planted.configure(device=device, order=order, seed=1), case, layout)
             except AssertionError as error:  # EmulatorError is one too
                 failures.append(f"{order} {case} {layout}: {str(error).splitlines()[0]}")
     print(f"{what}:\n  " + "\n  ".join(failures))
@@ -117,5 +129,5 @@ def test_planted_launch_bug_is_reported(planted, bug, what, case):
 
     planted.plant(bug)
     with pytest.raises(EmulatorError, match="bad launch") as caught:
-        _check_attention_fp32(planted.configure(order="forward"), case, "contiguous")
+        _check_attention_fp32(planted.configure(device="h100", order="forward"), case, "contiguous")
     print(f"{what}: {caught.value}")

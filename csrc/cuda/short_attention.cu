@@ -17,6 +17,7 @@
 // with fp32 partials per chunk, and a reduce that adds the chunks in a fixed order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -268,6 +269,23 @@ struct TileVectors {
       store(dst, ld, values, first);
     }
   }
+
+  // The whole tile by asynchronous copies, row-major (no register holds a vector, so every copy of the tile is
+  // in flight at once); vectors outside rows x cols are zeroed by plain stores. Same warp blocks as store().
+  static __device__ __forceinline__ void copy_async(T* dst, int ld, const T* __restrict__ src, int64_t slow_stride,
+                                                    int rows, int cols) {
+    static_assert(!kRowsFastest, "asynchronous copies keep the source's orientation");
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int2 at = place(i);
+      T* to = dst + at.y * ld + at.x;
+      if (at.y < rows && at.x + kEntries <= cols) {
+        __pipeline_memcpy_async(to, src + at.y * slow_stride + at.x, sizeof(Vector));
+      } else {
+        *reinterpret_cast<Vector*>(to) = Vector{};
+      }
+    }
+  }
 };
 
 // load_tile's scalar path: the loads of a batch are predicated, not branched around. When the rows are the
@@ -311,7 +329,7 @@ __device__ __forceinline__ void load_tile_scalars(T* dst, int ld, const T* __res
 }
 
 // Channel-first operands of a product: stride 1 along the rows (N or S), as a conv output's view gives.
-__device__ __forceinline__ bool rows_contiguous(int64_t row_stride, int64_t col_stride) {
+__host__ __device__ __forceinline__ bool rows_contiguous(int64_t row_stride, int64_t col_stride) {
   return row_stride == 1 && col_stride != 1;
 }
 
@@ -396,6 +414,29 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ 
   }
 }
 
+// Copies a ROWS x COLS tile whose columns are the source's stride-1 axis (a channel-first operand's [channel][row]
+// block) into shared memory in that orientation, by asynchronous copies where the layout allows them: 16-byte
+// vectors, else 4-byte words (two 16-bit entries, or one fp32), under the rules of load_tile's vector path. The
+// caller commits the batch (__pipeline_commit) and lands it (__pipeline_wait_prior, then a barrier). A layout that
+// allows neither (a 16-bit type with an odd row stride, such as N = 9409) is loaded here and now, by load_tile's
+// scalar path (its vector and word paths take exactly the layouts copied asynchronously).
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void copy_tile_async(T* dst, int ld, const T* __restrict__ src, int64_t row_stride,
+                                                int rows, int cols) {
+  const auto copies = [&](int bytes) {
+    const int entries = bytes / static_cast<int>(sizeof(T));
+    return row_stride % entries == 0 && reinterpret_cast<uintptr_t>(src) % bytes == 0 &&
+           (cols % entries == 0 || cols >= COLS);
+  };
+  if (copies(16)) {
+    TileVectors<T, ROWS, COLS, false>::copy_async(dst, ld, src, row_stride, rows, cols);
+  } else if (copies(4)) {
+    TileVectors<T, ROWS, COLS, false, uint32_t>::copy_async(dst, ld, src, row_stride, rows, cols);
+  } else {
+    load_tile_scalars<T, ROWS, COLS>(dst, ld, src, row_stride, 1, rows, cols, false);
+  }
+}
+
 // Writes the valid rows x cols of an fp32 tile staged in shared memory to a strided global matrix.
 template <typename T, int ROWS, int COLS>
 __device__ __forceinline__ void store_tile(T* __restrict__ dst, int64_t row_stride, int64_t col_stride,
@@ -454,6 +495,54 @@ __device__ __forceinline__ void mma_k_step(WarpAccumulators<T, BM>& acc, const T
   }
 }
 
+// The warp's accumulators of one 128-column pass (columns n0..) into fp32 score rows (ld_out), columns past
+// cols_padded left alone.
+template <typename T, int BM>
+__device__ __forceinline__ void store_score_tile(const WarpAccumulators<T, BM>& acc, float* out, int ld_out, int n0,
+                                                 int cols_padded) {
+  const int warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int f = 0; f < kFragsN; ++f) {
+    const int col = (warp * kFragsN + f) * 16;
+    if (n0 + col < cols_padded) {
+#pragma unroll
+      for (int m = 0; m < BM / 16; ++m) {
+        wmma::store_matrix_sync(out + 16 * m * ld_out + n0 + col, acc[m][f], ld_out, wmma::mem_row_major);
+      }
+    }
+  }
+}
+
+// The block's accumulators of one 128-column output pass (columns n0.. of cols) to the strided global `out`
+// (out_rows valid), staged in fp32 at out_stage in the output's orientation so the writes run along its stride-1
+// axis. Starts with a barrier: the stage may overlay operand tiles the block has just read, or hold the previous
+// pass still being written out.
+template <typename T, int BM>
+__device__ __forceinline__ void write_output_tile(const WarpAccumulators<T, BM>& acc, float* out_stage, int n0,
+                                                  int cols, T* __restrict__ out, int64_t o_rs, int64_t o_cs,
+                                                  int out_rows) {
+  const bool stage_col_major = rows_contiguous(o_rs, o_cs);
+  const int ld_out = stage_col_major ? BM + 4 : kTileN + 4;
+  const int warp = threadIdx.x / kWarpSize;
+  __syncthreads();
+#pragma unroll
+  for (int f = 0; f < kFragsN; ++f) {
+    const int col = (warp * kFragsN + f) * 16;
+    if (n0 + col < cols) {
+#pragma unroll
+      for (int m = 0; m < BM / 16; ++m) {
+        if (stage_col_major) {
+          wmma::store_matrix_sync(out_stage + col * ld_out + 16 * m, acc[m][f], ld_out, wmma::mem_col_major);
+        } else {
+          wmma::store_matrix_sync(out_stage + 16 * m * ld_out + col, acc[m][f], ld_out, wmma::mem_row_major);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  store_tile<T, BM, kTileN>(out + n0 * o_cs, o_rs, o_cs, out_stage, ld_out, stage_col_major, out_rows, cols - n0);
+}
+
 // out[BM x cols_padded] (fp32, shared) = A[BM x depth] * B[b_rows x depth]^T, both operands global.
 // A is the block's query tile (a_rows valid), B the keys (b_rows valid); columns b_rows..cols_padded
 // come out zero. Warp w owns columns [32w, 32w + 32) of each 128-column pass and all BM rows.
@@ -469,12 +558,10 @@ __device__ void gemm_abt_to_smem(const T* a, int64_t a_rs, int64_t a_cs, int a_r
   using M = Mma<T>;
   using LayoutA = std::conditional_t<kGlobalOrientation, wmma::col_major, wmma::row_major>;
   using LayoutB = std::conditional_t<kGlobalOrientation, wmma::row_major, wmma::col_major>;
-  constexpr int kRowFrags = BM / 16;
   constexpr int ld_a = kGlobalOrientation ? BM + kPad<T> : kChunkK + kPad<T>;
   constexpr int ld_b = kGlobalOrientation ? kTileN + kPad<T> : kChunkK + kPad<T>;
   T* a_tile = stage;
   T* b_tile = stage + (kGlobalOrientation ? kChunkK : BM) * ld_a;
-  const int warp = threadIdx.x / kWarpSize;
   for (int n0 = 0; n0 < cols_padded; n0 += kTileN) {
     WarpAccumulators<T, BM> acc;
     zero_accumulators<T, BM>(acc);
@@ -500,16 +587,7 @@ __device__ void gemm_abt_to_smem(const T* a, int64_t a_rs, int64_t a_cs, int a_r
         });
       }
     }
-#pragma unroll
-    for (int f = 0; f < kFragsN; ++f) {
-      const int col = (warp * kFragsN + f) * 16;
-      if (n0 + col < cols_padded) {
-#pragma unroll
-        for (int m = 0; m < kRowFrags; ++m) {
-          wmma::store_matrix_sync(out + 16 * m * ld_out + n0 + col, acc[m][f], ld_out, wmma::mem_row_major);
-        }
-      }
-    }
+    store_score_tile<T, BM>(acc, out, ld_out, n0, cols_padded);
   }
 }
 
@@ -536,13 +614,9 @@ __device__ void gemm_ab_to_global(const T* a, int ld_a, int depth_padded, const 
                                   int b_rows, int cols, T* out, int64_t o_rs, int64_t o_cs, int out_rows, T* stage) {
   using M = Mma<T>;
   using LayoutB = std::conditional_t<kGlobalOrientation, wmma::col_major, wmma::row_major>;
-  constexpr int kRowFrags = BM / 16;
   constexpr int ld_b = kGlobalOrientation ? kChunkS + kPad<T> : kTileN + kPad<T>;
   T* b_tile = stage;
   float* out_stage = reinterpret_cast<float*>(stage);  // reused once the products are done
-  const bool stage_col_major = rows_contiguous(o_rs, o_cs);
-  const int ld_out = stage_col_major ? BM + 4 : kTileN + 4;
-  const int warp = threadIdx.x / kWarpSize;
   for (int n0 = 0; n0 < cols; n0 += kTileN) {
     WarpAccumulators<T, BM> acc;
     zero_accumulators<T, BM>(acc);
@@ -562,23 +636,7 @@ __device__ void gemm_ab_to_global(const T* a, int ld_a, int depth_padded, const 
         });
       }
     }
-    __syncthreads();  // b_tile is dead; out_stage overlays it
-#pragma unroll
-    for (int f = 0; f < kFragsN; ++f) {
-      const int col = (warp * kFragsN + f) * 16;
-      if (n0 + col < cols) {
-#pragma unroll
-        for (int m = 0; m < kRowFrags; ++m) {
-          if (stage_col_major) {
-            wmma::store_matrix_sync(out_stage + col * ld_out + 16 * m, acc[m][f], ld_out, wmma::mem_col_major);
-          } else {
-            wmma::store_matrix_sync(out_stage + 16 * m * ld_out + col, acc[m][f], ld_out, wmma::mem_row_major);
-          }
-        }
-      }
-    }
-    __syncthreads();
-    store_tile<T, BM, kTileN>(out + n0 * o_cs, o_rs, o_cs, out_stage, ld_out, stage_col_major, out_rows, cols - n0);
+    write_output_tile<T, BM>(acc, out_stage, n0, cols, out, o_rs, o_cs, out_rows);  // out_stage overlays b_tile
   }
 }
 
@@ -830,6 +888,138 @@ __global__ void __launch_bounds__(kThreads, 2) short_attention_forward_kernel(Fo
                            rows_valid, stage);
 }
 
+// The persistent forward keeps its batch's K and V in shared memory for all its query tiles, as [channel][key] rows
+// of kTileN keys (so S <= 128, ANN's 110 included), and streams each 64-row query tile through two 64-deep
+// chunk buffers, [channel][query] like the channel-first Q they copy.
+constexpr int kResidentRows = 64;
+template <typename T>
+constexpr int kResidentLd = kTileN + kPad<T>;
+template <typename T>
+constexpr int kQueryChunkLd = kResidentRows + kPad<T>;
+template <typename T>
+constexpr size_t kQueryChunkBytes = align128(static_cast<size_t>(kChunkK) * kQueryChunkLd<T> * sizeof(T));
+
+// Byte offsets of the persistent forward's shared memory: fp32 score rows at 0 (P in place), then K, V, the two
+// query chunk buffers and the fp32 output stage (in either orientation).
+struct ResidentLayout {
+  size_t keys, values, query_chunks, out_stage, total;
+};
+
+template <typename T>
+__host__ __device__ constexpr ResidentLayout resident_layout(int keys_padded, int64_t key_dim, int64_t value_dim) {
+  const size_t scores = align128(static_cast<size_t>(kResidentRows) * score_ld(keys_padded) * sizeof(float));
+  const size_t keys = align128(static_cast<size_t>(round_up(key_dim, kChunkK)) * kResidentLd<T> * sizeof(T));
+  const size_t values = align128(static_cast<size_t>(round_up(value_dim, kChunkK)) * kResidentLd<T> * sizeof(T));
+  constexpr size_t kRowMajorStage = kResidentRows * (kTileN + 4);
+  constexpr size_t kColMajorStage = kTileN * (kResidentRows + 4);
+  const size_t out_stage = (kRowMajorStage > kColMajorStage ? kRowMajorStage : kColMajorStage) * sizeof(float);
+  const size_t query_chunks = scores + keys + values;
+  return {scores, scores + keys, query_chunks, query_chunks + 2 * kQueryChunkBytes<T>,
+          query_chunks + 2 * kQueryChunkBytes<T> + out_stage};
+}
+
+// Persistent forward for channel-first Q, K and V. Grid: (blocks per batch, B), at most one block per SM; block x
+// takes its batch's query tiles x, x + gridDim.x, ... and loads K and V once for all of them. Its query chunks
+// (every tile's, in turn) stream through two buffers by asynchronous copies: chunk g + 2 is issued as soon as
+// chunk g has been read, so a tile's first two chunks land while the tile before it runs its softmax and output
+// product. K and V are copied asynchronously too, in 16-byte vectors or 4-byte words (S = 110 rows are 220
+// bytes), all in flight at once. Each tile's arithmetic is short_attention_forward_kernel's at 64 rows, in the
+// same order, so the two give the same bits.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) short_attention_forward_resident_kernel(ForwardParams p) {
+  using M = Mma<T>;
+  constexpr int BM = kResidentRows;
+  constexpr int ld_r = kResidentLd<T>;
+  constexpr int ld_q = kQueryChunkLd<T>;
+  constexpr int kChunkElements = static_cast<int>(kQueryChunkBytes<T> / sizeof(T));
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int keys_padded = static_cast<int>(round_up(p.keys, 16));
+  const int ld_s = score_ld(keys_padded);
+  const int ld_p = ld_s * static_cast<int>(sizeof(float) / sizeof(T));
+  const ResidentLayout layout = resident_layout<T>(keys_padded, p.key_dim, p.value_dim);
+  float* scores = reinterpret_cast<float*>(smem);
+  T* keys = reinterpret_cast<T*>(smem + layout.keys);
+  T* values = reinterpret_cast<T*>(smem + layout.values);
+  T* query_chunks = reinterpret_cast<T*>(smem + layout.query_chunks);
+  float* out_stage = reinterpret_cast<float*>(smem + layout.out_stage);
+
+  const int b = blockIdx.y;
+  const int tiles = static_cast<int>(ceil_div(p.queries, BM));
+  const int chunks = static_cast<int>(ceil_div(p.key_dim, kChunkK));
+  const int stream = static_cast<int>(ceil_div(tiles - static_cast<int>(blockIdx.x), gridDim.x)) * chunks;
+  const T* query = static_cast<const T*>(p.query.data) + b * p.query.batch_stride;
+  const T* key = static_cast<const T*>(p.key.data) + b * p.key.batch_stride;
+  const T* value = static_cast<const T*>(p.value.data) + b * p.value.batch_stride;
+  const auto tile_row0 = [&](int g) { return (static_cast<int>(blockIdx.x) + g / chunks * gridDim.x) * BM; };
+  // Batch g of this thread's asynchronous copies holds query chunk g (batch 0 also K and V).
+  const auto issue = [&](int g) {
+    const int row0 = tile_row0(g);
+    const int k0 = g % chunks * kChunkK;
+    copy_tile_async<T, kChunkK, BM>(query_chunks + g % 2 * kChunkElements, ld_q,
+                                    query + row0 * p.query.row_stride + k0 * p.query.col_stride,
+                                    p.query.col_stride, p.key_dim - k0, min(BM, p.queries - row0));
+    __pipeline_commit();
+  };
+  for (int c0 = 0; c0 < p.key_dim; c0 += kChunkK) {
+    copy_tile_async<T, kChunkK, kTileN>(keys + c0 * ld_r, ld_r, key + c0 * p.key.col_stride, p.key.col_stride,
+                                        p.key_dim - c0, p.keys);
+  }
+  for (int c0 = 0; c0 < p.value_dim; c0 += kChunkK) {
+    copy_tile_async<T, kChunkK, kTileN>(values + c0 * ld_r, ld_r, value + c0 * p.value.col_stride,
+                                        p.value.col_stride, p.value_dim - c0, p.keys);
+  }
+  issue(0);
+  if (stream > 1) {
+    issue(1);
+  }
+
+  WarpAccumulators<T, BM> acc;
+  for (int g = 0; g < stream; ++g) {
+    const int chunk = g % chunks;
+    const int k0 = chunk * kChunkK;
+    if (chunk == 0) {
+      zero_accumulators<T, BM>(acc);
+    }
+    __pipeline_wait_prior(g + 1 < stream ? 1 : 0);
+    __syncthreads();  // every thread's copies of chunk g (and of K and V) have landed
+    const T* query_chunk = query_chunks + g % 2 * kChunkElements;
+    const int k_end = min(kChunkK, static_cast<int>(round_up(p.key_dim - k0, M::kK)));
+    for (int kk = 0; kk < k_end; kk += M::kK) {
+      mma_k_step<T, BM, wmma::col_major, wmma::row_major>(acc, query_chunk + kk * ld_q, ld_q, 0, keys_padded,
+                                                          [&](auto& b_frag, int col) {
+        M::load(b_frag, keys + (k0 + kk) * ld_r + col, ld_r);
+      });
+    }
+    __syncthreads();  // chunk g's buffer has been read: chunk g + 2 may take it
+    if (g + 2 < stream) {
+      issue(g + 2);
+    }
+    if (chunk < chunks - 1) {
+      continue;
+    }
+    const int row0 = tile_row0(g);
+    const int rows_valid = min(BM, p.queries - row0);
+    store_score_tile<T, BM>(acc, scores, ld_s, 0, keys_padded);
+    __syncthreads();
+    softmax_rows<T, BM>(scores, ld_s, p.keys, keys_padded, p.scale,
+                        p.lse + static_cast<int64_t>(b) * p.queries + row0, rows_valid);
+    __syncthreads();
+    const T* prob = reinterpret_cast<const T*>(scores);
+    T* out = static_cast<T*>(p.out.data) + b * p.out.batch_stride + row0 * p.out.row_stride;
+    for (int n0 = 0; n0 < p.value_dim; n0 += kTileN) {
+      zero_accumulators<T, BM>(acc);
+      for (int kk = 0; kk < keys_padded; kk += M::kK) {
+        mma_k_step<T, BM, wmma::row_major, wmma::col_major>(acc, prob + kk, ld_p, n0, p.value_dim,
+                                                            [&](auto& b_frag, int col) {
+          M::load(b_frag, values + (n0 + col) * ld_r + kk, ld_r);
+        });
+      }
+      write_output_tile<T, BM>(acc, out_stage, n0, p.value_dim, out, p.out.row_stride, p.out.col_stride,
+                               rows_valid);
+    }
+  }
+}
+
 struct BackwardParams {
   ConstView3 grad_out, query, key, value;
   View3 grad_query;
@@ -1062,6 +1252,37 @@ int forward_block_m(const AttentionShape& shape, int sm_count, int max_smem) {
   return forward_smem_bytes<T, 16>(keys_padded) <= static_cast<size_t>(max_smem) ? 16 : 0;
 }
 
+// Blocks per batch of the persistent forward, or 0 where it does not apply: Q, K and V must be channel-first (the
+// views the ANN blocks pass), S at most kTileN, its shared memory within the device's (bf16 and fp16 with
+// Dk = Dv = 256 take 217 KiB: an H100 or H200, not an A100; fp32 at that size does not fit), and some block must
+// get two tiles or more (with one each, the tiled plan's two blocks per SM do the same work with more warps).
+template <typename T>
+int resident_blocks_per_batch(const AttentionShape& shape, const ForwardParams& params, int sm_count, int max_smem) {
+  const int keys_padded = static_cast<int>(round_up(shape.keys, 16));
+  const bool channel_first = rows_contiguous(params.query.row_stride, params.query.col_stride) &&
+                             rows_contiguous(params.key.row_stride, params.key.col_stride) &&
+                             rows_contiguous(params.value.row_stride, params.value.col_stride);
+  if (!channel_first || keys_padded > kTileN ||
+      resident_layout<T>(keys_padded, shape.key_dim, shape.value_dim).total > static_cast<size_t>(max_smem)) {
+    return 0;
+  }
+  const int64_t blocks = std::max<int64_t>(1, sm_count / shape.batch);
+  return ceil_div(shape.queries, kResidentRows) > blocks ? static_cast<int>(blocks) : 0;
+}
+
+template <typename T>
+cudaError_t launch_forward_resident(const AttentionShape& shape, const ForwardParams& params, int blocks_per_batch,
+                                    cudaStream_t stream) {
+  const size_t smem =
+      resident_layout<T>(static_cast<int>(round_up(shape.keys, 16)), shape.key_dim, shape.value_dim).total;
+  cudaError_t status = allow_dynamic_smem(short_attention_forward_resident_kernel<T>, smem);
+  if (status != cudaSuccess) {
+    return status;
+  }
+  const dim3 grid(static_cast<unsigned>(blocks_per_batch), static_cast<unsigned>(shape.batch));
+  return launch_kernel<short_attention_forward_resident_kernel<T>>(grid, kThreads, smem, stream, params);
+}
+
 template <typename T>
 cudaError_t launch_forward(const AttentionShape& shape, const ForwardParams& params, cudaStream_t stream) {
   int sm_count = 0;
@@ -1069,6 +1290,9 @@ cudaError_t launch_forward(const AttentionShape& shape, const ForwardParams& par
   cudaError_t status = device_limits(&sm_count, &max_smem);
   if (status != cudaSuccess) {
     return status;
+  }
+  if (const int blocks_per_batch = resident_blocks_per_batch<T>(shape, params, sm_count, max_smem)) {
+    return launch_forward_resident<T>(shape, params, blocks_per_batch, stream);
   }
   switch (forward_block_m<T>(shape, sm_count, max_smem)) {
     case 64:

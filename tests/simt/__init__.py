@@ -51,6 +51,10 @@ class Launch:
     shared_wavefronts: int = 0
     shared_conflict_free_wavefronts: int = 0
     fragment_shared_bytes: int = 0
+    # Asynchronous copies (cp.async): the global bytes they read (part of read_bytes) and the waits, summed over
+    # threads, that landed at least one copy.
+    async_read_bytes: int = 0
+    async_landing_waits: int = 0
 
 
 def set_fragment_seed(runtime, seed: int):
@@ -63,12 +67,12 @@ def read_launches(runtime) -> list[Launch]:
     """The launches the runtime recorded since its last reset."""
     runtime.simt_launch.restype = ctypes.c_char_p
     runtime.simt_launch.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
-    numbers = (ctypes.c_uint64 * 13)()
+    numbers = (ctypes.c_uint64 * 15)()
     launches = []
     for i in range(runtime.simt_launch_count()):
         name = runtime.simt_launch(i, numbers).decode()
         n = list(numbers)
-        launches.append(Launch(name, tuple(n[0:3]), tuple(n[3:6]), *n[6:13]))
+        launches.append(Launch(name, tuple(n[0:3]), tuple(n[3:6]), *n[6:15]))
     return launches
 
 
@@ -133,8 +137,8 @@ class Emulator:
         self.configure(device, order, seed, fragment_seed)
 
     def configure(self, device: str = "h100", order: str = "forward", seed: int = 0, fragment_seed: int = 1):
-        """Device profile (h100, h200, a100), the fiber order between barriers, and the seed of the WMMA
-        fragment placement (0: identity)."""
+        """Device profile (h100, h200, a100; hopper-4sm for small tests of the plans large grids take), the fiber
+        order between barriers, and the seed of the WMMA fragment placement (0: identity)."""
         if self._runtime.simt_set_device(device.encode()) != 0:
             raise ValueError(f"unknown device profile {device!r}")
         self._runtime.simt_set_order(ORDERS[order], seed)

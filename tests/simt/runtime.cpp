@@ -59,6 +59,9 @@ constexpr DeviceProfile kProfiles[] = {
     {"h100", 132, 227 * 1024},
     {"h200", 132, 227 * 1024},
     {"a100", 108, 163 * 1024},
+    // Hopper's shared memory on 4 SMs: small tests reach the plans large grids take (persistent blocks with
+    // several tiles each).
+    {"hopper-4sm", 4, 227 * 1024},
 };
 constexpr size_t kDefaultSmemLimit = 48 * 1024;
 constexpr size_t kFiberStackBytes = 64 * 1024;
@@ -149,6 +152,9 @@ struct LaunchRecord {
   size_t dynamic_smem;
   uint64_t read_bytes = 0, written_bytes = 0;
   uint64_t shared_requests = 0, shared_wavefronts = 0, shared_conflict_free_wavefronts = 0, fragment_shared_bytes = 0;
+  // Asynchronous copies: global bytes they read (also in read_bytes), and the waits, summed over threads, that
+  // landed at least one copy (each is one round trip to global memory for its thread).
+  uint64_t async_read_bytes = 0, async_landing_waits = 0;
 };
 
 struct State {
@@ -679,10 +685,14 @@ void async_copy_issue(void* dst_shared, const void* src_global, size_t size_and_
     const size_t reports_before = g.reports.size() + g.suppressed;
     if (zfill < size_and_align) {
       global_access(src, size_and_align - zfill, false);
+      g.launches.back().async_read_bytes += size_and_align - zfill;
     }
     const bool readable_source = g.reports.size() + g.suppressed == reports_before;
     if (!shared_access(dst, size_and_align, true)) {
       return;
+    }
+    if (g.count_wavefronts) {  // the copy's write to shared memory, counted once, as a store from its issue site
+      record_shared_request(reinterpret_cast<uintptr_t>(__builtin_return_address(0)), dst, size_and_align);
     }
     for (size_t i = 0; i < size_and_align; ++i) {
       ShadowByte& s = g.shadow[dst + i - g.shared_begin];
@@ -713,6 +723,9 @@ void async_copy_wait(size_t prior) {
   }
   const uint64_t landing_below = fiber->committed_batches - pending_allowed;  // batches before it land
   auto& copies = fiber->async_copies;
+  if (std::any_of(copies.begin(), copies.end(), [&](const AsyncCopy& copy) { return copy.batch < landing_below; })) {
+    ++g.launches.back().async_landing_waits;
+  }
   size_t kept = 0;
   for (AsyncCopy& copy : copies) {
     if (copy.batch >= landing_below) {
@@ -962,14 +975,15 @@ int simt_launch_count() { return static_cast<int>(g.launches.size()); }
 
 // kernel name, grid, block, dynamic shared bytes, global bytes read and written, shared warp requests, their
 // wavefronts and the wavefronts they would take without bank conflicts (0 unless counted), WMMA fragment bytes
-// to and from shared memory.
-const char* simt_launch(int index, uint64_t numbers[13]) {
+// to and from shared memory, bytes read by asynchronous copies and the waits that landed some.
+const char* simt_launch(int index, uint64_t numbers[15]) {
   const auto& launch = g.launches.at(index);
-  const uint64_t values[13] = {launch.grid.x, launch.grid.y, launch.grid.z, launch.block.x, launch.block.y,
+  const uint64_t values[15] = {launch.grid.x, launch.grid.y, launch.grid.z, launch.block.x, launch.block.y,
                                launch.block.z, launch.dynamic_smem, launch.read_bytes, launch.written_bytes,
                                launch.shared_requests, launch.shared_wavefronts,
-                               launch.shared_conflict_free_wavefronts, launch.fragment_shared_bytes};
-  std::copy(values, values + 13, numbers);
+                               launch.shared_conflict_free_wavefronts, launch.fragment_shared_bytes,
+                               launch.async_read_bytes, launch.async_landing_waits};
+  std::copy(values, values + 15, numbers);
   return launch.kernel.c_str();
 }
 

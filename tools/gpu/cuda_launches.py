@@ -64,8 +64,9 @@ def _cache_key(cases) -> str:
 
 def launches(cases: list[Case]) -> dict[str, list[dict]]:
     """{case name: one dict per launch (kernel label, grid, threads, dynamic shared memory, one block's
-    bytes read and written, its shared-memory wavefronts and WMMA fragment bytes)}, cached by the content of
-    csrc/cuda and the emulator."""
+    bytes read and written, its shared-memory wavefronts and WMMA fragment bytes, the bytes its asynchronous
+    copies read and the waits that landed them, over its threads)}, cached by the content of csrc/cuda and the
+    emulator."""
     entry = cuda_static.cache_root() / "launches" / f"{_cache_key(cases)}.json"
     if entry.exists():
         return json.loads(entry.read_text())
@@ -78,7 +79,9 @@ def launches(cases: list[Case]) -> dict[str, list[dict]]:
                  launch.block[1] * launch.block[2], "dynamic_smem": launch.dynamic_smem,
                  "block_read_bytes": launch.read_bytes, "block_written_bytes": launch.written_bytes,
                  "block_shared_wavefronts": launch.shared_wavefronts,
-                 "block_fragment_shared_bytes": launch.fragment_shared_bytes}
+                 "block_fragment_shared_bytes": launch.fragment_shared_bytes,
+                 "block_async_read_bytes": launch.async_read_bytes,
+                 "block_async_landing_waits": launch.async_landing_waits}
                 for launch in _run(emulator, case)
             ]
     finally:

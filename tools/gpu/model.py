@@ -137,8 +137,9 @@ class LaunchCost:
     kernel: str
     ctas: int
     ctas_per_sm: int
-    loads_per_thread: float  # global loads one thread of one CTA issues
+    loads_per_thread: float  # global loads (LDG) one thread of one CTA issues
     mean_in_flight: float  # other loads in flight with each (hot-loop sites)
+    async_waits_per_thread: float = 0.0  # waits for asynchronous copies (cp.async) that land some: one trip each
 
     @property
     def waves(self) -> int:
@@ -147,7 +148,7 @@ class LaunchCost:
     @property
     def round_trips(self) -> float:
         """Serialized global-memory round trips of one thread."""
-        return self.loads_per_thread / (1.0 + self.mean_in_flight)
+        return self.loads_per_thread / (1.0 + self.mean_in_flight) + self.async_waits_per_thread
 
     def latency_s(self, hbm_fraction: float) -> float:
         cycles = hbm_fraction * HBM_LATENCY_CYCLES + (1 - hbm_fraction) * L2_LATENCY_CYCLES

@@ -53,10 +53,13 @@ def cuda_case(case: model.Case, launches: list[dict], kernels: dict[str, cuda_st
         ctas = math.prod(launch["grid"])
         resident, limiter = model.ctas_per_sm(kernel.registers, launch["threads"],
                                               kernel.static_smem + launch["dynamic_smem"])
+        # Bytes read by asynchronous copies take one round trip per wait that lands them, not one per load.
+        loaded_bytes = launch["block_read_bytes"] - launch["block_async_read_bytes"]
         cost = model.LaunchCost(
             kernel=launch["kernel"], ctas=ctas, ctas_per_sm=resident,
-            loads_per_thread=launch["block_read_bytes"] / launch["threads"] / kernel.mean_load_bytes,
-            mean_in_flight=kernel.mean_in_flight)
+            loads_per_thread=loaded_bytes / launch["threads"] / kernel.mean_load_bytes,
+            mean_in_flight=kernel.mean_in_flight,
+            async_waits_per_thread=launch["block_async_landing_waits"] / launch["threads"])
         costs.append(cost)
         global_bytes += ctas * (launch["block_read_bytes"] + launch["block_written_bytes"])
         # The kernel's own shared accesses as counted, bank conflicts included; WMMA fragments at the ideal
