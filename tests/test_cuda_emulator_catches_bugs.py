@@ -55,9 +55,9 @@ PLANTS = [
      "    __syncthreads();  // chunk g's buffer has been read: chunk g + 2 may take it\n",
      "    if (simt_planted_bug() != 14) __syncthreads();  // chunk g's buffer has been read\n"),
     (15, "the persistent forward's blocks skip their last tile",
-     "  const int stream = static_cast<int>(ceil_div(tiles - static_cast<int>(blockIdx.x), gridDim.x)) * chunks;",
-     "  const int stream =\n      static_cast<int>(ceil_div(tiles - static_cast<int>(blockIdx.x), gridDim.x) - "
-     "(simt_planted_bug() == 15)) * chunks;"),
+     "  const int tiles_here = static_cast<int>(ceil_div(tiles - static_cast<int>(blockIdx.x), gridDim.x));",
+     "  const int tiles_here =\n      static_cast<int>(ceil_div(tiles - static_cast<int>(blockIdx.x), gridDim.x)) - "
+     "(simt_planted_bug() == 15);"),
 ]
 # Launch mistakes, each with a case that reaches it: (bug id, what, original, planted, case).
 LAUNCH_PLANTS = [

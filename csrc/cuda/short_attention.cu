@@ -450,28 +450,29 @@ __device__ __forceinline__ void store_tile(T* __restrict__ dst, int64_t row_stri
   }
 }
 
-// A warp's accumulators in the two tile GEMMs below: all BM rows by its kFragsN 16-column fragments.
-template <typename T, int BM>
-using WarpAccumulators = typename Mma<T>::Acc[BM / 16][kFragsN];
+// A warp's accumulators in a tile GEMM: all BM rows by FRAGS_N 16-column fragments, columns
+// (warp * FRAGS_N + f) * 16 of a pass of kWarps * FRAGS_N * 16 (kTileN unless a GEMM widens it).
+template <typename T, int BM, int FRAGS_N = kFragsN>
+using WarpAccumulators = typename Mma<T>::Acc[BM / 16][FRAGS_N];
 
-template <typename T, int BM>
-__device__ __forceinline__ void zero_accumulators(WarpAccumulators<T, BM>& acc) {
+template <typename T, int BM, int FRAGS_N = kFragsN>
+__device__ __forceinline__ void zero_accumulators(WarpAccumulators<T, BM, FRAGS_N>& acc) {
 #pragma unroll
   for (int m = 0; m < BM / 16; ++m) {
 #pragma unroll
-    for (int f = 0; f < kFragsN; ++f) {
+    for (int f = 0; f < FRAGS_N; ++f) {
       wmma::fill_fragment(acc[m][f], 0.0f);
     }
   }
 }
 
 // One k step (Mma<T>::kK deep) of a warp's row block: acc[m][f] += A[16m, 16m + 16) x B(col_f) for the warp's
-// columns col_f = (warp * kFragsN + f) * 16 with n0 + col_f < cols. A is at `a` (already at this k step, leading
+// columns col_f = (warp * FRAGS_N + f) * 16 with n0 + col_f < cols. A is at `a` (already at this k step, leading
 // dimension ld_a), row-major ([m][k]) or col_major ([k][m]) as LayoutA says; load_b(fragment, col) loads B's
-// fragment for column col.
-template <typename T, int BM, typename LayoutA, typename LayoutB, typename LoadB>
-__device__ __forceinline__ void mma_k_step(WarpAccumulators<T, BM>& acc, const T* a, int ld_a, int n0, int cols,
-                                           LoadB load_b) {
+// fragment for column col. Every warp loads all of A's fragments, so wider warp columns (FRAGS_N) read A less.
+template <typename T, int BM, typename LayoutA, typename LayoutB, int FRAGS_N = kFragsN, typename LoadB>
+__device__ __forceinline__ void mma_k_step(WarpAccumulators<T, BM, FRAGS_N>& acc, const T* a, int ld_a, int n0,
+                                           int cols, LoadB load_b) {
   using M = Mma<T>;
   constexpr int kRowFrags = BM / 16;
   constexpr bool kRowMajorA = std::is_same_v<LayoutA, wmma::row_major>;
@@ -482,8 +483,8 @@ __device__ __forceinline__ void mma_k_step(WarpAccumulators<T, BM>& acc, const T
     M::load(a_frag[m], a + (kRowMajorA ? 16 * m * ld_a : 16 * m), ld_a);
   }
 #pragma unroll
-  for (int f = 0; f < kFragsN; ++f) {
-    const int col = (warp * kFragsN + f) * 16;
+  for (int f = 0; f < FRAGS_N; ++f) {
+    const int col = (warp * FRAGS_N + f) * 16;
     if (n0 + col < cols) {
       typename M::template B<LayoutB> b_frag;
       load_b(b_frag, col);
@@ -513,34 +514,38 @@ __device__ __forceinline__ void store_score_tile(const WarpAccumulators<T, BM>& 
   }
 }
 
-// The block's accumulators of one 128-column output pass (columns n0.. of cols) to the strided global `out`
-// (out_rows valid), staged in fp32 at out_stage in the output's orientation so the writes run along its stride-1
-// axis. Starts with a barrier: the stage may overlay operand tiles the block has just read, or hold the previous
-// pass still being written out.
-template <typename T, int BM>
-__device__ __forceinline__ void write_output_tile(const WarpAccumulators<T, BM>& acc, float* out_stage, int n0,
-                                                  int cols, T* __restrict__ out, int64_t o_rs, int64_t o_cs,
+// The block's accumulators of one output pass (columns n0.. of cols) to the strided global `out` (out_rows
+// valid), staged kTileN columns at a time in fp32 at out_stage, in the output's orientation so the writes run
+// along its stride-1 axis. Each stage starts with a barrier: it may overlay operand tiles the block has just
+// read, or hold the columns before it still being written out.
+template <typename T, int BM, int FRAGS_N = kFragsN>
+__device__ __forceinline__ void write_output_tile(const WarpAccumulators<T, BM, FRAGS_N>& acc, float* out_stage,
+                                                  int n0, int cols, T* __restrict__ out, int64_t o_rs, int64_t o_cs,
                                                   int out_rows) {
+  constexpr int kPassN = kWarps * FRAGS_N * 16;
   const bool stage_col_major = rows_contiguous(o_rs, o_cs);
   const int ld_out = stage_col_major ? BM + 4 : kTileN + 4;
   const int warp = threadIdx.x / kWarpSize;
-  __syncthreads();
+  for (int s0 = 0; s0 < kPassN && n0 + s0 < cols; s0 += kTileN) {
+    __syncthreads();
 #pragma unroll
-  for (int f = 0; f < kFragsN; ++f) {
-    const int col = (warp * kFragsN + f) * 16;
-    if (n0 + col < cols) {
+    for (int f = 0; f < FRAGS_N; ++f) {
+      const int col = (warp * FRAGS_N + f) * 16 - s0;  // in the stage
+      if (col >= 0 && col < kTileN && n0 + s0 + col < cols) {
 #pragma unroll
-      for (int m = 0; m < BM / 16; ++m) {
-        if (stage_col_major) {
-          wmma::store_matrix_sync(out_stage + col * ld_out + 16 * m, acc[m][f], ld_out, wmma::mem_col_major);
-        } else {
-          wmma::store_matrix_sync(out_stage + 16 * m * ld_out + col, acc[m][f], ld_out, wmma::mem_row_major);
+        for (int m = 0; m < BM / 16; ++m) {
+          if (stage_col_major) {
+            wmma::store_matrix_sync(out_stage + col * ld_out + 16 * m, acc[m][f], ld_out, wmma::mem_col_major);
+          } else {
+            wmma::store_matrix_sync(out_stage + 16 * m * ld_out + col, acc[m][f], ld_out, wmma::mem_row_major);
+          }
         }
       }
     }
+    __syncthreads();
+    store_tile<T, BM, kTileN>(out + (n0 + s0) * o_cs, o_rs, o_cs, out_stage, ld_out, stage_col_major, out_rows,
+                              cols - n0 - s0);
   }
-  __syncthreads();
-  store_tile<T, BM, kTileN>(out + n0 * o_cs, o_rs, o_cs, out_stage, ld_out, stage_col_major, out_rows, cols - n0);
 }
 
 // out[BM x cols_padded] (fp32, shared) = A[BM x depth] * B[b_rows x depth]^T, both operands global.
@@ -932,6 +937,10 @@ __global__ void __launch_bounds__(kThreads, 1) short_attention_forward_resident_
   constexpr int ld_r = kResidentLd<T>;
   constexpr int ld_q = kQueryChunkLd<T>;
   constexpr int kChunkElements = static_cast<int>(kQueryChunkBytes<T> / sizeof(T));
+  // The output product takes 256 columns per pass (Dv = 256 in one), each warp 64 of them: every warp reads all
+  // of P's fragments for each pass, so one pass reads P half as often as two of kTileN.
+  constexpr int kOutputFragsN = 2 * kFragsN;
+  constexpr int kOutputPassN = kWarps * kOutputFragsN * 16;
   extern __shared__ __align__(128) unsigned char smem[];
   const int keys_padded = static_cast<int>(round_up(p.keys, 16));
   const int ld_s = score_ld(keys_padded);
@@ -946,7 +955,8 @@ __global__ void __launch_bounds__(kThreads, 1) short_attention_forward_resident_
   const int b = blockIdx.y;
   const int tiles = static_cast<int>(ceil_div(p.queries, BM));
   const int chunks = static_cast<int>(ceil_div(p.key_dim, kChunkK));
-  const int stream = static_cast<int>(ceil_div(tiles - static_cast<int>(blockIdx.x), gridDim.x)) * chunks;
+  const int tiles_here = static_cast<int>(ceil_div(tiles - static_cast<int>(blockIdx.x), gridDim.x));
+  const int stream = tiles_here * chunks;  // query chunks through this block
   const T* query = static_cast<const T*>(p.query.data) + b * p.query.batch_stride;
   const T* key = static_cast<const T*>(p.key.data) + b * p.key.batch_stride;
   const T* value = static_cast<const T*>(p.value.data) + b * p.value.batch_stride;
@@ -973,49 +983,49 @@ __global__ void __launch_bounds__(kThreads, 1) short_attention_forward_resident_
     issue(1);
   }
 
-  WarpAccumulators<T, BM> acc;
-  for (int g = 0; g < stream; ++g) {
-    const int chunk = g % chunks;
-    const int k0 = chunk * kChunkK;
-    if (chunk == 0) {
+  for (int tile = 0; tile < tiles_here; ++tile) {
+    {
+      WarpAccumulators<T, BM> acc;  // scoped to the scores, so the output product has its registers
       zero_accumulators<T, BM>(acc);
+      for (int chunk = 0; chunk < chunks; ++chunk) {
+        const int g = tile * chunks + chunk;
+        const int k0 = chunk * kChunkK;
+        __pipeline_wait_prior(g + 1 < stream ? 1 : 0);
+        __syncthreads();  // every thread's copies of chunk g (and of K and V) have landed
+        const T* query_chunk = query_chunks + g % 2 * kChunkElements;
+        const int k_end = min(kChunkK, static_cast<int>(round_up(p.key_dim - k0, M::kK)));
+        for (int kk = 0; kk < k_end; kk += M::kK) {
+          mma_k_step<T, BM, wmma::col_major, wmma::row_major>(acc, query_chunk + kk * ld_q, ld_q, 0, keys_padded,
+                                                              [&](auto& b_frag, int col) {
+            M::load(b_frag, keys + (k0 + kk) * ld_r + col, ld_r);
+          });
+        }
+        __syncthreads();  // chunk g's buffer has been read: chunk g + 2 may take it
+        if (g + 2 < stream) {
+          issue(g + 2);
+        }
+      }
+      store_score_tile<T, BM>(acc, scores, ld_s, 0, keys_padded);
     }
-    __pipeline_wait_prior(g + 1 < stream ? 1 : 0);
-    __syncthreads();  // every thread's copies of chunk g (and of K and V) have landed
-    const T* query_chunk = query_chunks + g % 2 * kChunkElements;
-    const int k_end = min(kChunkK, static_cast<int>(round_up(p.key_dim - k0, M::kK)));
-    for (int kk = 0; kk < k_end; kk += M::kK) {
-      mma_k_step<T, BM, wmma::col_major, wmma::row_major>(acc, query_chunk + kk * ld_q, ld_q, 0, keys_padded,
-                                                          [&](auto& b_frag, int col) {
-        M::load(b_frag, keys + (k0 + kk) * ld_r + col, ld_r);
-      });
-    }
-    __syncthreads();  // chunk g's buffer has been read: chunk g + 2 may take it
-    if (g + 2 < stream) {
-      issue(g + 2);
-    }
-    if (chunk < chunks - 1) {
-      continue;
-    }
-    const int row0 = tile_row0(g);
+    const int row0 = tile_row0(tile * chunks);
     const int rows_valid = min(BM, p.queries - row0);
-    store_score_tile<T, BM>(acc, scores, ld_s, 0, keys_padded);
     __syncthreads();
     softmax_rows<T, BM>(scores, ld_s, p.keys, keys_padded, p.scale,
                         p.lse + static_cast<int64_t>(b) * p.queries + row0, rows_valid);
     __syncthreads();
     const T* prob = reinterpret_cast<const T*>(scores);
     T* out = static_cast<T*>(p.out.data) + b * p.out.batch_stride + row0 * p.out.row_stride;
-    for (int n0 = 0; n0 < p.value_dim; n0 += kTileN) {
-      zero_accumulators<T, BM>(acc);
+    for (int n0 = 0; n0 < p.value_dim; n0 += kOutputPassN) {
+      WarpAccumulators<T, BM, kOutputFragsN> acc;
+      zero_accumulators<T, BM, kOutputFragsN>(acc);
       for (int kk = 0; kk < keys_padded; kk += M::kK) {
-        mma_k_step<T, BM, wmma::row_major, wmma::col_major>(acc, prob + kk, ld_p, n0, p.value_dim,
-                                                            [&](auto& b_frag, int col) {
+        mma_k_step<T, BM, wmma::row_major, wmma::col_major, kOutputFragsN>(acc, prob + kk, ld_p, n0, p.value_dim,
+                                                                           [&](auto& b_frag, int col) {
           M::load(b_frag, values + (n0 + col) * ld_r + kk, ld_r);
         });
       }
-      write_output_tile<T, BM>(acc, out_stage, n0, p.value_dim, out, p.out.row_stride, p.out.col_stride,
-                               rows_valid);
+      write_output_tile<T, BM, kOutputFragsN>(acc, out_stage, n0, p.value_dim, out, p.out.row_stride,
+                                              p.out.col_stride, rows_valid);
     }
   }
 }
