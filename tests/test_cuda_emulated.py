@@ -1,7 +1,8 @@
 """The CUDA kernels of csrc/cuda, run by the CPU SIMT emulator (tests/simt) against the float64 reference.
 
 The emulator runs every launch the launchers make, on the paths the planning code picks for a device
-profile (H100: 132 SMs, 227 KiB of opt-in shared memory; A100: 108 SMs, 163 KiB), and fails a test on
+profile (H100 and H200: 132 SMs, 227 KiB of opt-in shared memory; A100: 108 SMs, 163 KiB; hopper-4sm, Hopper's
+shared memory on 4 SMs, so that small tests reach the persistent forward), and fails a test on
 any checker report: global access outside the launch's tensors, shared-memory race or read of
 never-written shared memory, bad launch configuration. Fiber order between barriers varies over the
 tests (forward, reverse, seeded shuffle). Tolerances are the GPU tests' (tests/test_short_attention.py,
@@ -195,6 +196,22 @@ def test_persistent_forward_with_gradients_matches_reference(emulator):
     start = len(emulator.launches)
     _check_attention_fp32(emulator, (2, 300, 110, 64, 40), "channel_first")
     assert "short_attention_forward_resident_kernel<float>" in _kernels(emulator, start)
+
+
+def test_real_shape_bf16_through_the_persistent_forward(emulator):
+    # The 769 x 769 crop's 9409 queries in bf16 on an H200: 132 persistent blocks, 16 of them with two tiles, query
+    # chunks in scalar batches (N is odd), K and V in 4-byte asynchronous copies; then the backward.
+    emulator.configure(device="h200", order="shuffle", seed=11)
+    torch.manual_seed(9409)
+    leaves = _attention_inputs((1, 9409, 110, 256, 256), "channel_first", torch.bfloat16)
+    start = len(emulator.launches)
+    scale, grad, actual = _attention_run(emulator, leaves)
+    assert _kernels(emulator, start)[0] == "short_attention_forward_resident_kernel<__nv_bfloat16>"
+    lowp_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    lowp_out = reference.short_attention(*lowp_leaves, scale)
+    lowp = (lowp_out, *torch.autograd.grad(lowp_out, lowp_leaves, grad))
+    for name, got, lowp_ref, wanted in zip(NAMES, actual, lowp, _attention_oracle(leaves, grad, scale), strict=True):
+        assert_within_reference_error(got, lowp_ref, wanted, f"{name} bf16 real shape")
 
 
 # Which forward each key shape gets: the persistent one for channel-first 16-bit operands on Hopper, one block per
