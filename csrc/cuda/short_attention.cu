@@ -120,13 +120,21 @@ __host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 12
 // Score rows: fp32, S padded to a multiple of 16, plus 4 floats of padding.
 __host__ __device__ constexpr int score_ld(int keys_padded) { return keys_padded + 4; }
 
+// The fp32 stage of a kTileN-column output pass (write_output_tile), in either orientation.
+template <int BM>
+__host__ __device__ constexpr size_t output_stage_bytes() {
+  constexpr int kRowMajor = BM * (kTileN + 4);
+  constexpr int kColMajor = kTileN * (BM + 4);
+  return static_cast<size_t>(kRowMajor > kColMajor ? kRowMajor : kColMajor) * sizeof(float);
+}
+
 template <typename T, int BM>
 constexpr size_t stage_bytes() {
   const size_t qk_tiles = static_cast<size_t>(BM + kTileN) * (kChunkK + kPad<T>) * sizeof(T);
   // Value (or key) tiles of P v and dS k: [kChunkS][kTileN], or [kTileN][kChunkS] in global orientation.
   const size_t value_tile =
       static_cast<size_t>(std::max(kChunkS * (kTileN + kPad<T>), kTileN * (kChunkS + kPad<T>))) * sizeof(T);
-  const size_t out_stage = static_cast<size_t>(std::max(BM * (kTileN + 4), kTileN * (BM + 4))) * sizeof(float);
+  const size_t out_stage = output_stage_bytes<BM>();
   const size_t query_tile = static_cast<size_t>(BM) * (kTileN + kPad<T>) * sizeof(T);
   return align128(std::max(std::max(qk_tiles, value_tile), std::max(out_stage, query_tile)));
 }
@@ -915,12 +923,9 @@ __host__ __device__ constexpr ResidentLayout resident_layout(int keys_padded, in
   const size_t scores = align128(static_cast<size_t>(kResidentRows) * score_ld(keys_padded) * sizeof(float));
   const size_t keys = align128(static_cast<size_t>(round_up(key_dim, kChunkK)) * kResidentLd<T> * sizeof(T));
   const size_t values = align128(static_cast<size_t>(round_up(value_dim, kChunkK)) * kResidentLd<T> * sizeof(T));
-  constexpr size_t kRowMajorStage = kResidentRows * (kTileN + 4);
-  constexpr size_t kColMajorStage = kTileN * (kResidentRows + 4);
-  const size_t out_stage = (kRowMajorStage > kColMajorStage ? kRowMajorStage : kColMajorStage) * sizeof(float);
   const size_t query_chunks = scores + keys + values;
   return {scores, scores + keys, query_chunks, query_chunks + 2 * kQueryChunkBytes<T>,
-          query_chunks + 2 * kQueryChunkBytes<T> + out_stage};
+          query_chunks + 2 * kQueryChunkBytes<T> + output_stage_bytes<kResidentRows>()};
 }
 
 // Persistent forward for channel-first Q, K and V. Grid: (blocks per batch, B), at most one block per SM; block x
